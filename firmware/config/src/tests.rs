@@ -1,0 +1,126 @@
+use super::*;
+use std::io::Write;
+
+fn ca_pem() -> tempfile::NamedTempFile {
+    // A syntactically valid PEM certificate block (validation only checks that PEM certs are present).
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    writeln!(f, "-----BEGIN CERTIFICATE-----\nMIIBAA==\n-----END CERTIFICATE-----").unwrap();
+    f
+}
+
+fn minimal(ca: &Path) -> String {
+    format!(
+        r#"
+[dicom]
+ae_title = "PASSERELLE"
+listen = "0.0.0.0:11112"
+allowed_calling_ae_titles = []
+[spool]
+dir = "/var/lib/passerelle/spool"
+min_free_mb = 1024
+[uplink]
+stow_url = "https://pacs.example.org/dicom-web/studies"
+ca_file = "{}"
+client_cert = ""
+client_key = ""
+username = ""
+password = ""
+bearer_token = ""
+[admin]
+listen = "127.0.0.1:8443"
+"#,
+        ca.display()
+    )
+}
+
+/// Checks that `edit` applied to the minimal config yields exactly problems on `keys`.
+fn check(edit: impl Fn(String) -> String, keys: &[&str]) {
+    let ca = ca_pem();
+    let text = edit(minimal(ca.path()));
+    let got: Vec<String> = match Config::parse(&text) {
+        Ok(cfg) => cfg.validate().into_iter().map(|p| p.key).collect(),
+        Err(problems) => problems.into_iter().map(|p| p.key).collect(),
+    };
+    assert_eq!(got, keys, "for config:\n{text}");
+}
+
+#[test]
+fn minimal_config_from_the_contract_is_valid() {
+    check(|s| s, &[]);
+}
+
+#[test]
+fn every_bad_key_is_reported_with_its_name() {
+    check(|s| s.replace("\"PASSERELLE\"", "\"THIS_TITLE_IS_WAY_TOO_LONG\""), &["dicom.ae_title"]);
+    check(|s| s.replace("0.0.0.0:11112", "nowhere"), &["dicom.listen"]);
+    check(
+        |s| s.replace("allowed_calling_ae_titles = []", "allowed_calling_ae_titles = [\"CT1\", \"\"]"),
+        &["dicom.allowed_calling_ae_titles[1]"],
+    );
+    check(|s| s.replace("/var/lib/passerelle/spool", "relative/spool"), &["spool.dir"]);
+    check(|s| s.replace("min_free_mb = 1024", "min_free_mb = 0"), &["spool.min_free_mb"]);
+    check(|s| s.replace("https://pacs", "http://pacs"), &["uplink.stow_url"]);
+    check(|s| s.replace("https://pacs", "https://u:p@pacs"), &["uplink.stow_url"]);
+    check(|s| s.replace("username = \"\"", "username = \"gw\""), &["uplink.username / uplink.password"]);
+    check(
+        |s| s.replace("client_cert = \"\"", "client_cert = \"/nonexistent.pem\""),
+        &["uplink.client_cert / uplink.client_key"],
+    );
+    check(|s| s.replace("127.0.0.1:8443", "localhost"), &["admin.listen"]);
+}
+
+#[test]
+fn several_problems_are_all_reported() {
+    check(
+        |s| s.replace("0.0.0.0:11112", "x").replace("127.0.0.1:8443", "y"),
+        &["dicom.listen", "admin.listen"],
+    );
+}
+
+#[test]
+fn missing_ca_file_is_reported() {
+    let text = minimal(Path::new("/nonexistent/ca.pem"));
+    let keys: Vec<_> = Config::parse(&text).unwrap().validate().into_iter().map(|p| p.key).collect();
+    assert_eq!(keys, ["uplink.ca_file"]);
+}
+
+#[test]
+fn unknown_keys_are_errors_not_silently_ignored() {
+    check(|s| s.replace("min_free_mb", "min_fre_mb"), &["spool.min_fre_mb"]);
+}
+
+#[test]
+fn wrong_types_point_at_the_line() {
+    let ca = ca_pem();
+    let text = minimal(ca.path()).replace("min_free_mb = 1024", "min_free_mb = \"lots\"");
+    let problems = Config::parse(&text).unwrap_err();
+    assert_eq!(problems.len(), 1);
+    assert!(problems[0].fix.contains("line 8"), "{}", problems[0]);
+}
+
+#[test]
+fn defaults_fill_missing_keys() {
+    let cfg = Config::parse("").unwrap();
+    assert_eq!(cfg.dicom.ae_title, "PASSERELLE");
+    assert_eq!(cfg.spool.min_free_mb, 1024);
+    assert_eq!(cfg.admin.listen, "127.0.0.1:8443");
+}
+
+#[test]
+fn secrets_are_not_in_debug_output() {
+    let mut cfg = Config::default();
+    cfg.uplink.password = "hunter2".into();
+    cfg.uplink.bearer_token = "tok".into();
+    let dbg = format!("{:?}", cfg.uplink);
+    assert!(!dbg.contains("hunter2") && !dbg.contains("tok\""), "{dbg}");
+}
+
+#[test]
+fn uid_validation() {
+    for good in ["1.2.840.10008.5.1.4.1.1.2", "0.1", "1.2.0.3"] {
+        assert!(is_valid_uid(good), "{good}");
+    }
+    for bad in ["", "1..2", "1.02", "a.b", &"1.".repeat(40)] {
+        assert!(!is_valid_uid(bad), "{bad}");
+    }
+}
