@@ -1,0 +1,69 @@
+use std::path::PathBuf;
+
+pub type Result<T, E = SpoolError> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the spool. Variants are named after the action that failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SpoolError {
+    #[error("The spool has {free_mb} MB free, below the configured minimum of {min_free_mb} MB, and no confirmed instance is left to evict")]
+    DiskFull { free_mb: u64, min_free_mb: u64 },
+
+    #[error("Cannot create the spool directory {path}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("Cannot write spool file {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("Cannot read spool file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("Cannot fsync {path}")]
+    Sync {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("Cannot check free space on {path}")]
+    Statvfs {
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+
+    #[error("The spool database failed while trying to {action}")]
+    Database {
+        action: &'static str,
+        #[source]
+        source: rusqlite::Error,
+    },
+
+    #[error("Spool file {path} for SOP Instance {sop_instance_uid} is corrupt ({detail}); it was quarantined and will not be sent")]
+    Corrupt {
+        sop_instance_uid: String,
+        path: PathBuf,
+        detail: String,
+    },
+
+    #[error("Spool file {path} for SOP Instance {sop_instance_uid} is missing; the instance is marked lost")]
+    Missing {
+        sop_instance_uid: String,
+        path: PathBuf,
+    },
+
+    #[error("No spool row with id {id}")]
+    NoSuchRow { id: i64 },
+}
