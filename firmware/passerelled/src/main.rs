@@ -1,1 +1,343 @@
-fn main() {}
+//! `passerelled`: the Passerelle daemon and its operator commands.
+//!
+//! # Background
+//! This binary is deliberately thin: it reads the config, opens the spool (running its recovery), and
+//! runs the Storage SCP (`passerelle-ingest`) and the STOW-RS uplink (`passerelle-uplink`) side by side
+//! on one tokio runtime, under systemd (READY=1, watchdog, SIGTERM).
+//!
+//! # Design
+//! - `main` wraps [`run`], which returns a `Result`; the error chain is printed once, exit code non-zero.
+//! - `status` and `requeue` open the spool database *without* recovery, so they are safe to run while the
+//!   daemon runs.
+//!
+//! # Limitations
+//! The daemon must be started unprivileged (systemd `User=`); it refuses to handle studies as root only
+//! by warning today.
+
+mod error;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::{Parser, Subcommand};
+use error::{DaemonError, Result};
+use log::{error, info, warn};
+use passerelle_config::Config;
+use passerelle_spool::{Spool, StatusReport};
+use tokio::sync::{watch, Notify};
+
+#[derive(Parser)]
+#[command(name = "passerelled", version, about = "Passerelle DICOM edge gateway daemon")]
+struct Cli {
+    /// Path of the TOML configuration file.
+    #[arg(long, short = 'c', global = true, default_value = "/etc/passerelle/passerelle.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the configuration: one line per bad key, non-zero exit if any.
+    CheckConfig,
+    /// Print the queue's counts per state, the oldest queued instance's age and the last uplink error.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put failed instances back in the queue (all of them, or one).
+    Requeue {
+        #[arg(long)]
+        sop_instance_uid: Option<String>,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.command.is_none());
+    match run(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                msg.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            error!("{msg}");
+            eprintln!("passerelled: {msg}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn init_logging(daemon: bool) {
+    if daemon && systemd_journal_logger::connected_to_journal() {
+        if let Ok(journal) = systemd_journal_logger::JournalLog::new() {
+            let identifier = "passerelled".to_string();
+            if journal.with_syslog_identifier(identifier).install().is_ok() {
+                log::set_max_level(log::LevelFilter::Info);
+                return;
+            }
+        }
+    }
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(if daemon {
+        "info"
+    } else {
+        "warn"
+    }))
+    .format_timestamp_millis()
+    .init();
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    match cli.command {
+        Some(Command::CheckConfig) => Ok(check_config(&cli.config)),
+        Some(Command::Status { json }) => {
+            let cfg = Config::load(&cli.config)?;
+            let spool = Spool::attach(&cfg.spool)?;
+            let report = spool.status(SystemTime::now())?;
+            if json {
+                println!("{}", status_json(&report));
+            } else {
+                print!("{}", status_text(&report));
+            }
+            Ok(0)
+        }
+        Some(Command::Requeue { sop_instance_uid }) => {
+            let cfg = Config::load(&cli.config)?;
+            let spool = Spool::attach(&cfg.spool)?;
+            let n = spool.requeue_failed(sop_instance_uid.as_deref())?;
+            println!("Re-queued {n} failed instance(s); the running daemon will send them shortly.");
+            Ok(0)
+        }
+        None => {
+            let cfg = Config::load_valid(&cli.config)?;
+            daemon(cfg)?;
+            Ok(0)
+        }
+    }
+}
+
+fn check_config(path: &Path) -> i32 {
+    let problems = match Config::load(path) {
+        Ok(cfg) => cfg.validate(),
+        Err(passerelle_config::ConfigError::Invalid { problems, .. }) => problems,
+        Err(e) => {
+            println!("{}: {e}", path.display());
+            return 2;
+        }
+    };
+    if problems.is_empty() {
+        println!("{}: the configuration is valid.", path.display());
+        0
+    } else {
+        for p in &problems {
+            println!("{p}");
+        }
+        println!("{}: {} problem(s) found.", path.display(), problems.len());
+        1
+    }
+}
+
+fn daemon(cfg: Config) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| DaemonError::Runtime { source })?;
+    runtime.block_on(daemon_async(cfg))
+}
+
+async fn daemon_async(cfg: Config) -> Result<()> {
+    if nix::unistd::geteuid().is_root() {
+        warn!("Passerelle is running as root. Run it as an unprivileged user (systemd User=passerelle); root is only tolerated for development.");
+    }
+    let spool_cfg = cfg.spool.clone();
+    let (spool, recovery) = tokio::task::spawn_blocking(move || Spool::open(&spool_cfg))
+        .await
+        .map_err(|source| DaemonError::Join { source })??;
+    info!(
+        "Opened the spool. dir={} temp_files_removed={} uploading_requeued={} lost={}",
+        cfg.spool.dir.display(),
+        recovery.temp_files_removed,
+        recovery.uploading_requeued,
+        recovery.lost.len()
+    );
+
+    let uplink = passerelle_uplink::Uplink::new(cfg.uplink.clone(), spool.clone())?;
+
+    let listener = tokio::net::TcpListener::bind(&cfg.dicom.listen)
+        .await
+        .map_err(|source| DaemonError::Bind {
+            addr: cfg.dicom.listen.clone(),
+            source,
+        })?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let stored = Arc::new(Notify::new());
+
+    let ingest = tokio::spawn(passerelle_ingest::serve(
+        listener,
+        Arc::new(cfg.dicom.clone()),
+        spool.clone(),
+        stored.clone(),
+        shutdown_rx.clone(),
+    ));
+    let uplink = tokio::spawn(uplink.run(stored.clone(), shutdown_rx.clone()));
+    let housekeeping = tokio::spawn(housekeeping(spool.clone(), shutdown_rx.clone()));
+
+    info!(
+        "Passerelle is ready. ae_title={} listen={} stow_url={}",
+        cfg.dicom.ae_title, cfg.dicom.listen, cfg.uplink.stow_url
+    );
+    notify(&[sd_notify::NotifyState::Ready]);
+
+    wait_for_signal().await?;
+    info!("Shutting down: no new associations; in-flight C-STOREs may finish, then uploads stop.");
+    notify(&[sd_notify::NotifyState::Stopping]);
+    let _ = shutdown_tx.send(true);
+
+    let mut failed = None;
+    match ingest.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => failed = Some(DaemonError::from(e)),
+        Err(source) => failed = Some(DaemonError::Join { source }),
+    }
+    match uplink.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => failed = failed.or(Some(DaemonError::from(e))),
+        Err(source) => failed = failed.or(Some(DaemonError::Join { source })),
+    }
+    let _ = housekeeping.await;
+    match failed {
+        Some(e) => Err(e),
+        None => {
+            info!("Passerelle stopped cleanly.");
+            Ok(())
+        }
+    }
+}
+
+async fn wait_for_signal() -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(|source| DaemonError::Signal { source })?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|source| DaemonError::Signal { source })?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+/// Eviction of the confirmed cache, and the systemd watchdog: the watchdog is only fed while the spool
+/// database answers, so a wedged daemon gets restarted by systemd.
+async fn housekeeping(spool: Spool, mut shutdown: watch::Receiver<bool>) {
+    let mut watchdog_usec = 0u64;
+    let watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec);
+    let tick = if watchdog {
+        Duration::from_micros(watchdog_usec / 2).max(Duration::from_millis(100))
+    } else {
+        Duration::from_secs(30)
+    };
+    let mut last_evict = std::time::Instant::now()
+        .checked_sub(Duration::from_secs(3600))
+        .unwrap_or_else(std::time::Instant::now);
+    loop {
+        let do_evict = last_evict.elapsed() >= Duration::from_secs(60);
+        let s = spool.clone();
+        let healthy = tokio::task::spawn_blocking(move || {
+            if do_evict {
+                match s.evict(SystemTime::now()) {
+                    Ok(r) if r.files > 0 => info!(
+                        "Evicted confirmed instances from the local cache. files={} bytes={}",
+                        r.files, r.bytes
+                    ),
+                    Ok(_) => {}
+                    Err(e) => warn!("Eviction of the confirmed cache failed; it will be retried. error={e}"),
+                }
+            }
+            s.next_due().is_ok()
+        })
+        .await
+        .unwrap_or(false);
+        if do_evict {
+            last_evict = std::time::Instant::now();
+        }
+        if watchdog && healthy {
+            notify(&[sd_notify::NotifyState::Watchdog]);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(tick) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+fn notify(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(false, state) {
+        warn!("Could not notify systemd; the unit may time out. error={e}");
+    }
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn status_json(r: &StatusReport) -> String {
+    serde_json::json!({
+        "queued": r.queued,
+        "uploading": r.uploading,
+        "sent": r.sent,
+        "failed": r.failed,
+        "lost": r.lost,
+        "quarantined": r.quarantined,
+        "evicted": r.evicted,
+        "duplicates_received": r.duplicates_received,
+        "duplicates_upstream": r.duplicates_upstream,
+        "oldest_queued_age_secs": r.oldest_queued_age.map(|d| d.as_secs()),
+        "last_error": r.uplink.last_error,
+        "last_error_at": r.uplink.last_error_at.map(unix_secs),
+        "last_success_at": r.uplink.last_success_at.map(unix_secs),
+        "paused_until": r.uplink.paused_until.map(unix_secs),
+        "stored_bytes": r.stored_bytes,
+        "raw_bytes": r.raw_bytes,
+    })
+    .to_string()
+}
+
+fn status_text(r: &StatusReport) -> String {
+    let mut s = String::new();
+    s.push_str(&format!(
+        "queued: {}\nuploading: {}\nsent: {} (evicted from cache: {})\nfailed: {}\nlost: {}\nquarantined: {}\n",
+        r.queued, r.uploading, r.sent, r.evicted, r.failed, r.lost, r.quarantined
+    ));
+    s.push_str(&format!(
+        "duplicates received: {}\nduplicates upstream: {}\n",
+        r.duplicates_received, r.duplicates_upstream
+    ));
+    match r.oldest_queued_age {
+        Some(d) => s.push_str(&format!("oldest queued instance: {} s old\n", d.as_secs())),
+        None => s.push_str("oldest queued instance: none\n"),
+    }
+    if let Some(until) = r.uplink.paused_until {
+        if until > SystemTime::now() {
+            s.push_str(&format!(
+                "uplink: PAUSED until {} (unix time); fix the error below, then restart passerelled\n",
+                unix_secs(until)
+            ));
+        }
+    }
+    match &r.uplink.last_error {
+        Some(e) => s.push_str(&format!("last uplink error: {e}\n")),
+        None => s.push_str("last uplink error: none\n"),
+    }
+    if r.raw_bytes > 0 {
+        s.push_str(&format!(
+            "spool: {} bytes on disk for {} raw bytes\n",
+            r.stored_bytes, r.raw_bytes
+        ));
+    }
+    s
+}
