@@ -66,4 +66,18 @@ pub enum SpoolError {
 
     #[error("No spool row with id {id}")]
     NoSuchRow { id: i64 },
+
+    #[error("The spool database {path} has schema version {found}, newer than the {supported} this build understands; run a newer passerelled or restore the matching backup")]
+    SchemaVersion {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+
+    #[error("Cannot lock the spool {path}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
 }

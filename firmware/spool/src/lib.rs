@@ -25,13 +25,33 @@
 //! # Limitations
 //! All calls are blocking (std I/O and rusqlite); async callers use `spawn_blocking`.
 
+mod db;
 mod error;
+mod files;
 
 pub use error::{Result, SpoolError};
 
-use std::io::Read;
-use std::path::PathBuf;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
+
+use nix::fcntl::{Flock, FlockArg};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use sha2::{Digest, Sha256};
+
+use db::{
+    from_ms, to_i64, to_ms, to_u64, DbContext, DUPLICATES_RECEIVED, DUPLICATES_UPSTREAM, FAILED,
+    LOST, QUARANTINED, QUEUED, SENT, UPLOADING,
+};
+use files::{HashOutcome, TempGuard, MIB};
+
+/// Buffer between the zstd encoder and the temporary file.
+const WRITE_BUFFER: usize = 256 * 1024;
+/// Rows handled per eviction page (bounds memory whatever the size of the cache).
+const EVICT_PAGE: i64 = 256;
 
 /// The row id of an instance in the queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -67,7 +87,10 @@ pub enum StoreOutcome {
     /// was queued and the duplicate counter was incremented.
     Duplicate { id: InstanceId },
     /// Different content under a SOP Instance UID we already hold: kept and queued as a new version.
-    NewVersion { id: InstanceId, previous: InstanceId },
+    NewVersion {
+        id: InstanceId,
+        previous: InstanceId,
+    },
 }
 
 /// An instance the uplink has claimed (its row is now `uploading`).
@@ -136,32 +159,270 @@ pub struct EvictReport {
 /// The spool. Cheap to clone; safe to share between threads.
 #[derive(Clone)]
 pub struct Spool {
-    _todo: (),
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: passerelle_config::SpoolConfig,
+    dir: PathBuf,
+    tmp_dir: PathBuf,
+    objects_dir: PathBuf,
+    quarantine_dir: PathBuf,
+    conn: Mutex<Connection>,
+    /// Held by the process that ran recovery (the daemon) for as long as the spool is open.
+    owner_lock: Option<Flock<File>>,
+}
+
+/// One row as eviction sees it.
+struct EvictCandidate {
+    id: i64,
+    sop_instance_uid: String,
+    path: String,
+    stored_size: u64,
+    sent_at: i64,
+    /// Another, unconfirmed row points at the same (content-addressed) file.
+    shared: bool,
+}
+
+/// Which rows an eviction page may take.
+#[derive(Clone, Copy)]
+enum EvictStage {
+    /// Sent at or before this time (unix ms).
+    Retention(i64),
+    /// Any sent row, oldest first, until this many bytes are free.
+    Space { target_free: u64 },
 }
 
 impl Spool {
     /// Opens (creating if needed) the spool under `cfg.dir`, then runs recovery.
+    ///
+    /// The first process to open a spool takes an exclusive lock (`spool.lock`) and runs recovery.
+    /// Another process opening it meanwhile (`passerelled status`, `requeue`) shares the database but
+    /// skips recovery, so that it never touches the running daemon's transfers; its report is empty.
     pub fn open(cfg: &passerelle_config::SpoolConfig) -> Result<(Spool, RecoveryReport)> {
-        let _ = cfg;
-        todo!()
+        let dir = cfg.dir.clone();
+        let tmp_dir = dir.join("tmp");
+        let objects_dir = dir.join("objects");
+        let quarantine_dir = dir.join("quarantine");
+        files::create_dir(&dir)?;
+        let mut created = false;
+        for sub in [&tmp_dir, &objects_dir, &quarantine_dir] {
+            created |= files::create_dir(sub)?;
+        }
+        if created {
+            files::fsync_dir(&dir)?;
+        }
+
+        let lock_path = dir.join("spool.lock");
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|source| SpoolError::Write {
+                path: lock_path.clone(),
+                source,
+            })?;
+        let owner_lock = match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Some(lock),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                log::info!(
+                    "Another process holds the spool; opening it without start-up recovery. dir={}",
+                    dir.display()
+                );
+                None
+            }
+            Err((_, source)) => {
+                return Err(SpoolError::Lock {
+                    path: lock_path,
+                    source,
+                })
+            }
+        };
+
+        let conn = db::open(&dir.join("spool.db"))?;
+        let spool = Spool {
+            inner: Arc::new(Inner {
+                cfg: cfg.clone(),
+                dir,
+                tmp_dir,
+                objects_dir,
+                quarantine_dir,
+                conn: Mutex::new(conn),
+                owner_lock,
+            }),
+        };
+        let report = if spool.inner.owner_lock.is_some() {
+            spool.recover()?
+        } else {
+            RecoveryReport::default()
+        };
+        Ok((spool, report))
+    }
+
+    /// True when this handle ran recovery and holds the spool's exclusive lock (false for a second
+    /// process such as `passerelled status` opening the spool of a running daemon).
+    pub fn is_owner(&self) -> bool {
+        self.inner.owner_lock.is_some()
     }
 
     /// The spool directory.
     pub fn dir(&self) -> PathBuf {
-        todo!()
+        self.inner.dir.clone()
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the connection leaves no open transaction behind (rusqlite rolls
+        // back on drop), so the connection is still usable.
+        self.inner
+            .conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn recover(&self) -> Result<RecoveryReport> {
+        let mut report = RecoveryReport::default();
+
+        let entries = fs::read_dir(&self.inner.tmp_dir).map_err(|source| SpoolError::Read {
+            path: self.inner.tmp_dir.clone(),
+            source,
+        })?;
+        for entry in entries {
+            let entry = entry.map_err(|source| SpoolError::Read {
+                path: self.inner.tmp_dir.clone(),
+                source,
+            })?;
+            let path = entry.path();
+            let result = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            match result {
+                Ok(()) => report.temp_files_removed += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => return Err(SpoolError::Write { path, source }),
+            }
+        }
+        if report.temp_files_removed > 0 {
+            log::warn!(
+                "Removed partial files of transfers interrupted by the last stop; those C-STOREs were never confirmed, so the modalities will send them again. temp_files_removed={}",
+                report.temp_files_removed
+            );
+        }
+
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .ctx("start the recovery transaction")?;
+        let requeued = tx
+            .execute(
+                "UPDATE instances SET state = 'queued' WHERE state = 'uploading'",
+                [],
+            )
+            .ctx("re-queue interrupted uploads")?;
+        report.uploading_requeued = requeued as u64;
+        if requeued > 0 {
+            log::info!(
+                "Re-queued instances whose upload was interrupted by the last stop. count={requeued}"
+            );
+        }
+
+        let rows: Vec<(i64, String, String)> = {
+            let mut stmt = tx
+                .prepare("SELECT id, sop_instance_uid, path FROM instances WHERE state IN ('queued', 'uploading', 'failed') ORDER BY id")
+                .ctx("list unconfirmed instances")?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .ctx("list unconfirmed instances")?;
+            rows.collect::<rusqlite::Result<_>>()
+                .ctx("list unconfirmed instances")?
+        };
+        for (id, uid, rel) in rows {
+            let path = self.inner.dir.join(&rel);
+            match fs::symlink_metadata(&path) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    log::error!(
+                        "The spool file of an unconfirmed instance is missing; the instance is marked lost and must be sent again from the modality. sop_instance_uid={uid} path={}",
+                        path.display()
+                    );
+                    tx.execute(
+                        "UPDATE instances SET state = 'lost', last_error = ?2 WHERE id = ?1",
+                        params![id, format!("spool file missing at start-up: {rel}")],
+                    )
+                    .ctx("mark an instance lost")?;
+                    report.lost.push(uid);
+                }
+                Err(e) => {
+                    log::warn!(
+                        "Cannot check a spool file at start-up; it will be checked again before sending. sop_instance_uid={uid} path={} error={e}",
+                        path.display()
+                    );
+                }
+            }
+        }
+        tx.commit().ctx("commit the recovery")?;
+        Ok(report)
     }
 
     /// Ensures at least `min_free_mb` is free, evicting confirmed cache (oldest first) if needed.
     /// Returns [`SpoolError::DiskFull`] when that is not enough; nothing unconfirmed is ever touched.
     pub fn ensure_space(&self) -> Result<()> {
-        todo!()
+        let min = self.inner.cfg.min_free_mb.saturating_mul(MIB);
+        if files::free_bytes(&self.inner.dir)? >= min {
+            return Ok(());
+        }
+        self.evict(SystemTime::now())?;
+        let free = files::free_bytes(&self.inner.dir)?;
+        if free >= min {
+            return Ok(());
+        }
+        Err(SpoolError::DiskFull {
+            free_mb: free / MIB,
+            min_free_mb: self.inner.cfg.min_free_mb,
+        })
     }
 
     /// Starts receiving an instance: creates a temporary file and writes `part10_header` (preamble,
     /// `DICM`, group 0002, built by ingest) into its zstd stream.
     pub fn begin(&self, meta: IncomingMeta, part10_header: &[u8]) -> Result<Incoming> {
-        let _ = (meta, part10_header);
-        todo!()
+        let path = self
+            .inner
+            .tmp_dir
+            .join(format!("{:016x}.part", rand::random::<u64>()));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|source| SpoolError::Write {
+                path: path.clone(),
+                source,
+            })?;
+        let guard = TempGuard::new(path);
+        let write_err = |source| SpoolError::Write {
+            path: guard.path.clone(),
+            source,
+        };
+        let mut encoder = zstd::stream::write::Encoder::new(
+            BufWriter::with_capacity(WRITE_BUFFER, file),
+            self.inner.cfg.zstd_level,
+        )
+        .map_err(write_err)?;
+        encoder.include_checksum(true).map_err(write_err)?;
+        let mut incoming = Incoming {
+            encoder,
+            hasher: Sha256::new(),
+            raw_len: 0,
+            header_len: part10_header.len() as u64,
+            meta,
+            spool: self.clone(),
+            guard,
+        };
+        incoming.write_all(part10_header)?;
+        Ok(incoming)
     }
 
     /// Claims up to `max_count` due instances (`queued` with `next_attempt_at <= now`) of one study,
@@ -173,128 +434,855 @@ impl Spool {
         max_bytes: u64,
         now: SystemTime,
     ) -> Result<Vec<QueuedInstance>> {
-        let _ = (max_count, max_bytes, now);
-        todo!()
+        const COLUMNS: &str = "id, sop_class_uid, sop_instance_uid, study_instance_uid, transfer_syntax_uid, raw_size, attempts";
+        fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<QueuedInstance> {
+            Ok(QueuedInstance {
+                id: InstanceId(r.get(0)?),
+                sop_class_uid: r.get(1)?,
+                sop_instance_uid: r.get(2)?,
+                study_instance_uid: r.get(3)?,
+                transfer_syntax_uid: r.get(4)?,
+                raw_size: to_u64(r.get(5)?),
+                attempts: u32::try_from(r.get::<_, i64>(6)?).unwrap_or(u32::MAX),
+            })
+        }
+        let now = to_ms(now);
+        let max_count = max_count.max(1);
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .ctx("start a claim")?;
+        let mut batch = Vec::new();
+        {
+            let first = tx
+                .prepare_cached(&format!(
+                    "SELECT {COLUMNS} FROM instances WHERE state = 'queued' AND next_attempt_at <= ?1 ORDER BY next_attempt_at, id LIMIT 1"
+                ))
+                .and_then(|mut s| s.query_row([now], row).optional())
+                .ctx("find the next due instance")?;
+            let Some(first) = first else {
+                return Ok(batch);
+            };
+            let mut total = first.raw_size;
+            let study = first.study_instance_uid.clone();
+            let first_id = first.id.0;
+            batch.push(first);
+            if max_count > 1 {
+                let mut stmt = tx
+                    .prepare_cached(&format!(
+                        "SELECT {COLUMNS} FROM instances WHERE study_instance_uid = ?1 AND state = 'queued' AND next_attempt_at <= ?2 AND id != ?3 ORDER BY next_attempt_at, id LIMIT ?4"
+                    ))
+                    .ctx("find due instances of the study")?;
+                let limit = i64::try_from(max_count - 1).unwrap_or(i64::MAX);
+                let rows = stmt
+                    .query_map(params![study, now, first_id, limit], row)
+                    .ctx("find due instances of the study")?;
+                for inst in rows {
+                    let inst = inst.ctx("read a due instance")?;
+                    if total.saturating_add(inst.raw_size) > max_bytes {
+                        break;
+                    }
+                    total += inst.raw_size;
+                    batch.push(inst);
+                }
+            }
+            let mut update = tx
+                .prepare_cached("UPDATE instances SET state = 'uploading' WHERE id = ?1")
+                .ctx("mark instances uploading")?;
+            for inst in &batch {
+                update
+                    .execute([inst.id.0])
+                    .ctx("mark instances uploading")?;
+            }
+        }
+        tx.commit().ctx("commit a claim")?;
+        Ok(batch)
     }
 
     /// When the next queued instance becomes due (None if nothing is queued).
     pub fn next_due(&self) -> Result<Option<SystemTime>> {
-        todo!()
+        let conn = self.conn();
+        let due: Option<i64> = conn
+            .prepare_cached("SELECT MIN(next_attempt_at) FROM instances WHERE state = 'queued'")
+            .and_then(|mut s| s.query_row([], |r| r.get(0)))
+            .ctx("find the next due time")?;
+        Ok(due.map(from_ms))
     }
 
     /// Verifies the instance's SHA-256 against its row, then returns a reader of its raw Part-10 bytes.
     /// On a mismatch or a zstd error the file is moved to `quarantine/`, the row becomes `quarantined`,
     /// an ERROR is logged, and [`SpoolError::Corrupt`] is returned: corrupt bytes are never sent.
     pub fn open_verified(&self, inst: &QueuedInstance) -> Result<InstanceReader> {
-        let _ = inst;
-        todo!()
+        let id = inst.id.0;
+        type Row = (
+            String,
+            String,
+            String,
+            i64,
+            String,
+            Option<i64>,
+            Option<String>,
+        );
+        let row: Option<Row> = self
+            .conn()
+            .prepare_cached("SELECT sop_instance_uid, path, sha256, raw_size, state, evicted_at, last_error FROM instances WHERE id = ?1")
+            .and_then(|mut s| {
+                s.query_row([id], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                    ))
+                })
+                .optional()
+            })
+            .ctx("read an instance row")?;
+        let Some((uid, rel, expected, raw_size, state, evicted_at, last_error)) = row else {
+            return Err(SpoolError::NoSuchRow { id });
+        };
+        let path = self.inner.dir.join(&rel);
+        match state.as_str() {
+            QUARANTINED => {
+                return Err(SpoolError::Corrupt {
+                    sop_instance_uid: uid,
+                    path,
+                    detail: last_error.unwrap_or_else(|| "quarantined earlier".to_owned()),
+                })
+            }
+            LOST => {
+                return Err(SpoolError::Missing {
+                    sop_instance_uid: uid,
+                    path,
+                })
+            }
+            SENT if evicted_at.is_some() => {
+                return Err(SpoolError::Missing {
+                    sop_instance_uid: uid,
+                    path,
+                })
+            }
+            _ => {}
+        }
+        let mut file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if state != SENT {
+                    log::error!(
+                        "The spool file of an unconfirmed instance is missing; the instance is marked lost and must be sent again from the modality. sop_instance_uid={uid} path={}",
+                        path.display()
+                    );
+                    self.conn()
+                        .prepare_cached(
+                            "UPDATE instances SET state = 'lost', last_error = ?2 WHERE id = ?1",
+                        )
+                        .and_then(|mut s| {
+                            s.execute(params![id, format!("spool file missing: {rel}")])
+                        })
+                        .ctx("mark an instance lost")?;
+                }
+                return Err(SpoolError::Missing {
+                    sop_instance_uid: uid,
+                    path,
+                });
+            }
+            Err(source) => return Err(SpoolError::Read { path, source }),
+        };
+        let raw_size = to_u64(raw_size);
+        let detail = match files::hash_decompressed(&file) {
+            HashOutcome::ReadFailed(source) => return Err(SpoolError::Read { path, source }),
+            HashOutcome::Undecodable(e) => {
+                format!("zstd stream unreadable ({e}); expected_sha256={expected}")
+            }
+            HashOutcome::Ok { sha256, len } if sha256 != expected || len != raw_size => {
+                format!("content mismatch: expected_sha256={expected} actual_sha256={sha256} expected_bytes={raw_size} actual_bytes={len}")
+            }
+            HashOutcome::Ok { .. } => {
+                file.seek(SeekFrom::Start(0))
+                    .map_err(|source| SpoolError::Read {
+                        path: path.clone(),
+                        source,
+                    })?;
+                let decoder = zstd::stream::read::Decoder::new(file)
+                    .map_err(|source| SpoolError::Read { path, source })?;
+                return Ok(InstanceReader {
+                    decoder,
+                    len: raw_size,
+                    read: 0,
+                });
+            }
+        };
+        drop(file);
+        Err(self.quarantine(id, &uid, &path, &expected, detail))
+    }
+
+    /// Moves a corrupt file to `quarantine/` and marks its row; returns the error to hand back.
+    fn quarantine(
+        &self,
+        id: i64,
+        uid: &str,
+        path: &Path,
+        sha256: &str,
+        detail: String,
+    ) -> SpoolError {
+        let qrel = format!("quarantine/{id}-{sha256}.dcm.zst");
+        let qpath = self.inner.dir.join(&qrel);
+        let (new_rel, final_path) = match fs::rename(path, &qpath) {
+            Ok(()) => {
+                if let Err(e) = files::fsync_dir(&self.inner.quarantine_dir) {
+                    log::warn!("Could not fsync the quarantine directory. error={e}");
+                }
+                (Some(qrel), qpath)
+            }
+            Err(e) => {
+                log::error!(
+                    "Could not move a corrupt spool file to quarantine; it stays in place and is marked quarantined. sop_instance_uid={uid} path={} error={e}",
+                    path.display()
+                );
+                (None, path.to_path_buf())
+            }
+        };
+        log::error!(
+            "A spool file is corrupt; it was quarantined and will not be sent. Ask the modality to send the instance again and check the disk. sop_instance_uid={uid} path={} quarantine_path={} {detail}",
+            path.display(),
+            final_path.display()
+        );
+        let marked = self
+            .conn()
+            .prepare_cached(
+                "UPDATE instances SET state = 'quarantined', last_error = ?2, path = COALESCE(?3, path) WHERE id = ?1",
+            )
+            .and_then(|mut s| s.execute(params![id, detail, new_rel]))
+            .ctx("mark an instance quarantined");
+        if let Err(e) = marked {
+            return e;
+        }
+        SpoolError::Corrupt {
+            sop_instance_uid: uid.to_owned(),
+            path: final_path,
+            detail,
+        }
+    }
+
+    /// Runs `update` (which must bind `?1` to the row id) and explains a no-op: a missing row is an
+    /// error, a row in another state is left alone.
+    fn transition(
+        &self,
+        id: InstanceId,
+        action: &'static str,
+        update: impl FnOnce(&Connection) -> rusqlite::Result<usize>,
+        quiet_states: &[&str],
+    ) -> Result<bool> {
+        let conn = self.conn();
+        if update(&conn).ctx(action)? > 0 {
+            return Ok(true);
+        }
+        let row: Option<(String, String)> = conn
+            .prepare_cached("SELECT state, sop_instance_uid FROM instances WHERE id = ?1")
+            .and_then(|mut s| {
+                s.query_row([id.0], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+            })
+            .ctx(action)?;
+        match row {
+            None => Err(SpoolError::NoSuchRow { id: id.0 }),
+            Some((state, uid)) => {
+                if !quiet_states.contains(&state.as_str()) {
+                    log::warn!(
+                        "Ignored a state change for an instance in another state; nothing was lost. sop_instance_uid={uid} id={} state={state} action={action}",
+                        id.0
+                    );
+                }
+                Ok(false)
+            }
+        }
     }
 
     /// The upstream confirmed the instance. `redelivery` is true when an earlier attempt may already
     /// have delivered it (counted as a duplicate upstream).
     pub fn mark_sent(&self, id: InstanceId, redelivery: bool) -> Result<()> {
-        let _ = (id, redelivery);
-        todo!()
+        let now = SystemTime::now();
+        let now_ms = to_ms(now);
+        let changed = self.transition(
+            id,
+            "mark an instance sent",
+            |c| {
+                c.prepare_cached(
+                    "UPDATE instances SET state = 'sent', sent_at = ?2 WHERE id = ?1 AND state IN ('queued', 'uploading', 'failed')",
+                )?
+                .execute(params![id.0, now_ms])
+            },
+            &[SENT],
+        )?;
+        if changed && redelivery {
+            db::bump_counter(&self.conn(), DUPLICATES_UPSTREAM)?;
+        }
+        if changed && self.inner.cfg.retention_hours == 0 {
+            self.evict_stage(EvictStage::Retention(now_ms), now_ms)?;
+        }
+        Ok(())
     }
 
     /// A retryable failure: back to `queued`, attempts + 1, with the next attempt time persisted.
-    pub fn mark_retry(&self, id: InstanceId, error: &str, next_attempt_at: SystemTime) -> Result<()> {
-        let _ = (id, error, next_attempt_at);
-        todo!()
+    pub fn mark_retry(
+        &self,
+        id: InstanceId,
+        error: &str,
+        next_attempt_at: SystemTime,
+    ) -> Result<()> {
+        self.transition(
+            id,
+            "schedule a retry",
+            |c| {
+                c.prepare_cached(
+                    "UPDATE instances SET state = 'queued', attempts = attempts + 1, last_error = ?2, next_attempt_at = ?3 WHERE id = ?1 AND state IN ('uploading', 'queued')",
+                )?
+                .execute(params![id.0, error, to_ms(next_attempt_at)])
+            },
+            &[],
+        )?;
+        Ok(())
     }
 
     /// A permanent failure: `failed`, kept and visible until the operator re-queues it.
     pub fn mark_failed(&self, id: InstanceId, reason: &str) -> Result<()> {
-        let _ = (id, reason);
-        todo!()
+        self.transition(
+            id,
+            "mark an instance failed",
+            |c| {
+                c.prepare_cached(
+                    "UPDATE instances SET state = 'failed', attempts = attempts + 1, last_error = ?2 WHERE id = ?1 AND state IN ('uploading', 'queued')",
+                )?
+                .execute(params![id.0, reason])
+            },
+            &[FAILED],
+        )?;
+        Ok(())
     }
 
     /// Back to `queued` without counting an attempt (e.g. the uplink paused or is shutting down).
     pub fn release(&self, id: InstanceId) -> Result<()> {
-        let _ = id;
-        todo!()
+        self.transition(
+            id,
+            "release an instance",
+            |c| {
+                c.prepare_cached(
+                    "UPDATE instances SET state = 'queued' WHERE id = ?1 AND state = 'uploading'",
+                )?
+                .execute([id.0])
+            },
+            &[QUEUED],
+        )?;
+        Ok(())
     }
 
     /// Operator action: `failed` rows (all, or the one with this SOP Instance UID) go back to `queued`,
     /// due now. Returns how many were re-queued.
     pub fn requeue_failed(&self, sop_instance_uid: Option<&str>) -> Result<u64> {
-        let _ = sop_instance_uid;
-        todo!()
+        let now = to_ms(SystemTime::now());
+        let conn = self.conn();
+        let n = conn
+            .execute(
+                "UPDATE instances SET state = 'queued', attempts = 0, next_attempt_at = ?1 WHERE state = 'failed' AND (?2 IS NULL OR sop_instance_uid = ?2)",
+                params![now, sop_instance_uid],
+            )
+            .ctx("re-queue failed instances")?;
+        if n > 0 {
+            log::info!(
+                "Re-queued failed instances at the operator's request. count={n} sop_instance_uid={}",
+                sop_instance_uid.unwrap_or("all")
+            );
+        }
+        Ok(n as u64)
     }
 
     pub fn set_uplink_state(&self, state: &UplinkState) -> Result<()> {
-        let _ = state;
-        todo!()
+        self.conn()
+            .prepare_cached(
+                "UPDATE uplink_state SET paused_until = ?1, last_error = ?2, last_error_at = ?3, last_success_at = ?4 WHERE id = 1",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    state.paused_until.map(to_ms),
+                    state.last_error,
+                    state.last_error_at.map(to_ms),
+                    state.last_success_at.map(to_ms),
+                ])
+            })
+            .ctx("save the uplink state")?;
+        Ok(())
     }
 
     pub fn uplink_state(&self) -> Result<UplinkState> {
-        todo!()
+        read_uplink_state(&self.conn())
     }
 
     pub fn status(&self, now: SystemTime) -> Result<StatusReport> {
-        let _ = now;
-        todo!()
+        let conn = self.conn();
+        let mut report = StatusReport::default();
+        {
+            let mut stmt = conn
+                .prepare_cached("SELECT state, COUNT(*) FROM instances GROUP BY state")
+                .ctx("count instances per state")?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+                .ctx("count instances per state")?;
+            for row in rows {
+                let (state, n) = row.ctx("count instances per state")?;
+                let n = to_u64(n);
+                match state.as_str() {
+                    QUEUED => report.queued = n,
+                    UPLOADING => report.uploading = n,
+                    SENT => report.sent = n,
+                    FAILED => report.failed = n,
+                    LOST => report.lost = n,
+                    QUARANTINED => report.quarantined = n,
+                    _ => {}
+                }
+            }
+        }
+        let (evicted, oldest, stored, raw): (i64, Option<i64>, i64, i64) = conn
+            .query_row(
+                "SELECT
+                    (SELECT COUNT(*) FROM instances WHERE state = 'sent' AND evicted_at IS NOT NULL),
+                    (SELECT MIN(received_at) FROM instances WHERE state IN ('queued', 'uploading')),
+                    (SELECT COALESCE(SUM(stored_size), 0) FROM instances WHERE state != 'lost' AND evicted_at IS NULL),
+                    (SELECT COALESCE(SUM(raw_size), 0) FROM instances WHERE state != 'lost' AND evicted_at IS NULL)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .ctx("summarise the spool")?;
+        report.evicted = to_u64(evicted);
+        report.oldest_queued_age =
+            oldest.map(|t| now.duration_since(from_ms(t)).unwrap_or(Duration::ZERO));
+        report.stored_bytes = to_u64(stored);
+        report.raw_bytes = to_u64(raw);
+        report.duplicates_received = db::counter(&conn, DUPLICATES_RECEIVED)?;
+        report.duplicates_upstream = db::counter(&conn, DUPLICATES_UPSTREAM)?;
+        report.uplink = read_uplink_state(&conn)?;
+        Ok(report)
     }
 
     /// Evicts confirmed instances whose retention has passed, then (oldest first) as many more as
     /// needed to get `min_free_mb + evict_headroom_mb` free. Never touches unconfirmed instances.
     pub fn evict(&self, now: SystemTime) -> Result<EvictReport> {
-        let _ = now;
-        todo!()
+        let now_ms = to_ms(now);
+        let retention_ms = to_i64(self.inner.cfg.retention_hours.saturating_mul(3_600_000));
+        let mut report = self.evict_stage(
+            EvictStage::Retention(now_ms.saturating_sub(retention_ms)),
+            now_ms,
+        )?;
+        let target_free = self
+            .inner
+            .cfg
+            .min_free_mb
+            .saturating_add(self.inner.cfg.evict_headroom_mb)
+            .saturating_mul(MIB);
+        if files::free_bytes(&self.inner.dir)? < target_free {
+            let more = self.evict_stage(EvictStage::Space { target_free }, now_ms)?;
+            report.files += more.files;
+            report.bytes += more.bytes;
+        }
+        Ok(report)
     }
+
+    /// Evicts `sent` rows page by page, oldest `sent_at` first, while `stage` asks for it.
+    fn evict_stage(&self, stage: EvictStage, now_ms: i64) -> Result<EvictReport> {
+        let mut report = EvictReport::default();
+        let (cutoff, target_free) = match stage {
+            EvictStage::Retention(cutoff) => (cutoff, None),
+            EvictStage::Space { target_free } => (i64::MAX, Some(target_free)),
+        };
+        let free_before = match target_free {
+            Some(_) => files::free_bytes(&self.inner.dir)?,
+            None => 0,
+        };
+        let mut cursor = (i64::MIN, i64::MIN);
+        'pages: loop {
+            let page = self.evict_page(cutoff, cursor)?;
+            let Some(last) = page.last() else { break };
+            cursor = (last.sent_at, last.id);
+            let mut done = Vec::with_capacity(page.len());
+            for cand in &page {
+                if let Some(target) = target_free {
+                    if free_before.saturating_add(report.bytes) >= target {
+                        break;
+                    }
+                }
+                if cand.shared {
+                    // Identical bytes are still waiting to be confirmed under another row.
+                    done.push(cand.id);
+                    continue;
+                }
+                let path = self.inner.dir.join(&cand.path);
+                match fs::remove_file(&path) {
+                    Ok(()) => {
+                        report.files += 1;
+                        report.bytes += cand.stored_size;
+                        done.push(cand.id);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => done.push(cand.id),
+                    Err(e) => log::warn!(
+                        "Could not evict a confirmed instance from the local cache; it will be tried again. sop_instance_uid={} path={} error={e}",
+                        cand.sop_instance_uid,
+                        path.display()
+                    ),
+                }
+            }
+            let stop = done.len() < page.len() && target_free.is_some();
+            if !done.is_empty() {
+                let mut conn = self.conn();
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .ctx("record evictions")?;
+                {
+                    let mut stmt = tx
+                        .prepare_cached(
+                            "UPDATE instances SET evicted_at = ?2 WHERE id = ?1 AND state = 'sent'",
+                        )
+                        .ctx("record evictions")?;
+                    for id in &done {
+                        stmt.execute(params![id, now_ms]).ctx("record evictions")?;
+                    }
+                }
+                tx.commit().ctx("record evictions")?;
+            }
+            if stop {
+                break 'pages;
+            }
+        }
+        if report.files > 0 {
+            log::info!(
+                "Evicted confirmed instances from the local cache. reason={} files={} bytes={}",
+                match stage {
+                    EvictStage::Retention(_) => "retention",
+                    EvictStage::Space { .. } => "free_space",
+                },
+                report.files,
+                report.bytes
+            );
+        }
+        Ok(report)
+    }
+
+    fn evict_page(&self, cutoff: i64, after: (i64, i64)) -> Result<Vec<EvictCandidate>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT i.id, i.sop_instance_uid, i.path, i.stored_size, i.sent_at,
+                    EXISTS (SELECT 1 FROM instances o
+                            WHERE o.sop_instance_uid = i.sop_instance_uid AND o.path = i.path
+                              AND o.id != i.id AND o.state IN ('queued', 'uploading', 'failed'))
+                 FROM instances i
+                 WHERE i.state = 'sent' AND i.evicted_at IS NULL AND i.sent_at <= ?1
+                   AND (i.sent_at, i.id) > (?2, ?3)
+                 ORDER BY i.sent_at, i.id
+                 LIMIT ?4",
+            )
+            .ctx("list evictable instances")?;
+        let rows = stmt
+            .query_map(params![cutoff, after.0, after.1, EVICT_PAGE], |r| {
+                Ok(EvictCandidate {
+                    id: r.get(0)?,
+                    sop_instance_uid: r.get(1)?,
+                    path: r.get(2)?,
+                    stored_size: to_u64(r.get(3)?),
+                    sent_at: r.get(4)?,
+                    shared: r.get(5)?,
+                })
+            })
+            .ctx("list evictable instances")?;
+        rows.collect::<rusqlite::Result<_>>()
+            .ctx("list evictable instances")
+    }
+}
+
+fn read_uplink_state(conn: &Connection) -> Result<UplinkState> {
+    conn.prepare_cached(
+        "SELECT paused_until, last_error, last_error_at, last_success_at FROM uplink_state WHERE id = 1",
+    )
+    .and_then(|mut s| {
+        s.query_row([], |r| {
+            Ok(UplinkState {
+                paused_until: r.get::<_, Option<i64>>(0)?.map(from_ms),
+                last_error: r.get(1)?,
+                last_error_at: r.get::<_, Option<i64>>(2)?.map(from_ms),
+                last_success_at: r.get::<_, Option<i64>>(3)?.map(from_ms),
+            })
+        })
+        .optional()
+    })
+    .ctx("read the uplink state")
+    .map(Option::unwrap_or_default)
 }
 
 /// An instance being received. Dropping it without [`Incoming::finish`] removes the temporary file.
 pub struct Incoming {
-    _todo: (),
+    // Field order matters: the encoder (and its file) drop before the guard removes the file.
+    encoder: zstd::stream::write::Encoder<'static, BufWriter<File>>,
+    hasher: Sha256,
+    raw_len: u64,
+    header_len: u64,
+    meta: IncomingMeta,
+    spool: Spool,
+    guard: TempGuard,
 }
 
 impl Incoming {
     /// Appends dataset bytes (as received in the data PDVs) to the zstd stream and the hash.
     pub fn write_all(&mut self, dataset_bytes: &[u8]) -> Result<()> {
-        let _ = dataset_bytes;
-        todo!()
+        self.encoder
+            .write_all(dataset_bytes)
+            .map_err(|source| SpoolError::Write {
+                path: self.guard.path.clone(),
+                source,
+            })?;
+        self.hasher.update(dataset_bytes);
+        self.raw_len += dataset_bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Bytes written so far (header included).
+    pub fn raw_len(&self) -> u64 {
+        self.raw_len
     }
 
     /// Ends the zstd stream. The file is complete but not yet fsynced nor in place.
     pub fn finish(self) -> Result<Written> {
-        todo!()
+        let Incoming {
+            encoder,
+            hasher,
+            raw_len,
+            header_len,
+            meta,
+            spool,
+            guard,
+        } = self;
+        let write_err = |source| SpoolError::Write {
+            path: guard.path.clone(),
+            source,
+        };
+        let file = encoder
+            .finish()
+            .map_err(write_err)?
+            .into_inner()
+            .map_err(|e| write_err(e.into_error()))?;
+        let stored_len = file.metadata().map_err(write_err)?.len();
+        Ok(Written {
+            file,
+            sha256: hex::encode(hasher.finalize()),
+            raw_len,
+            header_len,
+            stored_len,
+            meta,
+            spool,
+            guard,
+        })
     }
 }
 
 /// A fully written temporary file. Dropping it without [`Written::commit`] removes it.
 pub struct Written {
-    _todo: (),
+    file: File,
+    sha256: String,
+    raw_len: u64,
+    header_len: u64,
+    stored_len: u64,
+    meta: IncomingMeta,
+    spool: Spool,
+    guard: TempGuard,
 }
 
 impl Written {
     /// Reads the dataset bytes back (decompressed, after the Part-10 header), for leading-element
     /// parsing. Callers read only what they need.
     pub fn dataset_reader(&self) -> Result<Box<dyn Read + Send + '_>> {
-        todo!()
+        let path = &self.guard.path;
+        let read_err = |source| SpoolError::Read {
+            path: path.clone(),
+            source,
+        };
+        let file = File::open(path).map_err(read_err)?;
+        let mut decoder = zstd::stream::read::Decoder::new(file).map_err(read_err)?;
+        let skipped = io::copy(&mut (&mut decoder).take(self.header_len), &mut io::sink())
+            .map_err(read_err)?;
+        if skipped != self.header_len {
+            return Err(read_err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the temporary file is shorter than its Part-10 header",
+            )));
+        }
+        Ok(Box::new(decoder))
     }
 
     /// Size of the raw Part-10 bytes (header + dataset).
     pub fn raw_len(&self) -> u64 {
-        todo!()
+        self.raw_len
+    }
+
+    /// The SHA-256 (hex) of the raw Part-10 bytes.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
     }
 
     /// fsync the file, rename it into place, fsync the directory, commit the row. Only after this
     /// returns `Ok` may a success response be sent.
     pub fn commit(self, index: InstanceIndex) -> Result<StoreOutcome> {
-        let _ = index;
-        todo!()
+        let Written {
+            file,
+            sha256,
+            raw_len,
+            header_len: _,
+            stored_len,
+            meta,
+            spool,
+            mut guard,
+        } = self;
+        file.sync_all().map_err(|source| SpoolError::Sync {
+            path: guard.path.clone(),
+            source,
+        })?;
+        drop(file);
+        let uid = meta.sop_instance_uid.as_str();
+
+        // An identical re-send: answer success, keep nothing (the guard removes the temp file).
+        let duplicate = {
+            let conn = spool.conn();
+            let dup = find_duplicate(&conn, uid, &sha256)?;
+            if dup.is_some() {
+                db::bump_counter(&conn, DUPLICATES_RECEIVED)?;
+            }
+            dup
+        };
+        if let Some(id) = duplicate {
+            drop(guard);
+            log_duplicate(&meta, id);
+            return Ok(StoreOutcome::Duplicate { id: InstanceId(id) });
+        }
+
+        // Into place: content-addressed, durable before the row exists.
+        let fan = sha256.get(..2).unwrap_or("00");
+        let subdir = spool.inner.objects_dir.join(fan);
+        if files::create_dir(&subdir)? {
+            files::fsync_dir(&spool.inner.objects_dir)?;
+        }
+        let rel = format!("objects/{fan}/{sha256}.dcm.zst");
+        let target = spool.inner.dir.join(&rel);
+        // Renaming over an existing file of the same name is harmless: same name, same bytes (a
+        // file left by a crash between rename and row, or a concurrent identical commit).
+        fs::rename(&guard.path, &target).map_err(|source| SpoolError::Write {
+            path: target.clone(),
+            source,
+        })?;
+        guard.disarm();
+        files::fsync_dir(&subdir)?;
+
+        let now = to_ms(SystemTime::now());
+        let mut conn = spool.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .ctx("start storing an instance")?;
+        if let Some(id) = find_duplicate(&tx, uid, &sha256)? {
+            // A concurrent identical commit won the race; the file in place is the same bytes.
+            db::bump_counter(&tx, DUPLICATES_RECEIVED)?;
+            tx.commit().ctx("count a duplicate")?;
+            log_duplicate(&meta, id);
+            return Ok(StoreOutcome::Duplicate { id: InstanceId(id) });
+        }
+        let previous: Option<(i64, String, String)> = tx
+            .prepare_cached(
+                "SELECT id, sha256, state FROM instances WHERE sop_instance_uid = ?1 ORDER BY id DESC LIMIT 1",
+            )
+            .and_then(|mut s| s.query_row([uid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).optional())
+            .ctx("look up earlier versions")?;
+        tx.prepare_cached(
+            "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid,
+                patient_id, modality, accession_number, calling_ae, transfer_syntax_uid, raw_size,
+                stored_size, sha256, path, received_at, state, attempts, next_attempt_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 'queued', 0, ?14)",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                uid,
+                meta.sop_class_uid,
+                index.study_instance_uid,
+                index.series_instance_uid,
+                index.patient_id,
+                index.modality,
+                index.accession_number,
+                meta.calling_ae,
+                meta.transfer_syntax_uid,
+                to_i64(raw_len),
+                to_i64(stored_len),
+                sha256,
+                rel,
+                now,
+            ])
+        })
+        .ctx("insert an instance row")?;
+        let id = tx.last_insert_rowid();
+        tx.commit().ctx("commit an instance row")?;
+        drop(conn);
+
+        log::debug!(
+            "Spooled instance. sop_instance_uid={uid} calling_ae={} id={id} raw_bytes={raw_len} stored_bytes={stored_len}",
+            meta.calling_ae
+        );
+        Ok(match previous {
+            Some((prev, prev_sha, _)) if prev_sha != sha256 => {
+                log::warn!(
+                    "Received different content under a SOP Instance UID already held; both versions are kept and the new one is queued. sop_instance_uid={uid} calling_ae={} peer={} id={id} previous_id={prev} sha256={sha256} previous_sha256={prev_sha}",
+                    meta.calling_ae,
+                    meta.peer
+                );
+                StoreOutcome::NewVersion {
+                    id: InstanceId(id),
+                    previous: InstanceId(prev),
+                }
+            }
+            Some((prev, _, state)) => {
+                log::warn!(
+                    "Received again an instance whose earlier copy was {state}; the new copy is queued. sop_instance_uid={uid} calling_ae={} id={id} previous_id={prev}",
+                    meta.calling_ae
+                );
+                StoreOutcome::Stored { id: InstanceId(id) }
+            }
+            None => StoreOutcome::Stored { id: InstanceId(id) },
+        })
     }
+}
+
+/// The row already holding these exact bytes under this UID (lost and quarantined rows do not count).
+fn find_duplicate(conn: &Connection, uid: &str, sha256: &str) -> Result<Option<i64>> {
+    conn.prepare_cached(
+        "SELECT id FROM instances WHERE sop_instance_uid = ?1 AND sha256 = ?2 AND state NOT IN ('lost', 'quarantined') ORDER BY id LIMIT 1",
+    )
+    .and_then(|mut s| s.query_row([uid, sha256], |r| r.get(0)).optional())
+    .ctx("look up duplicates")
+}
+
+fn log_duplicate(meta: &IncomingMeta, id: i64) {
+    log::info!(
+        "Received an identical copy of an instance already held; answered success without queueing it again. sop_instance_uid={} calling_ae={} peer={} id={id}",
+        meta.sop_instance_uid,
+        meta.calling_ae,
+        meta.peer
+    );
 }
 
 /// The raw Part-10 bytes of a verified spool file, decompressed as they are read.
 pub struct InstanceReader {
-    _todo: (),
+    decoder: zstd::stream::read::Decoder<'static, BufReader<File>>,
+    len: u64,
+    read: u64,
 }
 
 impl InstanceReader {
     pub fn len(&self) -> u64 {
-        todo!()
+        self.len
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -303,7 +1291,21 @@ impl InstanceReader {
 
 impl Read for InstanceReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let _ = buf;
-        todo!()
+        let n = self.decoder.read(buf)?;
+        self.read += n as u64;
+        // The file was verified, but it is read a second time: never let a changed length through.
+        if self.read > self.len || (n == 0 && !buf.is_empty() && self.read != self.len) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the spool file changed after verification: expected {} bytes, read {}",
+                    self.len, self.read
+                ),
+            ));
+        }
+        Ok(n)
     }
 }
+
+#[cfg(test)]
+mod tests;

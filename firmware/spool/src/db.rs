@@ -1,0 +1,158 @@
+//! The SQLite side of the spool: connection setup, schema and small helpers.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension};
+
+use crate::{Result, SpoolError};
+
+/// The schema version stored in `PRAGMA user_version`.
+pub(crate) const SCHEMA_VERSION: i64 = 1;
+
+pub(crate) const QUEUED: &str = "queued";
+pub(crate) const UPLOADING: &str = "uploading";
+pub(crate) const SENT: &str = "sent";
+pub(crate) const FAILED: &str = "failed";
+pub(crate) const LOST: &str = "lost";
+pub(crate) const QUARANTINED: &str = "quarantined";
+
+pub(crate) const DUPLICATES_RECEIVED: &str = "duplicates_received";
+pub(crate) const DUPLICATES_UPSTREAM: &str = "duplicates_upstream";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS instances (
+    id                  INTEGER PRIMARY KEY AUTOINCREMENT,
+    sop_instance_uid    TEXT    NOT NULL,
+    sop_class_uid       TEXT    NOT NULL,
+    study_instance_uid  TEXT    NOT NULL,
+    series_instance_uid TEXT    NOT NULL,
+    patient_id          TEXT    NOT NULL,
+    modality            TEXT    NOT NULL,
+    accession_number    TEXT    NOT NULL,
+    calling_ae          TEXT    NOT NULL,
+    transfer_syntax_uid TEXT    NOT NULL,
+    raw_size            INTEGER NOT NULL,
+    stored_size         INTEGER NOT NULL,
+    sha256              TEXT    NOT NULL,
+    path                TEXT    NOT NULL,
+    received_at         INTEGER NOT NULL,
+    state               TEXT    NOT NULL CHECK (state IN
+                            ('queued', 'uploading', 'sent', 'failed', 'lost', 'quarantined')),
+    attempts            INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at     INTEGER NOT NULL,
+    last_error          TEXT,
+    sent_at             INTEGER,
+    evicted_at          INTEGER
+);
+CREATE INDEX IF NOT EXISTS instances_due ON instances (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS instances_sop ON instances (sop_instance_uid);
+CREATE INDEX IF NOT EXISTS instances_study ON instances (study_instance_uid, state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS instances_sent ON instances (state, sent_at);
+CREATE TABLE IF NOT EXISTS counters (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO counters (name, value) VALUES ('duplicates_received', 0);
+INSERT OR IGNORE INTO counters (name, value) VALUES ('duplicates_upstream', 0);
+CREATE TABLE IF NOT EXISTS uplink_state (
+    id              INTEGER PRIMARY KEY CHECK (id = 1),
+    paused_until    INTEGER,
+    last_error      TEXT,
+    last_error_at   INTEGER,
+    last_success_at INTEGER
+);
+INSERT OR IGNORE INTO uplink_state (id) VALUES (1);
+";
+
+/// Attaches an action to a rusqlite error.
+pub(crate) trait DbContext<T> {
+    fn ctx(self, action: &'static str) -> Result<T>;
+}
+
+impl<T> DbContext<T> for rusqlite::Result<T> {
+    fn ctx(self, action: &'static str) -> Result<T> {
+        self.map_err(|source| SpoolError::Database { action, source })
+    }
+}
+
+/// Opens the database, sets the pragmas and creates or checks the schema.
+pub(crate) fn open(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path).ctx("open the database")?;
+    // Another process (`passerelled status`/`requeue`) may hold a lock for a moment.
+    conn.busy_timeout(Duration::from_secs(5))
+        .ctx("set the busy timeout")?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+        .ctx("switch to WAL journal mode")?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        log::warn!(
+            "The spool database did not switch to WAL mode; writes will be slower. path={} journal_mode={mode}",
+            path.display()
+        );
+    }
+    conn.pragma_update(None, "synchronous", "FULL")
+        .ctx("set synchronous=FULL")?;
+    conn.set_prepared_statement_cache_capacity(64);
+    migrate(&conn, path)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &Connection, path: &Path) -> Result<()> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .ctx("read the schema version")?;
+    if version > SCHEMA_VERSION {
+        return Err(SpoolError::SchemaVersion {
+            path: path.to_path_buf(),
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    if version < SCHEMA_VERSION {
+        // Version 0 is a fresh database. `IF NOT EXISTS` keeps a concurrent creator harmless.
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+        ))
+        .ctx("create the schema")?;
+    }
+    Ok(())
+}
+
+/// Unix milliseconds (times before 1970 clamp to 0).
+pub(crate) fn to_ms(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(_) => 0,
+    }
+}
+
+pub(crate) fn from_ms(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+/// SQLite integers are signed; sizes are stored as such.
+pub(crate) fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+pub(crate) fn bump_counter(conn: &Connection, name: &str) -> Result<()> {
+    conn.prepare_cached("UPDATE counters SET value = value + 1 WHERE name = ?1")
+        .and_then(|mut s| s.execute([name]))
+        .ctx("increment a counter")?;
+    Ok(())
+}
+
+pub(crate) fn counter(conn: &Connection, name: &str) -> Result<u64> {
+    let v: Option<i64> = conn
+        .query_row("SELECT value FROM counters WHERE name = ?1", [name], |r| {
+            r.get(0)
+        })
+        .optional()
+        .ctx("read a counter")?;
+    Ok(to_u64(v.unwrap_or(0)))
+}

@@ -1,0 +1,162 @@
+//! File-system helpers: directory fsync, temporary-file cleanup, free space, streaming hash.
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::{Result, SpoolError};
+
+/// Mode of every directory the spool creates: patient data, owner only.
+const DIR_MODE: u32 = 0o700;
+
+/// Creates `path` (and parents) if missing. Returns true when `path` itself was created.
+pub(crate) fn create_dir(path: &Path) -> Result<bool> {
+    if path.is_dir() {
+        return Ok(false);
+    }
+    match fs::DirBuilder::new()
+        .recursive(false)
+        .mode(DIR_MODE)
+        .create(path)
+    {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            // A parent is missing: create the whole chain.
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(DIR_MODE)
+                .create(path)
+                .map_err(|source| SpoolError::CreateDir {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+            Ok(true)
+        }
+        Err(source) => Err(SpoolError::CreateDir {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// fsyncs a directory so that renames and creations inside it are durable.
+pub(crate) fn fsync_dir(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| SpoolError::Sync {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Free bytes for unprivileged users on the file system holding `path`.
+pub(crate) fn free_bytes(path: &Path) -> Result<u64> {
+    let st = nix::sys::statvfs::statvfs(path).map_err(|source| SpoolError::Statvfs {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    #[allow(clippy::unnecessary_cast)] // the libc types differ between platforms
+    let (avail, frsize) = (st.blocks_available() as u64, st.fragment_size() as u64);
+    Ok(avail.saturating_mul(frsize))
+}
+
+pub(crate) const MIB: u64 = 1024 * 1024;
+
+/// Removes a temporary file on drop unless disarmed.
+#[derive(Debug)]
+pub(crate) struct TempGuard {
+    pub(crate) path: PathBuf,
+    armed: bool,
+}
+
+impl TempGuard {
+    pub(crate) fn new(path: PathBuf) -> Self {
+        Self { path, armed: true }
+    }
+
+    pub(crate) fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for TempGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Err(e) = fs::remove_file(&self.path) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    log::warn!(
+                        "Could not remove an abandoned temporary spool file; it will be removed at the next start. path={} error={e}",
+                        self.path.display()
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A reader that remembers whether the underlying file failed, so that an I/O error of the disk is
+/// not mistaken for corrupt content (and the other way round).
+pub(crate) struct TrackingReader<R> {
+    inner: R,
+    pub(crate) io_error: Option<io::ErrorKind>,
+}
+
+impl<R> TrackingReader<R> {
+    pub(crate) fn new(inner: R) -> Self {
+        Self {
+            inner,
+            io_error: None,
+        }
+    }
+}
+
+impl<R: Read> Read for TrackingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf).inspect_err(|e| {
+            if e.kind() != io::ErrorKind::Interrupted {
+                self.io_error = Some(e.kind());
+            }
+        })
+    }
+}
+
+/// The result of hashing a decompressed stream.
+pub(crate) enum HashOutcome {
+    Ok {
+        sha256: String,
+        len: u64,
+    },
+    /// The file could not be read (disk error), not a content problem.
+    ReadFailed(io::Error),
+    /// The zstd stream is damaged or truncated.
+    Undecodable(io::Error),
+}
+
+/// Decompresses `file` as a stream and hashes the output, holding only a small buffer.
+pub(crate) fn hash_decompressed<R: Read>(file: R) -> HashOutcome {
+    let mut tracked = TrackingReader::new(file);
+    let result = (|| -> io::Result<(String, u64)> {
+        let mut dec = zstd::stream::read::Decoder::new(&mut tracked)?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut len = 0u64;
+        loop {
+            let n = dec.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            len += n as u64;
+        }
+        Ok((hex::encode(hasher.finalize()), len))
+    })();
+    match result {
+        Ok((sha256, len)) => HashOutcome::Ok { sha256, len },
+        Err(e) if tracked.io_error.is_some() => HashOutcome::ReadFailed(e),
+        Err(e) => HashOutcome::Undecodable(e),
+    }
+}

@@ -1,0 +1,818 @@
+//! The spool's state machine, recovery and integrity, named like a specification.
+
+use super::*;
+use passerelle_config::SpoolConfig;
+use rand::{RngCore, SeedableRng};
+use std::collections::BTreeSet;
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    cfg: SpoolConfig,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        Self::with(|_| {})
+    }
+
+    fn with(tune: impl FnOnce(&mut SpoolConfig)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = SpoolConfig {
+            dir: dir.path().join("spool"),
+            min_free_mb: 0,
+            retention_hours: 24,
+            evict_headroom_mb: 0,
+            zstd_level: 1,
+        };
+        tune(&mut cfg);
+        Self { dir, cfg }
+    }
+
+    fn open(&self) -> (Spool, RecoveryReport) {
+        Spool::open(&self.cfg).unwrap()
+    }
+
+    fn spool(&self) -> Spool {
+        self.open().0
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.cfg.dir.join(rel)
+    }
+}
+
+/// A fake instance: a Part-10 header and a dataset, both distinguishable.
+struct Inst {
+    uid: String,
+    study: String,
+    header: Vec<u8>,
+    dataset: Vec<u8>,
+}
+
+impl Inst {
+    fn new(uid: &str, study: &str, dataset_len: usize, seed: u64) -> Self {
+        let mut header = vec![0u8; 128];
+        header.extend_from_slice(b"DICM");
+        header.extend_from_slice(uid.as_bytes());
+        let mut dataset = vec![0u8; dataset_len];
+        // Half random, half repetitive: something zstd must really work on.
+        rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut dataset[..dataset_len / 2]);
+        Self {
+            uid: uid.to_owned(),
+            study: study.to_owned(),
+            header,
+            dataset,
+        }
+    }
+
+    fn raw(&self) -> Vec<u8> {
+        [self.header.as_slice(), self.dataset.as_slice()].concat()
+    }
+
+    fn meta(&self) -> IncomingMeta {
+        IncomingMeta {
+            sop_class_uid: "1.2.840.10008.5.1.4.1.1.2".into(),
+            sop_instance_uid: self.uid.clone(),
+            transfer_syntax_uid: "1.2.840.10008.1.2.1".into(),
+            calling_ae: "CT1".into(),
+            peer: "127.0.0.1:40000".into(),
+        }
+    }
+
+    fn index(&self) -> InstanceIndex {
+        InstanceIndex {
+            study_instance_uid: self.study.clone(),
+            series_instance_uid: format!("{}.1", self.study),
+            patient_id: "P1".into(),
+            modality: "CT".into(),
+            accession_number: "A1".into(),
+        }
+    }
+
+    fn written(&self, spool: &Spool) -> Written {
+        let mut incoming = spool.begin(self.meta(), &self.header).unwrap();
+        for chunk in self.dataset.chunks(16 * 1024 + 3) {
+            incoming.write_all(chunk).unwrap();
+        }
+        incoming.finish().unwrap()
+    }
+
+    fn store(&self, spool: &Spool) -> StoreOutcome {
+        self.written(spool).commit(self.index()).unwrap()
+    }
+
+    fn stored_id(&self, spool: &Spool) -> InstanceId {
+        match self.store(spool) {
+            StoreOutcome::Stored { id } => id,
+            other => panic!("expected Stored, got {other:?}"),
+        }
+    }
+}
+
+fn read_all(spool: &Spool, inst: &QueuedInstance) -> Result<Vec<u8>> {
+    let mut reader = spool.open_verified(inst)?;
+    let mut out = Vec::new();
+    reader.read_to_end(&mut out).unwrap();
+    assert_eq!(out.len() as u64, reader.len());
+    Ok(out)
+}
+
+fn row_str(spool: &Spool, id: InstanceId, column: &str) -> Option<String> {
+    spool
+        .conn()
+        .query_row(
+            &format!("SELECT CAST({column} AS TEXT) FROM instances WHERE id = ?1"),
+            [id.0],
+            |r| r.get(0),
+        )
+        .unwrap()
+}
+
+fn state(spool: &Spool, id: InstanceId) -> String {
+    row_str(spool, id, "state").unwrap()
+}
+
+fn file_of(fx: &Fixture, spool: &Spool, id: InstanceId) -> PathBuf {
+    fx.path(&row_str(spool, id, "path").unwrap())
+}
+
+fn tmp_entries(fx: &Fixture) -> usize {
+    fs::read_dir(fx.path("tmp")).unwrap().count()
+}
+
+fn far_future() -> SystemTime {
+    SystemTime::now() + 1000 * HOUR
+}
+
+fn claim_one(spool: &Spool) -> QueuedInstance {
+    let mut batch = spool.claim_batch(1, u64::MAX, far_future()).unwrap();
+    assert_eq!(batch.len(), 1);
+    batch.remove(0)
+}
+
+#[test]
+fn stored_instance_comes_back_byte_identical_after_claim_and_verification() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    let inst = Inst::new("1.2.3.1", "1.2.3", 3 * 1024 * 1024 + 17, 1);
+    let written = inst.written(&spool);
+    assert_eq!(written.raw_len(), inst.raw().len() as u64);
+    let id = match written.commit(inst.index()).unwrap() {
+        StoreOutcome::Stored { id } => id,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(state(&spool, id), "queued");
+    assert_eq!(tmp_entries(&fx), 0);
+
+    let claimed = claim_one(&spool);
+    assert_eq!(claimed.id, id);
+    assert_eq!(claimed.sop_instance_uid, inst.uid);
+    assert_eq!(claimed.study_instance_uid, inst.study);
+    assert_eq!(claimed.raw_size, inst.raw().len() as u64);
+    assert_eq!(claimed.attempts, 0);
+    assert_eq!(state(&spool, id), "uploading");
+
+    assert_eq!(read_all(&spool, &claimed).unwrap(), inst.raw());
+}
+
+#[test]
+fn spool_file_is_content_addressed_zstd_with_checksum_and_row_holds_every_field() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    let inst = Inst::new("1.2.3.2", "1.2.3", 100_000, 2);
+    let id = inst.stored_id(&spool);
+    let sha = hex::encode(Sha256::digest(inst.raw()));
+    let rel = format!("objects/{}/{sha}.dcm.zst", &sha[..2]);
+    assert_eq!(row_str(&spool, id, "path").unwrap(), rel);
+    assert_eq!(row_str(&spool, id, "sha256").unwrap(), sha);
+    let compressed = fs::read(fx.path(&rel)).unwrap();
+    assert_eq!(
+        row_str(&spool, id, "stored_size").unwrap(),
+        compressed.len().to_string()
+    );
+    assert_eq!(zstd::decode_all(compressed.as_slice()).unwrap(), inst.raw());
+    // Frame header descriptor: bit 2 is the content checksum flag.
+    assert_eq!(&compressed[..4], &[0x28, 0xb5, 0x2f, 0xfd]);
+    assert_ne!(compressed[4] & 0x04, 0, "zstd frame checksum must be on");
+    for (column, expect) in [
+        ("sop_instance_uid", "1.2.3.2"),
+        ("sop_class_uid", "1.2.840.10008.5.1.4.1.1.2"),
+        ("study_instance_uid", "1.2.3"),
+        ("series_instance_uid", "1.2.3.1"),
+        ("patient_id", "P1"),
+        ("modality", "CT"),
+        ("accession_number", "A1"),
+        ("calling_ae", "CT1"),
+        ("transfer_syntax_uid", "1.2.840.10008.1.2.1"),
+        ("raw_size", &inst.raw().len().to_string()),
+        ("attempts", "0"),
+    ] {
+        assert_eq!(
+            row_str(&spool, id, column).as_deref(),
+            Some(expect),
+            "{column}"
+        );
+    }
+    let version: i64 = spool
+        .conn()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, db::SCHEMA_VERSION);
+    let mode: String = spool
+        .conn()
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+}
+
+#[test]
+fn dataset_reader_yields_the_dataset_without_the_part10_header() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    let inst = Inst::new("1.2.3.3", "1.2.3", 200_000, 3);
+    let written = inst.written(&spool);
+    let mut first = vec![0u8; 4096];
+    written
+        .dataset_reader()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+    assert_eq!(first, inst.dataset[..4096]);
+    let mut all = Vec::new();
+    written
+        .dataset_reader()
+        .unwrap()
+        .read_to_end(&mut all)
+        .unwrap();
+    assert_eq!(all, inst.dataset);
+}
+
+#[test]
+fn identical_resend_is_a_duplicate_counted_and_not_queued_twice() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    let inst = Inst::new("1.2.3.4", "1.2.3", 50_000, 4);
+    let id = inst.stored_id(&spool);
+    assert_eq!(inst.store(&spool), StoreOutcome::Duplicate { id });
+    assert_eq!(inst.store(&spool), StoreOutcome::Duplicate { id });
+    let status = spool.status(SystemTime::now()).unwrap();
+    assert_eq!(status.queued, 1);
+    assert_eq!(status.duplicates_received, 2);
+    assert_eq!(tmp_entries(&fx), 0);
+    // Still a duplicate once sent (the upstream has it).
+    let claimed = claim_one(&spool);
+    spool.mark_sent(claimed.id, false).unwrap();
+    assert_eq!(inst.store(&spool), StoreOutcome::Duplicate { id });
+}
+
+#[test]
+fn different_content_under_a_known_uid_is_kept_as_a_new_version() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    let v1 = Inst::new("1.2.3.5", "1.2.3", 50_000, 5);
+    let v2 = Inst::new("1.2.3.5", "1.2.3", 50_000, 6);
+    let first = v1.stored_id(&spool);
+    let outcome = v2.store(&spool);
+    let StoreOutcome::NewVersion { id, previous } = outcome else {
+        panic!("expected NewVersion, got {outcome:?}");
+    };
+    assert_eq!(previous, first);
+    assert_ne!(id, first);
+    assert_eq!(spool.status(SystemTime::now()).unwrap().queued, 2);
+    assert_ne!(file_of(&fx, &spool, id), file_of(&fx, &spool, first));
+    // Both versions can be read back intact.
+    let batch = spool.claim_batch(10, u64::MAX, far_future()).unwrap();
+    assert_eq!(read_all(&spool, &batch[0]).unwrap(), v1.raw());
+    assert_eq!(read_all(&spool, &batch[1]).unwrap(), v2.raw());
+}
+
+#[test]
+fn dropping_an_incoming_or_a_written_instance_leaves_no_temp_file() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    let inst = Inst::new("1.2.3.6", "1.2.3", 10_000, 7);
+    let mut incoming = spool.begin(inst.meta(), &inst.header).unwrap();
+    incoming.write_all(&inst.dataset).unwrap();
+    assert_eq!(tmp_entries(&fx), 1);
+    drop(incoming);
+    assert_eq!(tmp_entries(&fx), 0);
+    let written = inst.written(&spool);
+    assert_eq!(tmp_entries(&fx), 1);
+    drop(written);
+    assert_eq!(tmp_entries(&fx), 0);
+    assert_eq!(
+        spool.status(SystemTime::now()).unwrap(),
+        StatusReport {
+            uplink: spool.uplink_state().unwrap(),
+            ..StatusReport::default()
+        }
+    );
+}
+
+#[test]
+fn recovery_removes_temp_files_requeues_uploads_and_marks_missing_files_lost() {
+    let fx = Fixture::new();
+    let (a, b, c) = {
+        let spool = fx.spool();
+        let a = Inst::new("1.2.3.10", "1.2.3", 10_000, 10).stored_id(&spool);
+        let b = Inst::new("1.2.3.11", "1.2.3", 10_000, 11).stored_id(&spool);
+        let c = Inst::new("1.2.3.12", "1.2.3", 10_000, 12).stored_id(&spool);
+        assert_eq!(claim_one(&spool).id, a);
+        // A transfer cut short by the crash, and one abandoned written file.
+        // (A forgotten `Incoming` would keep the spool open, so the files are made by hand.)
+        let partial = zstd::encode_all(&b"DICM partial"[..], 1).unwrap();
+        fs::write(
+            fx.path("tmp/0123456789abcdef.part"),
+            &partial[..partial.len() / 2],
+        )
+        .unwrap();
+        fs::write(fx.path("tmp/leftover.part"), b"junk").unwrap();
+        fs::remove_file(file_of(&fx, &spool, c)).unwrap();
+        (a, b, c)
+    };
+    let (spool, report) = fx.open();
+    assert_eq!(report.temp_files_removed, 2);
+    assert_eq!(report.uploading_requeued, 1);
+    assert_eq!(report.lost, vec!["1.2.3.12".to_owned()]);
+    assert_eq!(tmp_entries(&fx), 0);
+    assert_eq!(state(&spool, a), "queued");
+    assert_eq!(state(&spool, b), "queued");
+    assert_eq!(state(&spool, c), "lost");
+    assert!(row_str(&spool, c, "last_error")
+        .unwrap()
+        .contains("missing"));
+    let status = spool.status(SystemTime::now()).unwrap();
+    assert_eq!((status.queued, status.lost), (2, 1));
+    // A lost row is never claimed.
+    let batch = spool.claim_batch(10, u64::MAX, far_future()).unwrap();
+    assert_eq!(batch.iter().map(|q| q.id).collect::<Vec<_>>(), vec![a, b]);
+}
+
+#[test]
+fn a_second_process_opening_the_spool_does_not_run_recovery() {
+    let fx = Fixture::new();
+    let (daemon, _) = fx.open();
+    let inst = Inst::new("1.2.3.20", "1.2.3", 10_000, 20);
+    let id = inst.stored_id(&daemon);
+    claim_one(&daemon);
+    let incoming = daemon.begin(inst.meta(), &inst.header).unwrap();
+    let (status_tool, report) = fx.open();
+    assert!(daemon.is_owner());
+    assert!(!status_tool.is_owner());
+    assert_eq!(report, RecoveryReport::default());
+    assert_eq!(tmp_entries(&fx), 1);
+    assert_eq!(state(&status_tool, id), "uploading");
+    assert_eq!(status_tool.status(SystemTime::now()).unwrap().uploading, 1);
+    drop(incoming);
+}
+
+/// Applies `damage` to the file of a freshly stored instance and checks it is never readable.
+fn check_corruption_is_quarantined(damage: impl FnOnce(&Path), detail_contains: &str) {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    let inst = Inst::new("1.2.3.30", "1.2.3", 300_000, 30);
+    let id = inst.stored_id(&spool);
+    let path = file_of(&fx, &spool, id);
+    damage(&path);
+    let claimed = claim_one(&spool);
+    let err = read_all(&spool, &claimed).unwrap_err();
+    let SpoolError::Corrupt {
+        sop_instance_uid,
+        detail,
+        path: qpath,
+    } = err
+    else {
+        panic!("expected Corrupt, got {err:?}");
+    };
+    assert_eq!(sop_instance_uid, inst.uid);
+    assert!(detail.contains(detail_contains), "{detail}");
+    assert!(!path.exists());
+    assert!(qpath.starts_with(fx.path("quarantine")) && qpath.exists());
+    assert_eq!(state(&spool, id), "quarantined");
+    assert!(row_str(&spool, id, "last_error").is_some());
+    // Never readable again, never claimed again.
+    assert!(matches!(
+        spool.open_verified(&claimed),
+        Err(SpoolError::Corrupt { .. })
+    ));
+    assert!(spool
+        .claim_batch(10, u64::MAX, far_future())
+        .unwrap()
+        .is_empty());
+    spool.release(claimed.id).unwrap();
+    assert_eq!(state(&spool, id), "quarantined");
+    assert_eq!(spool.status(SystemTime::now()).unwrap().quarantined, 1);
+}
+
+#[test]
+fn a_flipped_byte_quarantines_the_file() {
+    check_corruption_is_quarantined(
+        |p| {
+            let mut bytes = fs::read(p).unwrap();
+            let mid = bytes.len() / 2;
+            bytes[mid] ^= 0x40;
+            fs::write(p, bytes).unwrap();
+        },
+        "",
+    );
+}
+
+#[test]
+fn a_truncated_file_quarantines_the_file() {
+    check_corruption_is_quarantined(
+        |p| {
+            let len = fs::metadata(p).unwrap().len();
+            File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_len(len - 10)
+                .unwrap();
+        },
+        "zstd",
+    );
+}
+
+#[test]
+fn an_empty_file_quarantines_the_file() {
+    check_corruption_is_quarantined(|p| fs::write(p, b"").unwrap(), "zstd");
+}
+
+#[test]
+fn valid_zstd_with_other_content_quarantines_the_file_on_hash_mismatch() {
+    check_corruption_is_quarantined(
+        |p| {
+            let other = Inst::new("1.2.3.30", "1.2.3", 300_000, 31).raw();
+            fs::write(p, zstd::encode_all(other.as_slice(), 1).unwrap()).unwrap();
+        },
+        "actual_sha256=",
+    );
+}
+
+#[test]
+fn a_missing_file_at_read_time_marks_the_instance_lost() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    let id = Inst::new("1.2.3.31", "1.2.3", 1000, 32).stored_id(&spool);
+    fs::remove_file(file_of(&fx, &spool, id)).unwrap();
+    let claimed = claim_one(&spool);
+    assert!(matches!(
+        spool.open_verified(&claimed),
+        Err(SpoolError::Missing { sop_instance_uid, .. }) if sop_instance_uid == "1.2.3.31"
+    ));
+    assert_eq!(state(&spool, id), "lost");
+}
+
+/// Stores `n` instances, sends the first `sent` of them, and returns all ids.
+fn store_and_send(spool: &Spool, n: u64, sent: u64) -> Vec<InstanceId> {
+    let ids: Vec<_> = (0..n)
+        .map(|i| Inst::new(&format!("1.2.4.{i}"), "1.2.4", 20_000, 100 + i).stored_id(spool))
+        .collect();
+    for id in &ids[..sent as usize] {
+        let claimed = claim_one(spool);
+        assert_eq!(claimed.id, *id);
+        spool.mark_sent(*id, false).unwrap();
+    }
+    ids
+}
+
+#[test]
+fn retention_evicts_only_sent_files_older_than_the_retention() {
+    let fx = Fixture::with(|c| c.retention_hours = 1);
+    let spool = fx.spool();
+    let ids = store_and_send(&spool, 4, 2);
+    let now = SystemTime::now();
+    assert_eq!(spool.evict(now).unwrap(), EvictReport::default());
+    let report = spool.evict(now + 2 * HOUR).unwrap();
+    assert_eq!(report.files, 2);
+    assert!(report.bytes > 0);
+    for (i, id) in ids.iter().enumerate() {
+        let evicted = i < 2;
+        assert_eq!(file_of(&fx, &spool, *id).exists(), !evicted, "row {i}");
+        assert_eq!(row_str(&spool, *id, "evicted_at").is_some(), evicted);
+        assert_eq!(state(&spool, *id), if evicted { "sent" } else { "queued" });
+    }
+    let status = spool.status(now).unwrap();
+    assert_eq!((status.sent, status.evicted, status.queued), (2, 2, 2));
+    // A second pass has nothing left to do.
+    assert_eq!(spool.evict(now + 2 * HOUR).unwrap(), EvictReport::default());
+}
+
+#[test]
+fn zero_retention_evicts_as_soon_as_sent() {
+    let fx = Fixture::with(|c| c.retention_hours = 0);
+    let spool = fx.spool();
+    let ids = store_and_send(&spool, 2, 1);
+    assert!(!file_of(&fx, &spool, ids[0]).exists());
+    assert!(file_of(&fx, &spool, ids[1]).exists());
+    assert_eq!(spool.status(SystemTime::now()).unwrap().evicted, 1);
+}
+
+#[test]
+fn low_space_evicts_every_sent_file_but_never_an_unconfirmed_one() {
+    // More free space is asked for than any disk has: eviction must go as far as it may.
+    let fx = Fixture::with(|c| {
+        c.retention_hours = 10_000;
+        c.evict_headroom_mb = u64::MAX >> 21;
+    });
+    let spool = fx.spool();
+    let ids = store_and_send(&spool, 5, 2);
+    // One uploading and one failed among the unconfirmed.
+    let claimed = claim_one(&spool);
+    spool.mark_failed(claimed.id, "C000").unwrap();
+    claim_one(&spool);
+    let report = spool.evict(SystemTime::now()).unwrap();
+    assert_eq!(report.files, 2);
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(file_of(&fx, &spool, *id).exists(), i >= 2, "row {i}");
+    }
+    let states: Vec<_> = ids.iter().map(|id| state(&spool, *id)).collect();
+    assert_eq!(states, ["sent", "sent", "failed", "uploading", "queued"]);
+}
+
+#[test]
+fn below_min_free_space_begin_is_refused_with_disk_full_and_nothing_is_lost() {
+    let fx = Fixture::with(|c| c.min_free_mb = u64::MAX >> 21);
+    let spool = fx.spool();
+    let ids = store_and_send(&spool, 3, 1);
+    let err = spool.ensure_space().unwrap_err();
+    assert!(
+        matches!(err, SpoolError::DiskFull { min_free_mb, .. } if min_free_mb == u64::MAX >> 21),
+        "{err:?}"
+    );
+    assert!(!file_of(&fx, &spool, ids[0]).exists());
+    for id in &ids[1..] {
+        assert!(file_of(&fx, &spool, *id).exists());
+        assert_eq!(state(&spool, *id), "queued");
+    }
+}
+
+#[test]
+fn enough_free_space_passes_ensure_space() {
+    let fx = Fixture::with(|c| c.min_free_mb = 1);
+    fx.spool().ensure_space().unwrap();
+}
+
+/// Stores instances described as (study, dataset bytes), in order, and returns their ids.
+fn store_studies(spool: &Spool, layout: &[(&str, usize)]) -> Vec<InstanceId> {
+    layout
+        .iter()
+        .enumerate()
+        .map(|(i, (study, len))| {
+            Inst::new(&format!("{study}.{i}"), study, *len, 200 + i as u64).stored_id(spool)
+        })
+        .collect()
+}
+
+/// Claims one batch and returns the positions (in `ids`) of the claimed instances.
+fn check_claim(
+    spool: &Spool,
+    ids: &[InstanceId],
+    max_count: usize,
+    max_bytes: u64,
+    expect: &[usize],
+) {
+    let batch = spool
+        .claim_batch(max_count, max_bytes, far_future())
+        .unwrap();
+    let got: Vec<usize> = batch
+        .iter()
+        .map(|q| ids.iter().position(|id| *id == q.id).unwrap())
+        .collect();
+    assert_eq!(got, expect, "max_count={max_count} max_bytes={max_bytes}");
+    for q in &batch {
+        assert_eq!(state(spool, q.id), "uploading");
+    }
+}
+
+#[test]
+fn claim_batch_groups_one_study_oldest_first_within_count_and_bytes() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    let ids = store_studies(
+        &spool,
+        &[
+            ("1.5.1", 1000),
+            ("1.5.2", 1000),
+            ("1.5.1", 1000),
+            ("1.5.1", 1000),
+            ("1.5.2", 1000),
+            ("1.5.1", 1000),
+        ],
+    );
+    let size = spool.claim_batch(0, 0, SystemTime::UNIX_EPOCH).unwrap();
+    assert!(size.is_empty(), "nothing is due at the epoch");
+    let raw = Inst::new("1.5.1.0", "1.5.1", 1000, 200).raw().len() as u64;
+    check_claim(&spool, &ids, 2, u64::MAX, &[0, 2]);
+    check_claim(&spool, &ids, 10, 2 * raw, &[1, 4]);
+    // Always at least one, even above max_bytes.
+    check_claim(&spool, &ids, 10, 1, &[3]);
+    check_claim(&spool, &ids, 0, u64::MAX, &[5]);
+    check_claim(&spool, &ids, 10, u64::MAX, &[]);
+}
+
+#[test]
+fn claim_batch_skips_instances_not_yet_due() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    let ids = store_studies(&spool, &[("1.6.1", 100), ("1.6.1", 100), ("1.6.1", 100)]);
+    let later = SystemTime::now() + HOUR;
+    let claimed = claim_one(&spool);
+    spool.mark_retry(claimed.id, "503", later).unwrap();
+    let now = SystemTime::now();
+    let batch = spool.claim_batch(10, u64::MAX, now).unwrap();
+    assert_eq!(batch.iter().map(|q| q.id).collect::<Vec<_>>(), ids[1..]);
+    assert!(spool.claim_batch(10, u64::MAX, now).unwrap().is_empty());
+    let retried = spool.claim_batch(10, u64::MAX, later).unwrap();
+    assert_eq!(retried.len(), 1);
+    assert_eq!(retried[0].id, ids[0]);
+    assert_eq!(retried[0].attempts, 1);
+}
+
+#[test]
+fn mark_retry_persists_the_next_attempt_across_a_reopen() {
+    let fx = Fixture::new();
+    let at = SystemTime::UNIX_EPOCH + Duration::from_millis(4_102_444_800_123);
+    let id = {
+        let spool = fx.spool();
+        let id = Inst::new("1.7.1", "1.7", 100, 300).stored_id(&spool);
+        claim_one(&spool);
+        spool.mark_retry(id, "connection reset", at).unwrap();
+        id
+    };
+    let (spool, report) = fx.open();
+    assert_eq!(report.uploading_requeued, 0);
+    assert_eq!(spool.next_due().unwrap(), Some(at));
+    assert_eq!(state(&spool, id), "queued");
+    assert_eq!(row_str(&spool, id, "attempts").as_deref(), Some("1"));
+    assert_eq!(
+        row_str(&spool, id, "last_error").as_deref(),
+        Some("connection reset")
+    );
+    assert!(spool
+        .claim_batch(1, u64::MAX, at - Duration::from_millis(1))
+        .unwrap()
+        .is_empty());
+    assert_eq!(spool.claim_batch(1, u64::MAX, at).unwrap()[0].id, id);
+}
+
+#[test]
+fn release_requeues_without_counting_an_attempt() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    let id = Inst::new("1.7.2", "1.7", 100, 301).stored_id(&spool);
+    claim_one(&spool);
+    spool.release(id).unwrap();
+    assert_eq!(state(&spool, id), "queued");
+    assert_eq!(claim_one(&spool).attempts, 0);
+}
+
+#[test]
+fn requeue_failed_brings_back_all_or_one_failed_instance() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    let ids = store_studies(&spool, &[("1.8", 100), ("1.8", 100), ("1.8", 100)]);
+    for q in spool.claim_batch(10, u64::MAX, far_future()).unwrap() {
+        spool.mark_failed(q.id, "409 Conflict").unwrap();
+    }
+    assert_eq!(spool.status(SystemTime::now()).unwrap().failed, 3);
+    assert_eq!(spool.requeue_failed(Some("1.8.1")).unwrap(), 1);
+    assert_eq!(state(&spool, ids[1]), "queued");
+    assert_eq!(state(&spool, ids[0]), "failed");
+    assert_eq!(spool.requeue_failed(Some("9.9.9")).unwrap(), 0);
+    assert_eq!(spool.requeue_failed(None).unwrap(), 2);
+    assert_eq!(spool.requeue_failed(None).unwrap(), 0);
+    let batch = spool.claim_batch(10, u64::MAX, SystemTime::now()).unwrap();
+    assert_eq!(batch.len(), 3, "re-queued rows are due now");
+}
+
+#[test]
+fn state_changes_on_an_unknown_row_are_errors() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    let ghost = InstanceId(42);
+    for result in [
+        spool.mark_sent(ghost, false),
+        spool.mark_retry(ghost, "x", SystemTime::now()),
+        spool.mark_failed(ghost, "x"),
+        spool.release(ghost),
+    ] {
+        assert!(matches!(result, Err(SpoolError::NoSuchRow { id: 42 })));
+    }
+}
+
+#[test]
+fn status_counts_states_duplicates_sizes_and_oldest_age() {
+    let fx = Fixture::with(|c| c.retention_hours = 0);
+    let spool = fx.spool();
+    let insts: Vec<_> = (0..5)
+        .map(|i| Inst::new(&format!("1.9.{i}"), "1.9", 10_000, 400 + i))
+        .collect();
+    let ids: Vec<_> = insts.iter().map(|i| i.stored_id(&spool)).collect();
+    insts[0].store(&spool); // duplicate
+                            // 0 → sent (redelivery, evicted at once), 1 → failed, 2 → uploading, 3 → lost, 4 queued.
+    let batch = spool.claim_batch(3, u64::MAX, far_future()).unwrap();
+    assert_eq!(batch.len(), 3);
+    spool.mark_sent(ids[0], true).unwrap();
+    spool.mark_failed(ids[1], "C000").unwrap();
+    fs::remove_file(file_of(&fx, &spool, ids[3])).unwrap();
+    let claimed = claim_one(&spool);
+    assert!(spool.open_verified(&claimed).is_err());
+    spool.release(ids[4]).unwrap();
+    let uplink = UplinkState {
+        paused_until: None,
+        last_error: Some("401 Unauthorized".into()),
+        last_error_at: Some(SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_000)),
+        last_success_at: Some(SystemTime::UNIX_EPOCH + Duration::from_millis(1_600_000_000_000)),
+    };
+    spool.set_uplink_state(&uplink).unwrap();
+
+    let now = SystemTime::now() + Duration::from_secs(60);
+    let status = spool.status(now).unwrap();
+    let kept: Vec<_> = [1, 2, 4]
+        .iter()
+        .map(|&i| insts[i].raw().len() as u64)
+        .collect();
+    let stored: u64 = [1, 2, 4]
+        .iter()
+        .map(|&i| fs::metadata(file_of(&fx, &spool, ids[i])).unwrap().len())
+        .sum();
+    let age = status.oldest_queued_age.unwrap();
+    assert!(
+        age >= Duration::from_secs(60) && age < Duration::from_secs(120),
+        "{age:?}"
+    );
+    assert_eq!(
+        status,
+        StatusReport {
+            queued: 1,
+            uploading: 1,
+            sent: 1,
+            failed: 1,
+            lost: 1,
+            quarantined: 0,
+            evicted: 1,
+            oldest_queued_age: Some(age),
+            duplicates_received: 1,
+            duplicates_upstream: 1,
+            uplink: uplink.clone(),
+            stored_bytes: stored,
+            raw_bytes: kept.iter().sum(),
+        }
+    );
+    assert_eq!(spool.uplink_state().unwrap(), uplink);
+}
+
+#[test]
+fn uplink_state_survives_a_reopen() {
+    let fx = Fixture::new();
+    let paused = UplinkState {
+        paused_until: Some(SystemTime::UNIX_EPOCH + Duration::from_millis(1_800_000_000_000)),
+        ..UplinkState::default()
+    };
+    {
+        let spool = fx.spool();
+        assert_eq!(spool.uplink_state().unwrap(), UplinkState::default());
+        spool.set_uplink_state(&paused).unwrap();
+    }
+    assert_eq!(fx.spool().uplink_state().unwrap(), paused);
+}
+
+#[test]
+fn concurrent_identical_commits_store_one_row() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    let inst = Inst::new("1.10.1", "1.10", 100_000, 500);
+    let outcomes: Vec<StoreOutcome> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4).map(|_| s.spawn(|| inst.store(&spool))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let stored = outcomes
+        .iter()
+        .filter(|o| matches!(o, StoreOutcome::Stored { .. }))
+        .count();
+    assert_eq!(stored, 1, "{outcomes:?}");
+    let ids: BTreeSet<_> = outcomes
+        .iter()
+        .map(|o| match o {
+            StoreOutcome::Stored { id } | StoreOutcome::Duplicate { id } => *id,
+            StoreOutcome::NewVersion { id, .. } => *id,
+        })
+        .collect();
+    assert_eq!(ids.len(), 1);
+    assert_eq!(tmp_entries(&fx), 0);
+    assert_eq!(read_all(&spool, &claim_one(&spool)).unwrap(), inst.raw());
+}
+
+#[test]
+fn spool_handles_are_shareable_across_threads() {
+    fn send_sync_clone<T: Send + Sync + Clone>() {}
+    fn send<T: Send>() {}
+    send_sync_clone::<Spool>();
+    send::<Incoming>();
+    send::<Written>();
+    send::<InstanceReader>();
+    let _ = Fixture::new().dir.path();
+}
