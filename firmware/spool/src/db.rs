@@ -48,7 +48,10 @@ CREATE TABLE IF NOT EXISTS instances (
 CREATE INDEX IF NOT EXISTS instances_due ON instances (state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS instances_sop ON instances (sop_instance_uid);
 CREATE INDEX IF NOT EXISTS instances_study ON instances (study_instance_uid, state, next_attempt_at);
-CREATE INDEX IF NOT EXISTS instances_sent ON instances (state, sent_at);
+-- The local cache of confirmed files, oldest first: what eviction walks. Partial, so that the
+-- (ever growing) evicted history costs nothing.
+CREATE INDEX IF NOT EXISTS instances_cache ON instances (sent_at, id)
+    WHERE state = 'sent' AND evicted_at IS NULL;
 CREATE TABLE IF NOT EXISTS counters (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL

@@ -16,6 +16,22 @@
 //!   commit the row. Only after [`Written::commit`] returns may ingest answer success.
 //! - Recovery at [`Spool::open`]: temp files are removed, rows left `uploading` go back to `queued`,
 //!   and a row whose file is missing is logged as an ERROR and marked `lost` (counted, never dropped).
+//! - Layout under `dir`: `spool.db`, `spool.lock`, `tmp/` (files being received), `objects/<xx>/
+//!   <sha256>.dcm.zst` and `quarantine/<id>-<sha256>.dcm.zst`. Directories are created `0700` and
+//!   files `0600`: they hold patient data.
+//! - The first process to open a spool holds an exclusive `flock` on `spool.lock` and runs recovery.
+//!   `passerelled status`/`requeue` opening the same spool meanwhile share the database (WAL, 5 s
+//!   busy timeout) but skip recovery, so they never touch the daemon's transfers in flight.
+//! - Duplicates are decided in the database: same SOP Instance UID and SHA-256 as a row that is not
+//!   `lost`/`quarantined` → the temporary file is dropped and only a counter moves. The decision is
+//!   made again inside the insert transaction, so two associations storing the same instance at once
+//!   still yield one row. Renaming onto an existing object of the same name is harmless (same name,
+//!   same bytes), and adopts a file left by a crash between rename and row.
+//! - Eviction walks a partial index of the confirmed cache (`sent`, not yet evicted), oldest
+//!   `sent_at` first, in pages; the file is deleted before the row records it, so a crash in between
+//!   only means the next pass finds nothing to delete.
+//! - The file is verified (streamed, SHA-256 over the decompressed bytes) right before each upload,
+//!   and the reader handed to the uplink fails if the second read yields another length.
 //!
 //! # Invariants
 //! - Only this crate opens the SQLite database or deletes a spool file.
@@ -23,7 +39,15 @@
 //! - A file whose SHA-256 does not match its row is never handed to the uplink.
 //!
 //! # Limitations
-//! All calls are blocking (std I/O and rusqlite); async callers use `spawn_blocking`.
+//! - All calls are blocking (std I/O and rusqlite); async callers use `spawn_blocking`. One SQLite
+//!   connection behind a mutex serialises database work (file I/O and fsyncs happen outside it).
+//! - Rows are never deleted, evicted ones included: the database grows with the history (a few
+//!   hundred bytes per instance). Pruning old `sent` rows is left for later.
+//! - A crash between the rename into `objects/` and the row commit leaves a file without a row; the
+//!   modality (which got no success) resends it and the resend adopts the file. If it never does,
+//!   the file stays until an operator removes it (no orphan sweep yet).
+//! - Free space is measured with `statvfs` on the spool directory; other writers on the same file
+//!   system are only seen through it.
 
 mod db;
 mod error;
@@ -138,6 +162,64 @@ pub struct StatusReport {
     /// Bytes used by spool files (compressed) and their raw size.
     pub stored_bytes: u64,
     pub raw_bytes: u64,
+}
+
+/// The state of an instance's row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum InstanceState {
+    Queued,
+    Uploading,
+    Sent,
+    Failed,
+    Lost,
+    Quarantined,
+}
+
+impl InstanceState {
+    /// The name stored in the database and shown to operators.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceState::Queued => QUEUED,
+            InstanceState::Uploading => UPLOADING,
+            InstanceState::Sent => SENT,
+            InstanceState::Failed => FAILED,
+            InstanceState::Lost => LOST,
+            InstanceState::Quarantined => QUARANTINED,
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        [
+            InstanceState::Queued,
+            InstanceState::Uploading,
+            InstanceState::Sent,
+            InstanceState::Failed,
+            InstanceState::Lost,
+            InstanceState::Quarantined,
+        ]
+        .into_iter()
+        .find(|state| state.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for InstanceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An instance that needs an operator's attention (`failed`, `lost` or `quarantined`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProblemInstance {
+    pub id: InstanceId,
+    pub sop_instance_uid: String,
+    pub study_instance_uid: String,
+    pub patient_id: String,
+    pub calling_ae: String,
+    pub state: InstanceState,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    pub received_at: SystemTime,
 }
 
 /// What [`Spool::open`] found and repaired.
@@ -866,6 +948,36 @@ impl Spool {
         Ok(report)
     }
 
+    /// The most recent `failed`, `lost` and `quarantined` instances (newest first, at most `limit`),
+    /// for `passerelled status`.
+    pub fn problems(&self, limit: usize) -> Result<Vec<ProblemInstance>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT id, sop_instance_uid, study_instance_uid, patient_id, calling_ae, state, attempts, last_error, received_at
+                 FROM instances WHERE state IN ('failed', 'lost', 'quarantined') ORDER BY id DESC LIMIT ?1",
+            )
+            .ctx("list instances needing attention")?;
+        let rows = stmt
+            .query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+                let state: String = r.get(5)?;
+                Ok(ProblemInstance {
+                    id: InstanceId(r.get(0)?),
+                    sop_instance_uid: r.get(1)?,
+                    study_instance_uid: r.get(2)?,
+                    patient_id: r.get(3)?,
+                    calling_ae: r.get(4)?,
+                    state: InstanceState::parse(&state).unwrap_or(InstanceState::Failed),
+                    attempts: u32::try_from(r.get::<_, i64>(6)?).unwrap_or(u32::MAX),
+                    last_error: r.get(7)?,
+                    received_at: from_ms(r.get(8)?),
+                })
+            })
+            .ctx("list instances needing attention")?;
+        rows.collect::<rusqlite::Result<_>>()
+            .ctx("list instances needing attention")
+    }
+
     /// Evicts confirmed instances whose retention has passed, then (oldest first) as many more as
     /// needed to get `min_free_mb + evict_headroom_mb` free. Never touches unconfirmed instances.
     pub fn evict(&self, now: SystemTime) -> Result<EvictReport> {
@@ -976,7 +1088,7 @@ impl Spool {
                     EXISTS (SELECT 1 FROM instances o
                             WHERE o.sop_instance_uid = i.sop_instance_uid AND o.path = i.path
                               AND o.id != i.id AND o.state IN ('queued', 'uploading', 'failed'))
-                 FROM instances i
+                 FROM instances i INDEXED BY instances_cache
                  WHERE i.state = 'sent' AND i.evicted_at IS NULL AND i.sent_at <= ?1
                    AND (i.sent_at, i.id) > (?2, ?3)
                  ORDER BY i.sent_at, i.id

@@ -816,3 +816,57 @@ fn spool_handles_are_shareable_across_threads() {
     send::<InstanceReader>();
     let _ = Fixture::new().dir.path();
 }
+
+#[test]
+fn hot_queries_use_an_index() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    let conn = spool.conn();
+    for (sql, index) in [
+        ("SELECT id FROM instances WHERE state = 'queued' AND next_attempt_at <= 5 ORDER BY next_attempt_at, id LIMIT 1", "instances_due"),
+        ("SELECT id FROM instances WHERE study_instance_uid = 'x' AND state = 'queued' AND next_attempt_at <= 5 AND id != 3 ORDER BY next_attempt_at, id LIMIT 4", "instances_study"),
+        ("SELECT i.id FROM instances i INDEXED BY instances_cache WHERE i.state = 'sent' AND i.evicted_at IS NULL AND i.sent_at <= 9 AND (i.sent_at, i.id) > (1, 2) ORDER BY i.sent_at, i.id LIMIT 5", "instances_cache"),
+        ("SELECT id FROM instances WHERE sop_instance_uid = 'x' AND sha256 = 'y' AND state NOT IN ('lost', 'quarantined') ORDER BY id LIMIT 1", "instances_sop"),
+    ] {
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .unwrap()
+            .query_map([], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let plan = plan.join(" | ");
+        assert!(plan.contains(index) && !plan.contains("TEMP B-TREE"), "{sql}\n{plan}");
+    }
+}
+
+#[test]
+fn problems_lists_failed_lost_and_quarantined_instances_newest_first() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    let ids = store_studies(
+        &spool,
+        &[("1.11", 100), ("1.11", 100), ("1.11", 100), ("1.11", 100)],
+    );
+    let batch = spool.claim_batch(4, u64::MAX, far_future()).unwrap();
+    spool.mark_failed(ids[0], "409 Conflict").unwrap();
+    fs::remove_file(file_of(&fx, &spool, ids[1])).unwrap();
+    fs::write(file_of(&fx, &spool, ids[2]), b"not zstd").unwrap();
+    for q in &batch[1..3] {
+        assert!(spool.open_verified(q).is_err());
+    }
+    spool.mark_sent(ids[3], false).unwrap();
+    let problems = spool.problems(10).unwrap();
+    let got: Vec<_> = problems.iter().map(|p| (p.id, p.state)).collect();
+    assert_eq!(
+        got,
+        vec![
+            (ids[2], InstanceState::Quarantined),
+            (ids[1], InstanceState::Lost),
+            (ids[0], InstanceState::Failed),
+        ]
+    );
+    assert_eq!(problems[2].last_error.as_deref(), Some("409 Conflict"));
+    assert_eq!(problems[2].attempts, 1);
+    assert_eq!(spool.problems(1).unwrap().len(), 1);
+}
