@@ -1,0 +1,74 @@
+"""Shared fixtures for the system tests. Everything started here is stopped at the end of each test,
+including when the test fails."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import data, send  # noqa: E402
+from harness.gateway import Gateway, gateway_for, passerelled_bin  # noqa: E402
+from harness.orthanc import Orthanc, start_orthanc, tools_present  # noqa: E402
+from harness.pki import Pki, make_pki  # noqa: E402
+
+CT_SLICES = 200
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    missing = tools_present() + [t for t in (send.STORESCU, send.STORESCP, send.ECHOSCU) if not Path(t).exists()]
+    if missing:
+        raise pytest.UsageError(f"Missing programs {missing}: run tests/setup.sh as root first.")
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def ct_study(tmp_path_factory: pytest.TempPathFactory) -> data.Study:
+    return data.generate_ct_study(tmp_path_factory.mktemp("ct"), slices=CT_SLICES)
+
+
+@pytest.fixture(scope="session")
+def real_files(tmp_path_factory: pytest.TempPathFactory) -> list[data.Instance]:
+    files = data.real_world_files(tmp_path_factory.mktemp("real"))
+    assert len(files) >= 20, f"only {len(files)} bundled pydicom files usable"
+    return files
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path, pki: Pki):
+    o = Orthanc(dir=tmp_path / "orthanc", pki=pki)
+    try:
+        o.start()
+        yield o
+    finally:
+        o.stop()
+
+
+@pytest.fixture
+def make_gateway(tmp_path: Path, pki: Pki):
+    """Factory: make_gateway(orthanc, **overrides) -> a configured (not started) Gateway."""
+    made: list[Gateway] = []
+
+    def factory(orthanc: Orthanc, name: str = "gateway", **kw) -> Gateway:
+        if not passerelled_bin().exists():
+            pytest.fail(f"{passerelled_bin()} does not exist: run `cargo build --release -p passerelled`")
+        g = gateway_for(tmp_path / name, orthanc, pki, **kw)
+        made.append(g)
+        return g
+
+    yield factory
+    for g in made:
+        g.cleanup()
+        print(g.log_excerpt(120))
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    return [f"passerelled: {passerelled_bin()}", f"storescu: {shutil.which(send.STORESCU) or 'missing'}"]

@@ -1,0 +1,2 @@
+"""Test harness for Passerelle's system tests and demo: real peers (Orthanc behind nginx TLS, dcmtk,
+pynetdicom), generated and real-world DICOM data, and the passerelled daemon under test."""
