@@ -1,6 +1,177 @@
-//! placeholder: the DICOM Storage SCP (being written).
+//! Passerelle's DICOM Storage SCP: modalities associate, send C-ECHO and C-STORE, and every
+//! instance is streamed into the durable spool before the modality hears "success".
 //!
-//! Public entry point (contract with passerelled):
-//! `pub async fn serve(listener: tokio::net::TcpListener, cfg: std::sync::Arc<passerelle_config::DicomConfig>,
-//!     spool: passerelle_spool::Spool, stored: std::sync::Arc<tokio::sync::Notify>,
-//!     shutdown: tokio::sync::watch::Receiver<bool>) -> Result<()>`
+//! This crate must never answer a C-STORE with success before [`passerelle_spool::Written::commit`]
+//! returned `Ok`, never hold a whole instance in RAM, never re-encode a data set (the bytes of the
+//! data PDVs go to the spool untouched), and never panic or buffer a peer-chosen length on peer input.
+//!
+//! # Background
+//! A modality (CT, MR, US...) deletes its copy once it gets a C-STORE success. The SCP therefore
+//! has to be strict about what it acknowledges, tolerant about what it accepts (every storage SOP
+//! class and every transfer syntax that can be passed through), and clear when it refuses: a proper
+//! A-ASSOCIATE-RJ, a presentation context result with a reason, or a DIMSE status, always with a log
+//! line naming the peer and calling AE title.
+//!
+//! # Design
+//! - [`serve`] accepts TCP connections with tokio; each connection is one task. At most
+//!   `max_associations` associations run at once; a few more connections are read just far enough
+//!   to reject them transiently (local limit exceeded); beyond that, connections are closed.
+//! - Association negotiation is done here on top of dicom-ul's PDU types (`negotiate`), because
+//!   dicom-ul's server association is synchronous and cannot accept "every storage SOP class".
+//! - PDUs are read strictly (`pdu_io`): the 6-byte header first; a PDU announcing more than our
+//!   maximum (`max_pdu_length` for P-DATA, 64 KiB for the others) is answered with A-ABORT before
+//!   any of its body is buffered. The body is then decoded by dicom-ul's `read_pdu`.
+//! - PDVs go through a small state machine (`dimse::PdvAssembler`) that joins command fragments
+//!   (capped at 64 KiB) and hands data fragments on, using the message control header bits.
+//! - A C-STORE starts a blocking store task (`store::receive`) fed through a bounded channel: it
+//!   checks free space, writes the Part-10 header (preamble, `DICM`, group 0002 with our
+//!   implementation UID and the calling AE as Source AE) and then the data PDVs as they arrive,
+//!   parses the leading elements back from the spool file (stopping after (0020,000E), never
+//!   reading pixel data), checks the UIDs against the command, and commits. The response goes out
+//!   after the commit. If the task fails early, the rest of the data set is read and discarded and
+//!   the association stays usable.
+//! - Errors become DIMSE statuses in one exhaustive match ([`IngestError::dimse_status`]).
+//! - Shutdown: stop accepting, give in-flight associations `shutdown_grace`, then A-ABORT them.
+//!
+//! # Limitations
+//! - No TLS on the DICOM port, no user identity negotiation, no extended negotiation, no
+//!   asynchronous operations window (one message at a time per association, as almost every
+//!   modality does).
+//! - C-ECHO and C-STORE only; other DIMSE requests get 0x0211 (unrecognized operation).
+//! - Leading-element parsing stops early when a leading element announces more than 1 MiB; the
+//!   index fields after it stay empty.
+
+mod association;
+mod dimse;
+mod error;
+mod negotiate;
+mod pdu_io;
+mod store;
+
+pub use error::{
+    IngestError, Result, STATUS_CANNOT_UNDERSTAND, STATUS_DATASET_MISMATCH,
+    STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, STATUS_UNRECOGNIZED_OPERATION,
+};
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use log::{info, warn};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio::task::JoinSet;
+
+use association::{Shared, Slot};
+
+/// Passerelle's Implementation Class UID, sent in the A-ASSOCIATE-AC and written to (0002,0012).
+pub const IMPLEMENTATION_CLASS_UID: &str = "2.25.255089917391227131186520166178213498771";
+/// Passerelle's Implementation Version Name, sent in the A-ASSOCIATE-AC and written to (0002,0013).
+pub const IMPLEMENTATION_VERSION_NAME: &str = "PASSERELLE_010";
+
+/// Connections that may wait for their transient rejection at once, beyond the association cap.
+const MIN_REJECT_SLOTS: usize = 4;
+/// After the grace period, how long aborted associations get to close.
+const ABORT_WAIT: Duration = Duration::from_secs(5);
+
+/// Runs the Storage SCP on `listener` until `*shutdown` becomes true.
+///
+/// `stored` is notified after each instance committed to the spool. On shutdown, no new connection
+/// is accepted, in-flight associations get `cfg.shutdown_grace()` to finish, then they are aborted
+/// (A-ABORT) and this returns `Ok`.
+pub async fn serve(
+    listener: TcpListener,
+    cfg: Arc<passerelle_config::DicomConfig>,
+    spool: passerelle_spool::Spool,
+    stored: Arc<Notify>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let slots = Arc::new(Semaphore::new(cfg.max_associations));
+    let reject_slots = Arc::new(Semaphore::new(cfg.max_associations.max(MIN_REJECT_SLOTS)));
+    let (abort_tx, abort_rx) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        cfg: cfg.clone(),
+        spool,
+        stored,
+    });
+    let mut tasks = JoinSet::new();
+    let local = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    info!(
+        "DICOM Storage SCP listening. address={local} ae_title={} max_associations={} max_pdu_length={}",
+        cfg.ae_title, cfg.max_associations, cfg.max_pdu_length
+    );
+
+    loop {
+        tokio::select! {
+            _ = shutdown_requested(&mut shutdown) => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let slot = match slots.clone().try_acquire_owned() {
+                        Ok(p) => Slot::Active(p),
+                        Err(_) => match reject_slots.clone().try_acquire_owned() {
+                            Ok(p) => Slot::RejectOnly(p),
+                            Err(_) => {
+                                warn!(
+                                    "Closed a connection without reading it: {} associations are open and too many others wait for their rejection. peer={} Raise dicom.max_associations if modalities need more.",
+                                    cfg.max_associations, peer.ip()
+                                );
+                                continue;
+                            }
+                        },
+                    };
+                    tasks.spawn(association::run(stream, peer, shared.clone(), slot, abort_rx.clone()));
+                }
+                Err(source) => {
+                    let e = IngestError::Accept { source };
+                    warn!("{e}: {}. Retrying; check the process's file descriptor limit if this repeats.", source_text(&e));
+                    // Back off so that a persistent error (e.g. EMFILE) does not spin.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+
+    drop(listener);
+    info!(
+        "Stopped accepting associations for shutdown. in_flight={} grace_secs={}",
+        tasks.len(),
+        cfg.shutdown_grace().as_secs()
+    );
+    if tokio::time::timeout(cfg.shutdown_grace(), drain(&mut tasks))
+        .await
+        .is_err()
+    {
+        warn!(
+            "Aborting associations still open after the shutdown grace period. count={} The modalities will resend what was not acknowledged.",
+            tasks.len()
+        );
+        let _ = abort_tx.send(true);
+        if tokio::time::timeout(ABORT_WAIT, drain(&mut tasks))
+            .await
+            .is_err()
+        {
+            tasks.abort_all();
+            drain(&mut tasks).await;
+        }
+    }
+    info!("DICOM Storage SCP stopped.");
+    Ok(())
+}
+
+async fn drain(tasks: &mut JoinSet<()>) {
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Resolves when `*shutdown` becomes true, or when its sender is gone (nobody could stop us then).
+async fn shutdown_requested(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+fn source_text(e: &IngestError) -> String {
+    std::error::Error::source(e)
+        .map(|s| s.to_string())
+        .unwrap_or_default()
+}

@@ -1,0 +1,578 @@
+//! One association, from the A-ASSOCIATE-RQ to the release or abort.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dicom_ul::pdu::{AbortRQServiceProviderReason, Pdu};
+use log::{debug, error, info, warn};
+use passerelle_config::DicomConfig;
+use passerelle_spool::{IncomingMeta, Spool, StoreOutcome};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit};
+use tokio::task::JoinHandle;
+
+use crate::dimse::{self, Command, Event, PdvAssembler};
+use crate::error::{IngestError, Result, STATUS_SUCCESS, STATUS_UNRECOGNIZED_OPERATION};
+use crate::negotiate::{self, AcceptedContext, Negotiation, Service};
+use crate::pdu_io::{self, abort_pdu};
+use crate::store::{self, Chunk, Stored};
+
+/// How many data PDUs may wait between the network and the disk for one instance.
+const STORE_CHANNEL_DEPTH: usize = 4;
+
+/// What every association shares.
+pub(crate) struct Shared {
+    pub cfg: Arc<DicomConfig>,
+    pub spool: Spool,
+    pub stored: Arc<Notify>,
+}
+
+/// Why a connection gets served: a real association slot, or only a transient rejection.
+pub(crate) enum Slot {
+    Active(#[allow(dead_code)] OwnedSemaphorePermit),
+    RejectOnly(#[allow(dead_code)] OwnedSemaphorePermit),
+}
+
+/// Serves one TCP connection. Never returns an error: everything ends in a log line.
+pub(crate) async fn run(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    slot: Slot,
+    abort: watch::Receiver<bool>,
+) {
+    if let Err(e) = stream.set_nodelay(true) {
+        debug!("Cannot set TCP_NODELAY. peer={peer} error={e}");
+    }
+    let cfg = shared.cfg.clone();
+    let artim = cfg.artim_timeout();
+
+    // The A-ASSOCIATE-RQ, within ARTIM.
+    let first = tokio::time::timeout(
+        artim,
+        pdu_io::read_pdu(&mut stream, peer, cfg.max_pdu_length),
+    )
+    .await;
+    let rq = match first {
+        Err(_) => {
+            warn!(
+                "Closed a connection that sent no association request within the ARTIM timeout. peer={peer} artim_secs={}",
+                artim.as_secs()
+            );
+            return;
+        }
+        Ok(Ok(None)) => {
+            debug!("Connection closed before any PDU. peer={peer}");
+            return;
+        }
+        Ok(Ok(Some(Pdu::AssociationRQ(rq)))) => rq,
+        Ok(Ok(Some(other))) => {
+            warn!(
+                "Aborted a connection whose first PDU was not an association request. peer={peer} pdu={}",
+                other.short_description()
+            );
+            send_abort(
+                &mut stream,
+                peer,
+                AbortRQServiceProviderReason::UnexpectedPdu,
+            )
+            .await;
+            return;
+        }
+        Ok(Err(e)) => {
+            warn!("Aborted a connection before association: {e}. peer={peer} Check the sender's DICOM configuration.");
+            send_abort(&mut stream, peer, abort_reason(&e)).await;
+            return;
+        }
+    };
+    let calling_ae = rq.calling_ae_title.trim().to_string();
+
+    let have_slot = matches!(slot, Slot::Active(_));
+    match negotiate::negotiate(&rq, &cfg, have_slot) {
+        Negotiation::Reject { rj, why } => {
+            warn!(
+                "Rejected association: {why}. peer={} calling_ae={calling_ae} called_ae={} result={:?} reason=\"{}\"",
+                peer.ip(),
+                rq.called_ae_title.trim(),
+                rj.result,
+                rj.source
+            );
+            if let Err(e) =
+                pdu_io::write_pdu(&mut stream, &Pdu::AssociationRJ(rj), peer, "A-ASSOCIATE-RJ")
+                    .await
+            {
+                debug!("Cannot send A-ASSOCIATE-RJ: {e}. peer={peer}");
+            }
+            linger_until_closed(&mut stream, artim).await;
+        }
+        Negotiation::Accept {
+            ac,
+            contexts,
+            peer_max_pdu,
+        } => {
+            let accepted = contexts.len();
+            let proposed = ac.presentation_contexts.len();
+            if let Err(e) =
+                pdu_io::write_pdu(&mut stream, &Pdu::AssociationAC(ac), peer, "A-ASSOCIATE-AC")
+                    .await
+            {
+                warn!("Cannot send A-ASSOCIATE-AC: {e}. peer={peer} calling_ae={calling_ae}");
+                return;
+            }
+            info!(
+                "Association accepted. peer={} calling_ae={calling_ae} contexts_accepted={accepted} contexts_proposed={proposed}",
+                peer.ip()
+            );
+            let mut assoc = Association {
+                stream,
+                peer,
+                calling_ae,
+                contexts,
+                peer_max_pdu,
+                shared,
+                assembler: PdvAssembler::default(),
+                current: None,
+                stored: 0,
+            };
+            assoc.serve(abort).await;
+        }
+    }
+    drop(slot);
+}
+
+fn abort_reason(e: &IngestError) -> AbortRQServiceProviderReason {
+    match e {
+        IngestError::PduTooLarge { .. } => AbortRQServiceProviderReason::InvalidPduParameter,
+        IngestError::DecodePdu { .. } => AbortRQServiceProviderReason::UnrecognizedPdu,
+        _ => AbortRQServiceProviderReason::ReasonNotSpecified,
+    }
+}
+
+async fn send_abort(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    reason: AbortRQServiceProviderReason,
+) {
+    if let Err(e) = pdu_io::write_pdu(stream, &abort_pdu(reason), peer, "A-ABORT").await {
+        debug!("Cannot send A-ABORT: {e}. peer={peer}");
+    }
+    let _ = stream.shutdown().await;
+}
+
+/// After a rejection or a release: close our side, then give the peer up to `artim` to close its own.
+async fn linger_until_closed(stream: &mut TcpStream, artim: Duration) {
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 512];
+    let _ = tokio::time::timeout(artim, async {
+        loop {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+}
+
+/// A message whose data set is being received.
+enum InFlight {
+    Store {
+        cmd: Command,
+        pc_id: u8,
+        /// `None` once the store task stopped taking data (it failed): the rest is discarded.
+        tx: Option<mpsc::Sender<Chunk>>,
+        task: JoinHandle<Result<Stored>>,
+        bytes: u64,
+    },
+    /// A request we answer without storing; its data set is read and dropped.
+    Discard { cmd: Command, pc_id: u8 },
+}
+
+enum Flow {
+    Continue,
+    Stop,
+}
+
+struct Association {
+    stream: TcpStream,
+    peer: SocketAddr,
+    calling_ae: String,
+    contexts: HashMap<u8, AcceptedContext>,
+    peer_max_pdu: u32,
+    shared: Arc<Shared>,
+    assembler: PdvAssembler,
+    current: Option<InFlight>,
+    stored: u64,
+}
+
+impl Association {
+    fn ip(&self) -> std::net::IpAddr {
+        self.peer.ip()
+    }
+
+    async fn serve(&mut self, mut abort: watch::Receiver<bool>) {
+        let idle = self.shared.cfg.idle_timeout();
+        let max_pdata = self.shared.cfg.max_pdu_length;
+        loop {
+            let read = tokio::select! {
+                r = tokio::time::timeout(idle, pdu_io::read_pdu(&mut self.stream, self.peer, max_pdata)) => r,
+                _ = aborted(&mut abort) => {
+                    warn!(
+                        "Aborted association at shutdown: the grace period is over. peer={} calling_ae={} {}",
+                        self.ip(), self.calling_ae, self.in_flight_note()
+                    );
+                    self.abort(AbortRQServiceProviderReason::ReasonNotSpecified).await;
+                    return;
+                }
+            };
+            let pdu = match read {
+                Err(_) => {
+                    warn!(
+                        "Aborted association: nothing received for {} s (dicom.idle_timeout_secs). peer={} calling_ae={} {}",
+                        idle.as_secs(), self.ip(), self.calling_ae, self.in_flight_note()
+                    );
+                    self.abort(AbortRQServiceProviderReason::ReasonNotSpecified)
+                        .await;
+                    return;
+                }
+                Ok(Ok(None)) => {
+                    warn!(
+                        "Connection closed without release. peer={} calling_ae={} {}",
+                        self.ip(),
+                        self.calling_ae,
+                        self.in_flight_note()
+                    );
+                    return;
+                }
+                Ok(Err(e)) => {
+                    warn!(
+                        "Aborted association: {e}. peer={} calling_ae={} {} Check the modality's maximum PDU length and network.",
+                        self.ip(), self.calling_ae, self.in_flight_note()
+                    );
+                    self.abort(abort_reason(&e)).await;
+                    return;
+                }
+                Ok(Ok(Some(pdu))) => pdu,
+            };
+            match self.on_pdu(pdu).await {
+                Ok(Flow::Continue) => {}
+                Ok(Flow::Stop) => return,
+                Err(e) => {
+                    warn!(
+                        "Aborted association: {e}. peer={} calling_ae={} {}",
+                        self.ip(),
+                        self.calling_ae,
+                        self.in_flight_note()
+                    );
+                    self.abort(AbortRQServiceProviderReason::UnexpectedPduParameter)
+                        .await;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn in_flight_note(&self) -> String {
+        match &self.current {
+            Some(InFlight::Store { cmd, .. }) => format!(
+                "in_flight_sop_instance_uid={} (not stored; the modality must resend it)",
+                cmd.sop_instance_uid
+            ),
+            _ => String::new(),
+        }
+    }
+
+    async fn abort(&mut self, reason: AbortRQServiceProviderReason) {
+        self.current = None; // dropping the sender makes the store task discard the partial file
+        send_abort(&mut self.stream, self.peer, reason).await;
+    }
+
+    async fn on_pdu(&mut self, pdu: Pdu) -> Result<Flow> {
+        match pdu {
+            Pdu::PData { data } => {
+                for pdv in data {
+                    if !self.contexts.contains_key(&pdv.presentation_context_id) {
+                        return Err(self.violation(format!(
+                            "a PDV used presentation context {}, which was not accepted",
+                            pdv.presentation_context_id
+                        )));
+                    }
+                    match self.assembler.push(pdv) {
+                        Err(detail) => return Err(self.violation(detail)),
+                        Ok(None) => {}
+                        Ok(Some(Event::Command { pc_id, bytes })) => {
+                            self.on_command(pc_id, &bytes).await?;
+                        }
+                        Ok(Some(Event::Data { pc_id, bytes, last })) => {
+                            self.on_data(pc_id, bytes, last).await?;
+                        }
+                    }
+                }
+                Ok(Flow::Continue)
+            }
+            Pdu::ReleaseRQ => {
+                let note = self.in_flight_note();
+                self.current = None;
+                pdu_io::write_pdu(&mut self.stream, &Pdu::ReleaseRP, self.peer, "A-RELEASE-RP")
+                    .await?;
+                if note.is_empty() && self.assembler.is_idle() {
+                    info!(
+                        "Association released. peer={} calling_ae={} instances_stored={}",
+                        self.ip(),
+                        self.calling_ae,
+                        self.stored
+                    );
+                } else {
+                    warn!(
+                        "Association released in the middle of a message. peer={} calling_ae={} {note}",
+                        self.ip(),
+                        self.calling_ae
+                    );
+                }
+                linger_until_closed(&mut self.stream, self.shared.cfg.artim_timeout()).await;
+                Ok(Flow::Stop)
+            }
+            Pdu::AbortRQ { source } => {
+                let note = self.in_flight_note();
+                self.current = None;
+                if note.is_empty() {
+                    info!(
+                        "Association aborted by the peer. peer={} calling_ae={} source={source:?}",
+                        self.ip(),
+                        self.calling_ae
+                    );
+                } else {
+                    warn!(
+                        "Association aborted by the peer during a transfer. peer={} calling_ae={} source={source:?} {note}",
+                        self.ip(),
+                        self.calling_ae
+                    );
+                }
+                Ok(Flow::Stop)
+            }
+            other => Err(self.violation(format!(
+                "unexpected PDU on an established association: {}",
+                other.short_description()
+            ))),
+        }
+    }
+
+    fn violation(&self, detail: String) -> IngestError {
+        IngestError::FollowProtocol {
+            peer: self.peer,
+            detail,
+        }
+    }
+
+    async fn on_command(&mut self, pc_id: u8, bytes: &[u8]) -> Result<()> {
+        let cmd = dimse::parse_command(bytes).map_err(|detail| IngestError::ParseCommand {
+            peer: self.peer,
+            detail,
+        })?;
+        let Some(ctx) = self.contexts.get(&pc_id).cloned() else {
+            return Err(self.violation(format!("unknown presentation context {pc_id}")));
+        };
+        if cmd.has_dataset {
+            self.assembler.expect_data(pc_id);
+        }
+        match cmd.field {
+            dimse::C_ECHO_RQ if !cmd.has_dataset => {
+                debug!(
+                    "C-ECHO. peer={} calling_ae={} message_id={}",
+                    self.ip(),
+                    self.calling_ae,
+                    cmd.message_id
+                );
+                self.respond(pc_id, dimse::C_ECHO_RSP, &cmd, STATUS_SUCCESS)
+                    .await
+            }
+            dimse::C_STORE_RQ if cmd.has_dataset && ctx.service == Service::Storage => {
+                self.start_store(pc_id, cmd, &ctx);
+                Ok(())
+            }
+            dimse::C_CANCEL_RQ => Ok(()),
+            field if field & 0x8000 != 0 => {
+                Err(self.violation(format!("a response command ({field:#06x}) sent to the SCP")))
+            }
+            field => {
+                warn!(
+                    "Refused a DIMSE request we do not serve. peer={} calling_ae={} command_field={field:#06x} context_abstract_syntax={} status=0x0211",
+                    self.ip(), self.calling_ae, ctx.abstract_syntax
+                );
+                if cmd.has_dataset {
+                    self.current = Some(InFlight::Discard { cmd, pc_id });
+                    Ok(())
+                } else {
+                    self.respond(pc_id, field | 0x8000, &cmd, STATUS_UNRECOGNIZED_OPERATION)
+                        .await
+                }
+            }
+        }
+    }
+
+    fn start_store(&mut self, pc_id: u8, cmd: Command, ctx: &AcceptedContext) {
+        let meta = IncomingMeta {
+            sop_class_uid: cmd.sop_class_uid.clone(),
+            sop_instance_uid: cmd.sop_instance_uid.clone(),
+            transfer_syntax_uid: ctx.transfer_syntax.clone(),
+            calling_ae: self.calling_ae.clone(),
+            peer: self.peer.to_string(),
+        };
+        let (tx, rx) = mpsc::channel(STORE_CHANNEL_DEPTH);
+        let spool = self.shared.spool.clone();
+        let task = tokio::task::spawn_blocking(move || store::receive(spool, meta, rx));
+        self.current = Some(InFlight::Store {
+            cmd,
+            pc_id,
+            tx: Some(tx),
+            task,
+            bytes: 0,
+        });
+    }
+
+    async fn on_data(&mut self, pc_id: u8, bytes: Vec<u8>, last: bool) -> Result<()> {
+        match &mut self.current {
+            Some(InFlight::Store {
+                tx, bytes: count, ..
+            }) => {
+                *count += bytes.len() as u64;
+                if let Some(sender) = tx {
+                    if sender.send(Chunk::Data(bytes)).await.is_err() {
+                        // The store task failed; it reports why when joined. Discard the rest.
+                        *tx = None;
+                    }
+                }
+            }
+            Some(InFlight::Discard { .. }) => {}
+            None => {
+                return Err(self.violation(format!(
+                    "a data set on presentation context {pc_id} that no request announced"
+                )))
+            }
+        }
+        if last {
+            self.finish_message().await?;
+        }
+        Ok(())
+    }
+
+    async fn finish_message(&mut self) -> Result<()> {
+        match self.current.take() {
+            None => Ok(()),
+            Some(InFlight::Discard { cmd, pc_id }) => {
+                self.respond(
+                    pc_id,
+                    cmd.field | 0x8000,
+                    &cmd,
+                    STATUS_UNRECOGNIZED_OPERATION,
+                )
+                .await
+            }
+            Some(InFlight::Store {
+                cmd,
+                pc_id,
+                tx,
+                task,
+                bytes,
+            }) => {
+                if let Some(sender) = tx {
+                    let _ = sender.send(Chunk::End).await;
+                }
+                let result = match task.await {
+                    Ok(r) => r,
+                    Err(e) => Err(IngestError::RunStoreTask {
+                        sop_instance_uid: cmd.sop_instance_uid.clone(),
+                        detail: e.to_string(),
+                    }),
+                };
+                let status = self.report_store(&cmd, bytes, result);
+                self.respond(pc_id, dimse::C_STORE_RSP, &cmd, status).await
+            }
+        }
+    }
+
+    /// Logs the outcome of a C-STORE and returns the status to send.
+    fn report_store(&mut self, cmd: &Command, bytes: u64, result: Result<Stored>) -> u16 {
+        match result {
+            Ok(Stored { outcome, raw_bytes }) => {
+                match outcome {
+                    StoreOutcome::Stored { .. } | StoreOutcome::NewVersion { .. } => {
+                        info!(
+                            "Stored instance. sop_instance_uid={} sop_class_uid={} calling_ae={} peer={} bytes={raw_bytes} dataset_bytes={bytes}",
+                            cmd.sop_instance_uid, cmd.sop_class_uid, self.calling_ae, self.ip()
+                        );
+                        self.shared.stored.notify_one();
+                    }
+                    StoreOutcome::Duplicate { .. } => info!(
+                        "Received an identical copy of an instance already held; answered success without queueing it again. sop_instance_uid={} calling_ae={} bytes={raw_bytes}",
+                        cmd.sop_instance_uid, self.calling_ae
+                    ),
+                }
+                self.stored += 1;
+                STATUS_SUCCESS
+            }
+            Err(e) => {
+                let status = e.dimse_status();
+                let line = format!(
+                    "C-STORE failed: {e}{}. sop_instance_uid={} calling_ae={} peer={} status={status:#06X} {}",
+                    source_chain(&e),
+                    cmd.sop_instance_uid,
+                    self.calling_ae,
+                    self.ip(),
+                    e.operator_hint()
+                );
+                if status == crate::error::STATUS_OUT_OF_RESOURCES {
+                    error!("{line}");
+                } else {
+                    warn!("{line}");
+                }
+                status
+            }
+        }
+    }
+
+    async fn respond(&mut self, pc_id: u8, field: u16, cmd: &Command, status: u16) -> Result<()> {
+        let bytes = dimse::build_response(field, cmd, status).map_err(|detail| {
+            IngestError::BuildResponse {
+                peer: self.peer,
+                detail,
+            }
+        })?;
+        for data in dimse::command_pdvs(pc_id, &bytes, self.peer_max_pdu) {
+            let pdu = Pdu::PData { data };
+            let write = pdu_io::write_pdu(&mut self.stream, &pdu, self.peer, "P-DATA-TF");
+            let idle = self.shared.cfg.idle_timeout();
+            tokio::time::timeout(idle, write)
+                .await
+                .map_err(|_| IngestError::WaitForPeer {
+                    peer: self.peer,
+                    secs: idle.as_secs(),
+                    waiting_for: "it to read our response",
+                })??;
+        }
+        Ok(())
+    }
+}
+
+/// Resolves once the abort flag is set (never, if the flag's sender is gone).
+async fn aborted(abort: &mut watch::Receiver<bool>) {
+    let set = abort.wait_for(|a| *a).await.is_ok();
+    if !set {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// The causes of an error, for a log line (`: cause: cause`).
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut out = String::new();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}

@@ -1,0 +1,183 @@
+use std::net::SocketAddr;
+
+use passerelle_spool::SpoolError;
+
+pub type Result<T, E = IngestError> = std::result::Result<T, E>;
+
+/// DIMSE status: success.
+pub const STATUS_SUCCESS: u16 = 0x0000;
+/// DIMSE status: refused, out of resources (disk full, write error).
+pub const STATUS_OUT_OF_RESOURCES: u16 = 0xA700;
+/// DIMSE status: error, data set does not match SOP class (or the command's UIDs).
+pub const STATUS_DATASET_MISMATCH: u16 = 0xA900;
+/// DIMSE status: error, cannot understand.
+pub const STATUS_CANNOT_UNDERSTAND: u16 = 0xC000;
+/// DIMSE status: refused, unrecognized operation (a DIMSE command we do not serve).
+pub const STATUS_UNRECOGNIZED_OPERATION: u16 = 0x0211;
+
+/// Everything that can go wrong in the Storage SCP. Variants are named after the action that failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IngestError {
+    #[error("Cannot accept a connection on the DICOM port")]
+    Accept {
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("Cannot read a PDU from {peer}")]
+    ReadPdu {
+        peer: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("The PDU of type {pdu_type:#04x} from {peer} announces {length} bytes, more than the {max} bytes allowed")]
+    PduTooLarge {
+        peer: SocketAddr,
+        pdu_type: u8,
+        length: u32,
+        max: u32,
+    },
+
+    #[error("Cannot decode the PDU of type {pdu_type:#04x} from {peer}: {detail}")]
+    DecodePdu {
+        peer: SocketAddr,
+        pdu_type: u8,
+        detail: String,
+    },
+
+    #[error("Cannot send a PDU to {peer}")]
+    WritePdu {
+        peer: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("Cannot encode the {what} PDU for {peer}: {detail}")]
+    EncodePdu {
+        peer: SocketAddr,
+        what: &'static str,
+        detail: String,
+    },
+
+    #[error("{peer} sent nothing for {secs} s while we waited for {waiting_for}")]
+    WaitForPeer {
+        peer: SocketAddr,
+        secs: u64,
+        waiting_for: &'static str,
+    },
+
+    #[error("{peer} broke the DICOM protocol: {detail}")]
+    FollowProtocol { peer: SocketAddr, detail: String },
+
+    #[error("Cannot parse the DIMSE command set from {peer}: {detail}")]
+    ParseCommand { peer: SocketAddr, detail: String },
+
+    #[error("Cannot build a DIMSE response for {peer}: {detail}")]
+    BuildResponse { peer: SocketAddr, detail: String },
+
+    #[error("Cannot build the Part-10 header for SOP Instance {sop_instance_uid}: {detail}")]
+    BuildPart10Header {
+        sop_instance_uid: String,
+        detail: String,
+    },
+
+    #[error("The spool has no room for SOP Instance {sop_instance_uid}")]
+    EnsureSpace {
+        sop_instance_uid: String,
+        #[source]
+        source: SpoolError,
+    },
+
+    #[error("Cannot write SOP Instance {sop_instance_uid} to the spool")]
+    WriteSpool {
+        sop_instance_uid: String,
+        #[source]
+        source: SpoolError,
+    },
+
+    #[error("Cannot commit SOP Instance {sop_instance_uid} to the spool")]
+    CommitInstance {
+        sop_instance_uid: String,
+        #[source]
+        source: SpoolError,
+    },
+
+    #[error("The task storing SOP Instance {sop_instance_uid} failed: {detail}")]
+    RunStoreTask {
+        sop_instance_uid: String,
+        detail: String,
+    },
+
+    #[error(
+        "SOP Instance {sop_instance_uid} did not arrive completely (the association ended first)"
+    )]
+    ReceiveDataset { sop_instance_uid: String },
+
+    #[error("Cannot parse the data set of SOP Instance {sop_instance_uid}: {detail}")]
+    ParseDataset {
+        sop_instance_uid: String,
+        detail: String,
+    },
+
+    #[error(
+        "The data set's SOP Instance UID {dataset_uid} differs from the command's {command_uid}"
+    )]
+    MatchSopInstance {
+        command_uid: String,
+        dataset_uid: String,
+    },
+
+    #[error("The data set of SOP Instance {sop_instance_uid} has SOP Class {dataset_class}, but the command says {command_class}")]
+    MatchSopClass {
+        sop_instance_uid: String,
+        command_class: String,
+        dataset_class: String,
+    },
+}
+
+impl IngestError {
+    /// The DIMSE status that answers a C-STORE which failed with this error: the one place where
+    /// errors become statuses.
+    ///
+    /// Association-level errors (PDU and protocol failures) never produce a response: the
+    /// association is aborted instead. They map to 0xC000 for completeness.
+    pub fn dimse_status(&self) -> u16 {
+        match self {
+            IngestError::EnsureSpace { .. }
+            | IngestError::WriteSpool { .. }
+            | IngestError::CommitInstance { .. }
+            | IngestError::RunStoreTask { .. }
+            | IngestError::ReceiveDataset { .. } => STATUS_OUT_OF_RESOURCES,
+            IngestError::MatchSopInstance { .. } | IngestError::MatchSopClass { .. } => {
+                STATUS_DATASET_MISMATCH
+            }
+            IngestError::ParseDataset { .. }
+            | IngestError::BuildPart10Header { .. }
+            | IngestError::Accept { .. }
+            | IngestError::ReadPdu { .. }
+            | IngestError::PduTooLarge { .. }
+            | IngestError::DecodePdu { .. }
+            | IngestError::WritePdu { .. }
+            | IngestError::EncodePdu { .. }
+            | IngestError::WaitForPeer { .. }
+            | IngestError::FollowProtocol { .. }
+            | IngestError::ParseCommand { .. }
+            | IngestError::BuildResponse { .. } => STATUS_CANNOT_UNDERSTAND,
+        }
+    }
+
+    /// What the operator (or the modality's operator) should do about a failed C-STORE.
+    pub fn operator_hint(&self) -> &'static str {
+        match self.dimse_status() {
+            STATUS_OUT_OF_RESOURCES => {
+                "Free space on the spool partition or check the disk; the modality may resend."
+            }
+            STATUS_DATASET_MISMATCH => {
+                "Check the modality's export: its command and data set disagree; nothing was stored."
+            }
+            _ => "Check the modality's export of this instance; nothing was stored.",
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! Strict, bounded PDU reading and PDU writing over tokio streams.
+//!
+//! The 6-byte header is read first; a PDU whose announced length exceeds our limit is refused before
+//! a single byte of its body is buffered. Only then is the body read and decoded by dicom-ul.
+
+use std::net::SocketAddr;
+
+use dicom_ul::pdu::{self, AbortRQServiceProviderReason, AbortRQSource, Pdu};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::error::{IngestError, Result};
+
+/// Largest non-P-DATA PDU we read (an A-ASSOCIATE-RQ with many presentation contexts fits easily).
+pub(crate) const MAX_CONTROL_PDU: u32 = 64 * 1024;
+
+/// PDU type of P-DATA-TF.
+pub(crate) const PDATA_TF: u8 = 0x04;
+
+/// The largest body we accept for a PDU of this type; `None` for a type we do not know.
+pub(crate) fn limit_for(pdu_type: u8, max_pdata: u32) -> Option<u32> {
+    match pdu_type {
+        PDATA_TF => Some(max_pdata),
+        0x01..=0x07 => Some(MAX_CONTROL_PDU),
+        _ => None,
+    }
+}
+
+/// Reads one PDU. `Ok(None)` when the peer closed the connection cleanly between PDUs.
+pub(crate) async fn read_pdu<R: AsyncRead + Unpin>(
+    r: &mut R,
+    peer: SocketAddr,
+    max_pdata: u32,
+) -> Result<Option<Pdu>> {
+    let mut header = [0u8; 6];
+    let n = r
+        .read(&mut header[..1])
+        .await
+        .map_err(|source| IngestError::ReadPdu { peer, source })?;
+    if n == 0 {
+        return Ok(None);
+    }
+    r.read_exact(&mut header[1..])
+        .await
+        .map_err(|source| IngestError::ReadPdu { peer, source })?;
+    let pdu_type = header[0];
+    let length = u32::from_be_bytes([header[2], header[3], header[4], header[5]]);
+    let Some(max) = limit_for(pdu_type, max_pdata) else {
+        return Err(IngestError::DecodePdu {
+            peer,
+            pdu_type,
+            detail: "unknown PDU type".into(),
+        });
+    };
+    if length > max {
+        return Err(IngestError::PduTooLarge {
+            peer,
+            pdu_type,
+            length,
+            max,
+        });
+    }
+    // `length <= max <= 16 MiB + small`: bounded by our configuration, never by the peer.
+    let body_len = length as usize;
+    let mut buf = Vec::with_capacity(6 + body_len);
+    buf.extend_from_slice(&header);
+    buf.resize(6 + body_len, 0);
+    r.read_exact(&mut buf[6..])
+        .await
+        .map_err(|source| IngestError::ReadPdu { peer, source })?;
+    decode(&buf, peer).map(Some)
+}
+
+/// Decodes one complete PDU (header included) with dicom-ul.
+pub(crate) fn decode(buf: &[u8], peer: SocketAddr) -> Result<Pdu> {
+    let pdu_type = buf.first().copied().unwrap_or(0);
+    match pdu::read_pdu(buf, pdu::MAXIMUM_PDU_SIZE, false) {
+        Ok(Some(pdu)) => Ok(pdu),
+        Ok(None) => Err(IngestError::DecodePdu {
+            peer,
+            pdu_type,
+            detail: "the PDU is truncated".into(),
+        }),
+        Err(e) => Err(IngestError::DecodePdu {
+            peer,
+            pdu_type,
+            detail: e.to_string(),
+        }),
+    }
+}
+
+/// Encodes a PDU with dicom-ul.
+pub(crate) fn encode(pdu: &Pdu, peer: SocketAddr, what: &'static str) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    pdu::write_pdu(&mut out, pdu).map_err(|e| IngestError::EncodePdu {
+        peer,
+        what,
+        detail: e.to_string(),
+    })?;
+    Ok(out)
+}
+
+/// Encodes and sends a PDU.
+pub(crate) async fn write_pdu<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    pdu: &Pdu,
+    peer: SocketAddr,
+    what: &'static str,
+) -> Result<()> {
+    let bytes = encode(pdu, peer, what)?;
+    w.write_all(&bytes)
+        .await
+        .map_err(|source| IngestError::WritePdu { peer, source })?;
+    w.flush()
+        .await
+        .map_err(|source| IngestError::WritePdu { peer, source })
+}
+
+/// An A-ABORT from us (the service provider) with the given reason.
+pub(crate) fn abort_pdu(reason: AbortRQServiceProviderReason) -> Pdu {
+    Pdu::AbortRQ {
+        source: AbortRQSource::ServiceProvider(reason),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{Ipv4Addr, SocketAddrV4};
+
+    fn peer() -> SocketAddr {
+        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 104))
+    }
+
+    async fn read(bytes: &[u8], max: u32) -> Result<Option<Pdu>> {
+        let mut r = bytes;
+        read_pdu(&mut r, peer(), max).await
+    }
+
+    #[tokio::test]
+    async fn a_pdata_announcing_more_than_our_maximum_is_refused_before_its_body_is_read() {
+        // Header only: the body is never sent, and must never be waited for.
+        let header = [0x04, 0, 0x00, 0x00, 0x40, 0x01];
+        match read(&header, 16384).await {
+            Err(IngestError::PduTooLarge { length, max, .. }) => {
+                assert_eq!((length, max), (16385, 16384))
+            }
+            other => panic!("{other:?}"),
+        }
+        let huge_rq = [0x01, 0, 0xFF, 0xFF, 0xFF, 0xFF];
+        assert!(matches!(
+            read(&huge_rq, 16384).await,
+            Err(IngestError::PduTooLarge { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn unknown_pdu_types_truncated_bodies_and_clean_eof_are_told_apart() {
+        assert!(matches!(read(&[], 16384).await, Ok(None)));
+        assert!(matches!(
+            read(&[0x09, 0, 0, 0, 0, 4, 0, 0, 0, 0], 16384).await,
+            Err(IngestError::DecodePdu { pdu_type: 9, .. })
+        ));
+        assert!(matches!(
+            read(&[0x05, 0, 0, 0, 0, 4, 0, 0], 16384).await,
+            Err(IngestError::ReadPdu { .. })
+        ));
+        assert!(matches!(
+            read(&[0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0], 16384).await,
+            Ok(Some(Pdu::ReleaseRQ))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_pdv_longer_than_its_pdu_is_a_decode_error_not_a_panic() {
+        // P-DATA of 6 bytes holding a PDV that claims 100 bytes.
+        let bytes = [0x04, 0, 0, 0, 0, 6, 0, 0, 0, 100, 1, 3];
+        assert!(matches!(
+            read(&bytes, 16384).await,
+            Err(IngestError::DecodePdu { .. })
+        ));
+    }
+}
