@@ -253,6 +253,8 @@ struct Inner {
     conn: Mutex<Connection>,
     /// Held by the process that ran recovery (the daemon) for as long as the spool is open.
     owner_lock: Option<Flock<File>>,
+    /// One eviction pass at a time (many associations may find the disk low at once).
+    evicting: Mutex<()>,
 }
 
 /// One row as eviction sees it.
@@ -333,6 +335,7 @@ impl Spool {
                 quarantine_dir,
                 conn: Mutex::new(conn),
                 owner_lock,
+                evicting: Mutex::new(()),
             }),
         };
         let report = if spool.inner.owner_lock.is_some() {
@@ -456,8 +459,14 @@ impl Spool {
         if files::free_bytes(&self.inner.dir)? >= min {
             return Ok(());
         }
-        self.evict(SystemTime::now())?;
-        let free = files::free_bytes(&self.inner.dir)?;
+        let free = {
+            let _evicting = self.evicting();
+            // Another caller may have made room while this one waited.
+            if files::free_bytes(&self.inner.dir)? < min {
+                self.evict_locked(SystemTime::now())?;
+            }
+            files::free_bytes(&self.inner.dir)?
+        };
         if free >= min {
             return Ok(());
         }
@@ -803,7 +812,11 @@ impl Spool {
             db::bump_counter(&self.conn(), DUPLICATES_UPSTREAM)?;
         }
         if changed && self.inner.cfg.retention_hours == 0 {
-            self.evict_stage(EvictStage::Retention(now_ms), now_ms)?;
+            let _evicting = self.evicting();
+            if let Err(e) = self.evict_stage(EvictStage::Retention(now_ms), now_ms) {
+                // The confirmation is recorded; the next eviction pass will free the file.
+                log::warn!("Could not evict a confirmed instance right away; it will be evicted later. id={} error={e}", id.0);
+            }
         }
         Ok(())
     }
@@ -981,6 +994,18 @@ impl Spool {
     /// Evicts confirmed instances whose retention has passed, then (oldest first) as many more as
     /// needed to get `min_free_mb + evict_headroom_mb` free. Never touches unconfirmed instances.
     pub fn evict(&self, now: SystemTime) -> Result<EvictReport> {
+        let _evicting = self.evicting();
+        self.evict_locked(now)
+    }
+
+    fn evicting(&self) -> MutexGuard<'_, ()> {
+        self.inner
+            .evicting
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn evict_locked(&self, now: SystemTime) -> Result<EvictReport> {
         let now_ms = to_ms(now);
         let retention_ms = to_i64(self.inner.cfg.retention_hours.saturating_mul(3_600_000));
         let mut report = self.evict_stage(
