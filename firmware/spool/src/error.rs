@@ -74,6 +74,9 @@ pub enum SpoolError {
         supported: i64,
     },
 
+    #[error("There is no spool database at {path}; check `[spool] dir` in the config, or start passerelled once to create the spool")]
+    NotASpool { path: PathBuf },
+
     #[error("Cannot lock the spool {path}")]
     Lock {
         path: PathBuf,

@@ -325,25 +325,44 @@ impl Spool {
             }
         };
 
-        let conn = db::open(&dir.join("spool.db"))?;
-        let spool = Spool {
-            inner: Arc::new(Inner {
-                cfg: cfg.clone(),
-                dir,
-                tmp_dir,
-                objects_dir,
-                quarantine_dir,
-                conn: Mutex::new(conn),
-                owner_lock,
-                evicting: Mutex::new(()),
-            }),
-        };
+        let spool = Spool::with_connection(cfg, owner_lock)?;
         let report = if spool.inner.owner_lock.is_some() {
             spool.recover()?
         } else {
             RecoveryReport::default()
         };
         Ok((spool, report))
+    }
+
+    /// Attaches to the existing spool of a (possibly running) daemon without recovery and without
+    /// creating anything: for `passerelled status` and `requeue`. Fails with
+    /// [`SpoolError::NotASpool`] when `cfg.dir` holds no spool database.
+    pub fn attach(cfg: &passerelle_config::SpoolConfig) -> Result<Spool> {
+        let db_path = cfg.dir.join("spool.db");
+        if !db_path.is_file() {
+            return Err(SpoolError::NotASpool { path: db_path });
+        }
+        Spool::with_connection(cfg, None)
+    }
+
+    fn with_connection(
+        cfg: &passerelle_config::SpoolConfig,
+        owner_lock: Option<Flock<File>>,
+    ) -> Result<Spool> {
+        let dir = cfg.dir.clone();
+        let conn = db::open(&dir.join("spool.db"))?;
+        Ok(Spool {
+            inner: Arc::new(Inner {
+                cfg: cfg.clone(),
+                tmp_dir: dir.join("tmp"),
+                objects_dir: dir.join("objects"),
+                quarantine_dir: dir.join("quarantine"),
+                dir,
+                conn: Mutex::new(conn),
+                owner_lock,
+                evicting: Mutex::new(()),
+            }),
+        })
     }
 
     /// True when this handle ran recovery and holds the spool's exclusive lock (false for a second

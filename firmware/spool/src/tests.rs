@@ -870,3 +870,31 @@ fn problems_lists_failed_lost_and_quarantined_instances_newest_first() {
     assert_eq!(problems[2].attempts, 1);
     assert_eq!(spool.problems(1).unwrap().len(), 1);
 }
+
+#[test]
+fn attach_shares_a_running_spool_without_recovery_and_refuses_a_missing_one() {
+    let fx = Fixture::new();
+    assert!(matches!(
+        Spool::attach(&fx.cfg),
+        Err(SpoolError::NotASpool { path }) if path == fx.path("spool.db")
+    ));
+    assert!(!fx.cfg.dir.exists(), "attach must not create a spool");
+    let daemon = fx.spool();
+    let ids = store_studies(&daemon, &[("1.12", 100), ("1.12", 100)]);
+    let claimed = claim_one(&daemon);
+    daemon.mark_failed(claimed.id, "C000").unwrap();
+    claim_one(&daemon);
+    let incoming = daemon
+        .begin(Inst::new("1.12.9", "1.12", 10, 9).meta(), b"hdr")
+        .unwrap();
+
+    let tool = Spool::attach(&fx.cfg).unwrap();
+    assert!(!tool.is_owner());
+    let status = tool.status(SystemTime::now()).unwrap();
+    assert_eq!((status.failed, status.uploading), (1, 1));
+    assert_eq!(tool.requeue_failed(None).unwrap(), 1);
+    assert_eq!(state(&daemon, ids[0]), "queued");
+    assert_eq!(state(&daemon, ids[1]), "uploading");
+    assert_eq!(tmp_entries(&fx), 1);
+    drop(incoming);
+}
