@@ -12,7 +12,8 @@ use crate::{Result, SpoolError};
 /// Mode of every directory the spool creates: patient data, owner only.
 const DIR_MODE: u32 = 0o700;
 
-/// Creates `path` (and parents) if missing. Returns true when `path` itself was created.
+/// Creates `path` (and parents) if missing. Returns true when `path` was missing when looked at
+/// (its parent then needs an fsync).
 pub(crate) fn create_dir(path: &Path) -> Result<bool> {
     if path.is_dir() {
         return Ok(false);
@@ -23,7 +24,9 @@ pub(crate) fn create_dir(path: &Path) -> Result<bool> {
         .create(path)
     {
         Ok(()) => Ok(true),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => Ok(false),
+        // Created by a concurrent caller, whose fsync of the parent may not have happened yet:
+        // report it as created so that this caller fsyncs the parent too.
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => Ok(true),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             // A parent is missing: create the whole chain.
             fs::DirBuilder::new()

@@ -46,6 +46,8 @@
 //! - A crash between the rename into `objects/` and the row commit leaves a file without a row; the
 //!   modality (which got no success) resends it and the resend adopts the file. If it never does,
 //!   the file stays until an operator removes it (no orphan sweep yet).
+//! - Times are wall-clock unix milliseconds. If the clock steps back while running, rows scheduled
+//!   under the old time wait for it; at start-up, a schedule more than 7 days ahead is reset to now.
 //! - Free space is measured with `statvfs` on the spool directory; other writers on the same file
 //!   system are only seen through it.
 
@@ -74,6 +76,8 @@ use files::{HashOutcome, TempGuard, MIB};
 
 /// Buffer between the zstd encoder and the temporary file.
 const WRITE_BUFFER: usize = 256 * 1024;
+/// A retry scheduled further ahead than this is taken as set by a wrong clock (see recovery).
+const MAX_SCHEDULE: Duration = Duration::from_secs(7 * 86_400);
 /// Rows handled per eviction page (bounds memory whatever the size of the cache).
 const EVICT_PAGE: i64 = 256;
 
@@ -430,6 +434,23 @@ impl Spool {
         if requeued > 0 {
             log::info!(
                 "Re-queued instances whose upload was interrupted by the last stop. count={requeued}"
+            );
+        }
+
+        // A schedule far in the future means the clock was wrong when it was set (a box without a
+        // battery-backed clock booting in the past, then reaching NTP): make those rows due now
+        // rather than stalled for years.
+        let now = to_ms(SystemTime::now());
+        let rescheduled = tx
+            .execute(
+                "UPDATE instances SET next_attempt_at = ?1 WHERE state = 'queued' AND next_attempt_at > ?2",
+                params![now, now.saturating_add(to_i64(MAX_SCHEDULE.as_millis() as u64))],
+            )
+            .ctx("reschedule instances due implausibly late")?;
+        if rescheduled > 0 {
+            log::warn!(
+                "Found queued instances scheduled more than {} days ahead, probably set while the clock was wrong; they are due now. Check the system clock (NTP). count={rescheduled}",
+                MAX_SCHEDULE.as_secs() / 86_400
             );
         }
 

@@ -634,7 +634,8 @@ fn claim_batch_skips_instances_not_yet_due() {
 #[test]
 fn mark_retry_persists_the_next_attempt_across_a_reopen() {
     let fx = Fixture::new();
-    let at = SystemTime::UNIX_EPOCH + Duration::from_millis(4_102_444_800_123);
+    // Whole milliseconds: that is what is stored.
+    let at = from_ms(to_ms(SystemTime::now() + 2 * HOUR));
     let id = {
         let spool = fx.spool();
         let id = Inst::new("1.7.1", "1.7", 100, 300).stored_id(&spool);
@@ -897,4 +898,33 @@ fn attach_shares_a_running_spool_without_recovery_and_refuses_a_missing_one() {
     assert_eq!(state(&daemon, ids[1]), "uploading");
     assert_eq!(tmp_entries(&fx), 1);
     drop(incoming);
+}
+
+#[test]
+fn a_schedule_set_by_a_wrong_clock_is_reset_at_start_up() {
+    let fx = Fixture::new();
+    let year_3000 = SystemTime::UNIX_EPOCH + Duration::from_secs(32_503_680_000);
+    let (soon, wrong) = {
+        let spool = fx.spool();
+        let ids = store_studies(&spool, &[("1.13", 100), ("1.13", 100)]);
+        for (id, at) in [(ids[0], SystemTime::now() + 2 * HOUR), (ids[1], year_3000)] {
+            spool.claim_batch(1, u64::MAX, far_future()).unwrap();
+            spool.mark_retry(id, "503", at).unwrap();
+        }
+        (ids[0], ids[1])
+    };
+    let before = to_ms(SystemTime::now());
+    let spool = fx.spool();
+    let due: Vec<_> = spool
+        .claim_batch(10, u64::MAX, SystemTime::now())
+        .unwrap()
+        .iter()
+        .map(|q| q.id)
+        .collect();
+    assert_eq!(due, vec![wrong]);
+    let next: i64 = row_str(&spool, soon, "next_attempt_at")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(next > before + 3_600_000, "a plausible schedule is kept");
 }
