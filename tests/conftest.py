@@ -72,3 +72,22 @@ def make_gateway(tmp_path: Path, pki: Pki):
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     return [f"passerelled: {passerelled_bin()}", f"storescu: {shutil.which(send.STORESCU) or 'missing'}"]
+
+
+@pytest.fixture(scope="session")
+def storescu_reference(ct_study: data.Study, real_files: list[data.Instance],
+                       tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """SOP Instance UID -> the dataset bytes that `send.storescu` puts on the wire for each file (captured
+    by a bit-preserving dcmtk storescp)."""
+    return send.wire_reference_storescu(ct_study.instances + real_files, tmp_path_factory.mktemp("wire"))
+
+
+@pytest.fixture(scope="session")
+def real_split(real_files: list[data.Instance]) -> tuple[list[data.Instance], list[data.Instance]]:
+    """(files sent with storescu, files sent with pynetdicom): every other file that pynetdicom can send
+    straight from its path goes to pynetdicom."""
+    by_pynetdicom = [i for i in real_files[1::2] if send.pynetdicom_sendable(i)]
+    chosen = {i.sop_instance_uid for i in by_pynetdicom}
+    by_storescu = [i for i in real_files if i.sop_instance_uid not in chosen]
+    assert len(by_pynetdicom) >= 8
+    return by_storescu, by_pynetdicom

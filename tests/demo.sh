@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# README's first command: set up, build, start a local Orthanc over HTTPS as the regional PACS, start
+# passerelled, send a sample CT study and show it arriving. `--keep` keeps everything running until Ctrl-C.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+bash tests/setup.sh
+echo "[demo] Building passerelled (cargo build --release)..."
+cargo build --release
+exec python3 tests/demo.py "$@"

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# README's second command, and what CI runs (.ci/run): set up, lint, unit and integration tests, release
+# build, then the system tests against real peers (dcmtk, pynetdicom, Orthanc behind nginx TLS).
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+
+step() { printf '\n==== %s ====\n' "$*"; }
+
+step "setup"
+bash tests/setup.sh
+step "cargo fmt --all --check"
+cargo fmt --all --check
+step "cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+step "cargo test --workspace"
+cargo test --workspace
+step "cargo build --release"
+cargo build --release
+step "system tests"
+export PASSERELLED="${PASSERELLED:-$repo/target/release/passerelled}"
+python3 -m pytest -v tests/system

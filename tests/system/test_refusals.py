@@ -1,0 +1,114 @@
+"""4. Refusals: a wrong called AE title or a calling AE title that is not allowed gets an association
+rejection (and the daemon keeps serving); a bad configuration is refused key by key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from harness import send
+from harness.checks import wait_for_instances
+from harness.data import Study
+from harness.gateway import passerelled_bin
+from harness.util import run, wait_until
+
+
+def test_wrong_called_or_calling_ae_is_rejected_and_the_daemon_keeps_serving(
+    orthanc, make_gateway, ct_study: Study, tmp_path: Path
+) -> None:
+    gw = make_gateway(orthanc, allowed_calling_ae_titles=["CT1", "MODALITY1"])
+    gw.start()
+
+    wrong_called = send.echoscu(gw.port, called_ae="NOT_PASSERELLE", calling_ae="CT1")
+    assert wrong_called.returncode != 0
+    assert "Rejected" in wrong_called.stdout + wrong_called.stderr, wrong_called
+
+    intruder = send.echoscu(gw.port, called_ae=gw.ae_title, calling_ae="INTRUDER")
+    assert intruder.returncode != 0
+    assert "Rejected" in intruder.stdout + intruder.stderr, intruder
+
+    refused = send.storescu(gw.port, ct_study.instances[:3], tmp_path / "intruder", called_ae=gw.ae_title,
+                            calling_ae="INTRUDER", check=False)  # fmt: skip
+    assert refused.ok == 0, refused.output[-2000:]
+    assert "Rejected" in refused.output, refused.output[-2000:]
+
+    # Still serving the allowed modalities.
+    assert gw.running
+    assert send.echoscu(gw.port, called_ae=gw.ae_title, calling_ae="CT1").returncode == 0
+    send.storescu(gw.port, ct_study.instances[:3], tmp_path / "ct1", called_ae=gw.ae_title, calling_ae="CT1")
+    wait_for_instances(orthanc, 3, timeout=60)
+    status = wait_until(lambda: (s := gw.status())["sent"] == 3 and s, 30, "3 instances sent")
+    assert status["queued"] == 0 and status["failed"] == 0, status
+    # The refusal was logged naming the peer.
+    log = gw.log_path.read_text(errors="replace")
+    assert "INTRUDER" in log and "127.0.0.1" in log, gw.log_excerpt()
+    gw.stop_ok()
+
+
+GOOD = """
+[dicom]
+ae_title = "PASSERELLE"
+listen = "127.0.0.1:11112"
+[spool]
+dir = "{spool}"
+min_free_mb = 64
+[uplink]
+stow_url = "https://localhost:8443/dicom-web/studies"
+ca_file = "{ca}"
+[admin]
+listen = "127.0.0.1:8443"
+"""
+
+BAD = """
+[dicom]
+ae_title = "THIS_AE_TITLE_IS_FAR_TOO_LONG"
+listen = "not an address"
+max_associations = 0
+[spool]
+dir = "relative/spool"
+min_free_mb = 0
+[uplink]
+stow_url = "http://pacs.example.org/dicom-web/studies"
+ca_file = "/nonexistent/ca.pem"
+[admin]
+listen = "127.0.0.1:8443"
+"""
+
+BAD_KEYS = ["dicom.ae_title", "dicom.listen", "dicom.max_associations", "spool.dir", "spool.min_free_mb",
+            "uplink.stow_url", "uplink.ca_file"]  # fmt: skip
+
+
+def _check_config(path: Path):
+    return run([str(passerelled_bin()), "check-config", "--config", str(path)], check=False)
+
+
+def test_check_config_accepts_a_good_config(pki, tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text(GOOD.format(spool=tmp_path / "spool", ca=pki.ca_cert))
+    cp = _check_config(good)
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+
+
+def test_check_config_names_each_bad_key_and_exits_non_zero(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(BAD)
+    cp = _check_config(bad)
+    out = cp.stdout + cp.stderr
+    assert cp.returncode != 0, out
+    lines = out.splitlines()
+    for key in BAD_KEYS:
+        assert any(key in line for line in lines), f"no line names {key}:\n{out}"
+    # One line per bad key, each with a fix.
+    assert sum(1 for line in lines if "Fix:" in line) >= len(BAD_KEYS), out
+
+    # The daemon refuses to start on it, and says why.
+    daemon = run([str(passerelled_bin()), "--config", str(bad)], check=False, timeout=30)
+    assert daemon.returncode != 0
+    assert "dicom.ae_title" in daemon.stdout + daemon.stderr
+
+
+def test_check_config_names_an_unknown_key(pki, tmp_path: Path) -> None:
+    typo = tmp_path / "typo.toml"
+    typo.write_text(GOOD.format(spool=tmp_path / "spool", ca=pki.ca_cert).replace("min_free_mb", "min_fre_mb"))
+    cp = _check_config(typo)
+    assert cp.returncode != 0
+    assert "min_fre_mb" in cp.stdout + cp.stderr

@@ -1,0 +1,99 @@
+"""2. Stopping passerelled mid-queue and starting it again resumes; a crash after the acknowledgement
+loses nothing (the C-STORE success went out only after the instance was durable)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from harness import send
+from harness.checks import assert_byte_identical, wait_for_instances
+from harness.data import Study
+from harness.util import wait_until
+
+
+def _unconfirmed(status: dict) -> int:
+    return status["queued"] + status["uploading"]
+
+
+def test_sigterm_mid_queue_then_restart_resumes(
+    orthanc, make_gateway, ct_study: Study, storescu_reference: dict[str, bytes], tmp_path: Path
+) -> None:
+    study = ct_study.instances
+    n = len(study)
+    expected = {i.sop_instance_uid: storescu_reference[i.sop_instance_uid] for i in study}
+    gw = make_gateway(orthanc, extra_uplink={"batch_max_instances": 10})
+
+    # The regional network's front door is down: connections are refused.
+    orthanc.stop_front()
+    gw.start()
+    send.storescu(gw.port, study, tmp_path / "scu", called_ae=gw.ae_title)  # every C-STORE acknowledged
+    status = gw.status()
+    assert _unconfirmed(status) == n and status["sent"] == 0, status
+    assert status["oldest_queued_age_secs"] is not None, status
+
+    # SIGTERM with the whole study queued: clean exit, and the queue is still there after a restart.
+    gw.stop_ok()
+    status = gw.status()
+    assert status["queued"] == n and status["uploading"] == 0 and status["lost"] == 0, status
+    gw.start()
+
+    # Upstream comes back; stop the daemon again as soon as the first instances have arrived.
+    orthanc.start_front()
+    wait_for_instances(orthanc, 1, timeout=60, what="the first upload after the outage")
+    gw.stop_ok()
+    status = gw.status()
+    assert status["uploading"] == 0 and status["lost"] == 0 and status["failed"] == 0, status
+    assert status["queued"] + status["sent"] == n, status
+
+    gw.start()
+    wait_for_instances(orthanc, n, timeout=180, what="the rest of the study after the restart")
+    status = wait_until(lambda: (s := gw.status())["sent"] == n and s, 60, f"status to show {n} sent")
+    assert status["lost"] == 0 and status["failed"] == 0 and _unconfirmed(status) == 0, status
+    assert_byte_identical(orthanc, expected)
+    gw.stop_ok()
+
+
+def test_sigkill_right_after_acknowledgement_loses_nothing(
+    orthanc, make_gateway, ct_study: Study, storescu_reference: dict[str, bytes], tmp_path: Path
+) -> None:
+    study = ct_study.instances[:60]
+    n = len(study)
+    gw = make_gateway(orthanc, extra_uplink={"batch_max_instances": 5})
+
+    orthanc.stop_orthanc()  # the front door answers 502 Bad Gateway
+    gw.start()
+    send.storescu(gw.port, study, tmp_path / "scu", called_ae=gw.ae_title)
+    gw.kill()  # no chance to flush anything after the last acknowledgement
+
+    status = gw.status()
+    assert status["lost"] == 0, status
+    assert status["queued"] + status["uploading"] == n, status
+
+    orthanc.start_orthanc()
+    gw.start()
+    wait_for_instances(orthanc, n, timeout=120, what="the study acknowledged before the crash")
+    status = wait_until(lambda: (s := gw.status())["sent"] == n and s, 60, f"status to show {n} sent")
+    assert status["lost"] == 0 and status["failed"] == 0 and status["queued"] == 0, status
+    assert_byte_identical(orthanc, {i.sop_instance_uid: storescu_reference[i.sop_instance_uid] for i in study})
+    gw.stop_ok()
+
+
+def test_sigkill_during_upload_resumes(
+    orthanc, make_gateway, ct_study: Study, storescu_reference: dict[str, bytes], tmp_path: Path
+) -> None:
+    study = ct_study.instances
+    n = len(study)
+    gw = make_gateway(orthanc, extra_uplink={"batch_max_instances": 5})
+    orthanc.stop_front()
+    gw.start()
+    send.storescu(gw.port, study, tmp_path / "scu", called_ae=gw.ae_title)
+    orthanc.start_front()
+    wait_for_instances(orthanc, 1, timeout=60, what="uploads to start")
+    gw.kill()  # rows left 'uploading' must go back to 'queued' at the next start
+
+    gw.start()
+    wait_for_instances(orthanc, n, timeout=180, what="the study after the crash")
+    status = wait_until(lambda: (s := gw.status())["sent"] == n and s, 60, f"status to show {n} sent")
+    assert status["lost"] == 0 and status["failed"] == 0 and status["queued"] == 0, status
+    assert_byte_identical(orthanc, {i.sop_instance_uid: storescu_reference[i.sop_instance_uid] for i in study})
+    gw.stop_ok()

@@ -1,0 +1,49 @@
+"""5. TLS: the daemon trusts only its ca_file. With another CA it never delivers, keeps everything
+queued, and shows a certificate error; CA variables in the environment change nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from harness import send
+from harness.data import Study
+from harness.util import wait_until
+
+
+def test_untrusted_server_certificate_never_delivers_and_loses_nothing(
+    orthanc, make_gateway, pki, ct_study: Study, tmp_path: Path
+) -> None:
+    real_ca = str(pki.ca_cert)
+    gw = make_gateway(
+        orthanc,
+        ca_file=pki.other_ca_cert,
+        env={
+            "REQUESTS_CA_BUNDLE": real_ca,
+            "SSL_CERT_FILE": real_ca,
+            "SSL_CERT_DIR": str(pki.dir),
+            "CURL_CA_BUNDLE": real_ca,
+            "NIX_SSL_CERT_FILE": real_ca,
+        },
+    )
+    gw.start()
+    few = ct_study.instances[:10]
+    send.storescu(gw.port, few, tmp_path / "scu", called_ae=gw.ae_title)  # acknowledged: stored durably
+
+    status = wait_until(
+        lambda: (s := gw.status())["last_error"] and s,
+        60,
+        "status to show the TLS failure",
+    )
+    error = status["last_error"].lower()
+    assert "certificate" in error or "cert" in error or "tls" in error, status
+    assert status["paused_until"] is not None, f"a certificate failure should pause the uplink: {status}"
+    assert status["sent"] == 0 and status["lost"] == 0 and status["failed"] == 0, status
+    assert status["queued"] + status["uploading"] == len(few), status
+
+    assert orthanc.count_instances() == 0
+    access_log = (orthanc.dir / "nginx-access.log").read_text(errors="replace")
+    assert "POST" not in access_log, access_log[-2000:]
+
+    gw.stop_ok()
+    status = gw.status()
+    assert status["queued"] == len(few) and status["lost"] == 0, status
