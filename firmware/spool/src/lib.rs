@@ -454,39 +454,41 @@ impl Spool {
             );
         }
 
-        let rows: Vec<(i64, String, String)> = {
+        // Only the missing ones are collected: the queue may be long after an outage.
+        let mut missing: Vec<(i64, String, String)> = Vec::new();
+        {
             let mut stmt = tx
                 .prepare("SELECT id, sop_instance_uid, path FROM instances WHERE state IN ('queued', 'uploading', 'failed') ORDER BY id")
                 .ctx("list unconfirmed instances")?;
-            let rows = stmt
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                .ctx("list unconfirmed instances")?;
-            rows.collect::<rusqlite::Result<_>>()
-                .ctx("list unconfirmed instances")?
-        };
-        for (id, uid, rel) in rows {
-            let path = self.inner.dir.join(&rel);
-            match fs::symlink_metadata(&path) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    log::error!(
-                        "The spool file of an unconfirmed instance is missing; the instance is marked lost and must be sent again from the modality. sop_instance_uid={uid} path={}",
+            let mut rows = stmt.query([]).ctx("list unconfirmed instances")?;
+            while let Some(row) = rows.next().ctx("list unconfirmed instances")? {
+                let rel: String = row.get(2).ctx("list unconfirmed instances")?;
+                let path = self.inner.dir.join(&rel);
+                match fs::symlink_metadata(&path) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => missing.push((
+                        row.get(0).ctx("list unconfirmed instances")?,
+                        row.get(1).ctx("list unconfirmed instances")?,
+                        rel,
+                    )),
+                    Err(e) => log::warn!(
+                        "Cannot check a spool file at start-up; it will be checked again before sending. path={} error={e}",
                         path.display()
-                    );
-                    tx.execute(
-                        "UPDATE instances SET state = 'lost', last_error = ?2 WHERE id = ?1",
-                        params![id, format!("spool file missing at start-up: {rel}")],
-                    )
-                    .ctx("mark an instance lost")?;
-                    report.lost.push(uid);
-                }
-                Err(e) => {
-                    log::warn!(
-                        "Cannot check a spool file at start-up; it will be checked again before sending. sop_instance_uid={uid} path={} error={e}",
-                        path.display()
-                    );
+                    ),
                 }
             }
+        }
+        for (id, uid, rel) in missing {
+            log::error!(
+                "The spool file of an unconfirmed instance is missing; the instance is marked lost and must be sent again from the modality. sop_instance_uid={uid} path={}",
+                self.inner.dir.join(&rel).display()
+            );
+            tx.execute(
+                "UPDATE instances SET state = 'lost', last_error = ?2 WHERE id = ?1",
+                params![id, format!("spool file missing at start-up: {rel}")],
+            )
+            .ctx("mark an instance lost")?;
+            report.lost.push(uid);
         }
         tx.commit().ctx("commit the recovery")?;
         Ok(report)
