@@ -1,0 +1,787 @@
+//! In-process tests of the Storage SCP: `serve` on 127.0.0.1:0 with a real spool in a temporary
+//! directory, driven by dicom-ul's synchronous SCU (on blocking threads) and by raw TCP bytes.
+
+// Test helpers live outside `#[test]` functions, where `allow-unwrap-in-tests` does not reach.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
+use dicom_dictionary_std::{tags, uids};
+use dicom_object::InMemDicomObject;
+use dicom_transfer_syntax_registry::entries;
+use dicom_ul::association::Error as UlError;
+use dicom_ul::pdu::{
+    AssociationRJ, AssociationRJResult, AssociationRJServiceProviderPresentationReason,
+    AssociationRJServiceUserReason, AssociationRJSource, AssociationRQ, PDataValue, PDataValueType,
+    Pdu, PresentationContextProposed, PresentationContextResultReason, UserVariableItem,
+};
+use dicom_ul::{ClientAssociation, ClientAssociationOptions};
+use passerelle_config::{DicomConfig, SpoolConfig};
+use passerelle_ingest::{serve, IMPLEMENTATION_CLASS_UID};
+use passerelle_spool::Spool;
+use tokio::sync::{watch, Notify};
+
+const AE: &str = "PASSERELLE";
+const CT: &str = uids::CT_IMAGE_STORAGE;
+const ELE: &str = uids::EXPLICIT_VR_LITTLE_ENDIAN;
+const ILE: &str = uids::IMPLICIT_VR_LITTLE_ENDIAN;
+const DEFLATED: &str = uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN;
+#[allow(deprecated)]
+const EBE: &str = uids::EXPLICIT_VR_BIG_ENDIAN;
+const DEADLINE: Duration = Duration::from_secs(20);
+
+struct Scp {
+    addr: SocketAddr,
+    spool: Spool,
+    stored: Arc<Notify>,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<passerelle_ingest::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+fn dicom_cfg() -> DicomConfig {
+    DicomConfig {
+        ae_title: AE.into(),
+        listen: "127.0.0.1:0".into(),
+        max_pdu_length: 16384,
+        ..DicomConfig::default()
+    }
+}
+
+async fn start(dicom: DicomConfig, min_free_mb: u64) -> Scp {
+    let dir = tempfile::tempdir().unwrap();
+    let spool_cfg = SpoolConfig {
+        dir: dir.path().join("spool"),
+        min_free_mb,
+        ..SpoolConfig::default()
+    };
+    let (spool, _) = Spool::open(&spool_cfg).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stored = Arc::new(Notify::new());
+    let (shutdown, rx) = watch::channel(false);
+    let task = tokio::spawn(serve(
+        listener,
+        Arc::new(dicom),
+        spool.clone(),
+        stored.clone(),
+        rx,
+    ));
+    Scp {
+        addr,
+        spool,
+        stored,
+        shutdown,
+        task,
+        _dir: dir,
+    }
+}
+
+/// Runs blocking SCU code off the runtime.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+fn associate(
+    addr: SocketAddr,
+    calling: &str,
+    called: &str,
+    contexts: &[(&str, &[&str])],
+) -> Result<ClientAssociation<TcpStream>, UlError> {
+    let mut opts = ClientAssociationOptions::new()
+        .calling_ae_title(calling.to_string())
+        .called_ae_title(called.to_string())
+        .read_timeout(DEADLINE);
+    for (abs, ts) in contexts {
+        opts = opts
+            .with_presentation_context(abs.to_string(), ts.iter().map(|t| t.to_string()).collect());
+    }
+    opts.establish(addr)
+}
+
+fn pc_for(assoc: &ClientAssociation<TcpStream>, abstract_syntax: &str) -> (u8, String) {
+    let pc = assoc
+        .presentation_contexts()
+        .iter()
+        .find(|pc| pc.abstract_syntax == abstract_syntax)
+        .expect("context accepted");
+    (pc.id, pc.transfer_syntax.clone())
+}
+
+fn uid(v: &str) -> PrimitiveValue {
+    let mut s = v.to_string();
+    if s.len() % 2 == 1 {
+        s.push('\0');
+    }
+    PrimitiveValue::from(s)
+}
+
+fn command(field: u16, msg_id: u16, class: &str, instance: Option<&str>, dataset: bool) -> Vec<u8> {
+    let mut elements = vec![
+        DataElement::new(tags::AFFECTED_SOP_CLASS_UID, VR::UI, uid(class)),
+        DataElement::new(tags::COMMAND_FIELD, VR::US, PrimitiveValue::from(field)),
+        DataElement::new(tags::MESSAGE_ID, VR::US, PrimitiveValue::from(msg_id)),
+        DataElement::new(
+            tags::COMMAND_DATA_SET_TYPE,
+            VR::US,
+            PrimitiveValue::from(if dataset { 0x0000u16 } else { 0x0101 }),
+        ),
+    ];
+    if let Some(i) = instance {
+        elements.push(DataElement::new(
+            tags::PRIORITY,
+            VR::US,
+            PrimitiveValue::from(0u16),
+        ));
+        elements.push(DataElement::new(
+            tags::AFFECTED_SOP_INSTANCE_UID,
+            VR::UI,
+            uid(i),
+        ));
+    }
+    let obj = InMemDicomObject::command_from_element_iter(elements);
+    let mut out = Vec::new();
+    obj.write_dataset_with_ts(&mut out, &entries::IMPLICIT_VR_LITTLE_ENDIAN.erased())
+        .unwrap();
+    out
+}
+
+fn pdv(pc: u8, command: bool, last: bool, data: Vec<u8>) -> PDataValue {
+    PDataValue {
+        presentation_context_id: pc,
+        value_type: if command {
+            PDataValueType::Command
+        } else {
+            PDataValueType::Data
+        },
+        is_last: last,
+        data,
+    }
+}
+
+/// Reads the next response command set; returns it parsed.
+fn response(assoc: &mut ClientAssociation<TcpStream>) -> InMemDicomObject {
+    let mut bytes = Vec::new();
+    loop {
+        match assoc.receive().unwrap() {
+            Pdu::PData { data } => {
+                for v in data {
+                    assert_eq!(v.value_type, PDataValueType::Command);
+                    bytes.extend_from_slice(&v.data);
+                    if v.is_last {
+                        return InMemDicomObject::read_dataset_with_ts(
+                            &bytes[..],
+                            &entries::IMPLICIT_VR_LITTLE_ENDIAN.erased(),
+                        )
+                        .unwrap();
+                    }
+                }
+            }
+            other => panic!("expected a response, got {other:?}"),
+        }
+    }
+}
+
+fn u16_of(obj: &InMemDicomObject, tag: Tag) -> u16 {
+    obj.element(tag).unwrap().to_int::<u16>().unwrap()
+}
+
+fn str_of(obj: &InMemDicomObject, tag: Tag) -> String {
+    obj.element(tag)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .trim_end_matches(['\0', ' '])
+        .to_string()
+}
+
+fn echo(assoc: &mut ClientAssociation<TcpStream>, msg_id: u16) -> InMemDicomObject {
+    let (pc, _) = pc_for(assoc, uids::VERIFICATION);
+    let cmd = command(0x0030, msg_id, uids::VERIFICATION, None, false);
+    assoc
+        .send(&Pdu::PData {
+            data: vec![pdv(pc, true, true, cmd)],
+        })
+        .unwrap();
+    response(assoc)
+}
+
+/// Sends a C-STORE (command PDU, then the data set through dicom-ul's P-DATA writer); returns the
+/// response.
+fn store(
+    assoc: &mut ClientAssociation<TcpStream>,
+    pc: u8,
+    msg_id: u16,
+    class: &str,
+    instance: &str,
+    dataset: &[u8],
+) -> InMemDicomObject {
+    let cmd = command(0x0001, msg_id, class, Some(instance), true);
+    assoc
+        .send(&Pdu::PData {
+            data: vec![pdv(pc, true, true, cmd)],
+        })
+        .unwrap();
+    let mut w = assoc.send_pdata(pc);
+    w.write_all(dataset).unwrap();
+    w.finish().unwrap();
+    response(assoc)
+}
+
+/// A small CT data set in the given transfer syntax (deflated ones are deflated here).
+fn dataset(ts: &str, class: &str, instance: &str, pixels: usize) -> Vec<u8> {
+    let mut obj = InMemDicomObject::new_empty();
+    let mut put = |tag, vr, v: PrimitiveValue| obj.put(DataElement::new(tag, vr, v));
+    put(tags::SOP_CLASS_UID, VR::UI, uid(class));
+    put(tags::SOP_INSTANCE_UID, VR::UI, uid(instance));
+    put(tags::STUDY_DATE, VR::DA, PrimitiveValue::from("20260101"));
+    put(tags::MODALITY, VR::CS, PrimitiveValue::from("CT"));
+    put(tags::PATIENT_NAME, VR::PN, PrimitiveValue::from("DOE^JANE"));
+    put(tags::PATIENT_ID, VR::LO, PrimitiveValue::from("PAT-1"));
+    put(
+        tags::STUDY_INSTANCE_UID,
+        VR::UI,
+        uid("1.2.826.0.1.3680043.8.498.1"),
+    );
+    put(
+        tags::SERIES_INSTANCE_UID,
+        VR::UI,
+        uid("1.2.826.0.1.3680043.8.498.1.1"),
+    );
+    put(tags::ROWS, VR::US, PrimitiveValue::from(1u16));
+    put(
+        tags::PIXEL_DATA,
+        VR::OB,
+        PrimitiveValue::from((0..pixels).map(|i| i as u8).collect::<Vec<u8>>()),
+    );
+    let mut out = Vec::new();
+    if ts == DEFLATED {
+        let mut plain = Vec::new();
+        obj.write_dataset_with_ts(&mut plain, &entries::EXPLICIT_VR_LITTLE_ENDIAN.erased())
+            .unwrap();
+        let mut enc = flate2::write::DeflateEncoder::new(&mut out, flate2::Compression::default());
+        enc.write_all(&plain).unwrap();
+        enc.finish().unwrap();
+    } else {
+        use dicom_encoding::transfer_syntax::TransferSyntaxIndex;
+        let ts = dicom_transfer_syntax_registry::TransferSyntaxRegistry
+            .get(ts)
+            .unwrap();
+        obj.write_dataset_with_ts(&mut out, ts).unwrap();
+    }
+    out
+}
+
+/// Claims everything queued and reads each instance's raw Part-10 bytes back, verified.
+fn spooled(spool: &Spool) -> Vec<(passerelle_spool::QueuedInstance, Vec<u8>)> {
+    let later = SystemTime::now() + Duration::from_secs(3600);
+    let batch = spool.claim_batch(100, u64::MAX, later).unwrap();
+    batch
+        .into_iter()
+        .map(|q| {
+            let mut r = spool.open_verified(&q).unwrap();
+            let mut bytes = Vec::new();
+            r.read_to_end(&mut bytes).unwrap();
+            (q, bytes)
+        })
+        .collect()
+}
+
+/// Splits Part-10 bytes into the file meta table and the data set bytes.
+fn split_part10(bytes: &[u8]) -> (dicom_object::meta::FileMetaTable, &[u8]) {
+    assert_eq!(&bytes[..128], &[0u8; 128][..]);
+    assert_eq!(&bytes[128..132], b"DICM");
+    let group_length = u32::from_le_bytes([bytes[140], bytes[141], bytes[142], bytes[143]]);
+    let meta = dicom_object::meta::FileMetaTable::from_reader(&bytes[128..]).unwrap();
+    (meta, &bytes[144 + group_length as usize..])
+}
+
+fn trimmed(s: &str) -> &str {
+    s.trim_end_matches(['\0', ' '])
+}
+
+// --- raw TCP helpers ---
+
+fn raw_connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s
+}
+
+fn send_raw(s: &mut TcpStream, pdu: &Pdu) {
+    let mut bytes = Vec::new();
+    dicom_ul::write_pdu(&mut bytes, pdu).unwrap();
+    s.write_all(&bytes).unwrap();
+}
+
+/// The next PDU, or `None` when the connection was closed.
+fn recv_raw(s: &mut TcpStream) -> Option<Pdu> {
+    let mut header = [0u8; 6];
+    s.read_exact(&mut header).ok()?;
+    let len = u32::from_be_bytes([header[2], header[3], header[4], header[5]]) as usize;
+    let mut buf = header.to_vec();
+    buf.resize(6 + len, 0);
+    s.read_exact(&mut buf[6..]).unwrap();
+    dicom_ul::read_pdu(&buf[..], dicom_ul::pdu::MAXIMUM_PDU_SIZE, false).unwrap()
+}
+
+/// True once the server closed the connection (EOF or reset) before the read timeout.
+fn closed_by_server(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+fn raw_rq(contexts: Vec<(u8, &str, Vec<&str>)>) -> Pdu {
+    Pdu::AssociationRQ(AssociationRQ {
+        protocol_version: 1,
+        calling_ae_title: "RAW".into(),
+        called_ae_title: AE.into(),
+        application_context_name: "1.2.840.10008.3.1.1.1".into(),
+        presentation_contexts: contexts
+            .into_iter()
+            .map(|(id, abs, ts)| PresentationContextProposed {
+                id,
+                abstract_syntax: abs.into(),
+                transfer_syntaxes: ts.into_iter().map(String::from).collect(),
+            })
+            .collect(),
+        user_variables: vec![UserVariableItem::MaxLength(16384)],
+    })
+}
+
+// --- tests ---
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_echo_is_answered_with_the_requests_message_id() {
+    let scp = start(dicom_cfg(), 1).await;
+    let addr = scp.addr;
+    blocking(move || {
+        let mut a = associate(addr, "CT1", AE, &[(uids::VERIFICATION, &[ILE])]).unwrap();
+        assert_eq!(a.acceptor_max_pdu_length(), 16384);
+        assert!(a
+            .user_variables()
+            .contains(&UserVariableItem::ImplementationClassUID(
+                IMPLEMENTATION_CLASS_UID.into()
+            )));
+        for id in [1u16, 7, 65535] {
+            let rsp = echo(&mut a, id);
+            assert_eq!(u16_of(&rsp, tags::COMMAND_FIELD), 0x8030);
+            assert_eq!(u16_of(&rsp, tags::MESSAGE_ID_BEING_RESPONDED_TO), id);
+            assert_eq!(u16_of(&rsp, tags::STATUS), 0x0000);
+        }
+        a.release().unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_store_is_committed_and_the_spooled_data_set_is_byte_identical_to_what_was_sent() {
+    let scp = start(dicom_cfg(), 1).await;
+    let addr = scp.addr;
+    // ~100 KB: several P-DATA PDUs of at most 16 KiB each.
+    let sent = dataset(ELE, CT, "1.2.3.100", 100_000);
+    let ds = sent.clone();
+    blocking(move || {
+        let mut a = associate(addr, "CT1", AE, &[(CT, &[ELE, ILE])]).unwrap();
+        let (pc, ts) = pc_for(&a, CT);
+        assert_eq!(ts, ELE, "the first proposed syntax is preferred");
+        let rsp = store(&mut a, pc, 5, CT, "1.2.3.100", &ds);
+        assert_eq!(u16_of(&rsp, tags::STATUS), 0x0000);
+        assert_eq!(u16_of(&rsp, tags::COMMAND_FIELD), 0x8001);
+        assert_eq!(u16_of(&rsp, tags::MESSAGE_ID_BEING_RESPONDED_TO), 5);
+        assert_eq!(str_of(&rsp, tags::AFFECTED_SOP_INSTANCE_UID), "1.2.3.100");
+        assert_eq!(str_of(&rsp, tags::AFFECTED_SOP_CLASS_UID), CT);
+        a.release().unwrap();
+    })
+    .await;
+    tokio::time::timeout(DEADLINE, scp.stored.notified())
+        .await
+        .expect("the uplink is woken after the commit");
+
+    let got = spooled(&scp.spool);
+    assert_eq!(got.len(), 1);
+    let (q, bytes) = &got[0];
+    assert_eq!(q.sop_instance_uid, "1.2.3.100");
+    assert_eq!(q.sop_class_uid, CT);
+    assert_eq!(q.transfer_syntax_uid, ELE);
+    assert_eq!(q.study_instance_uid, "1.2.826.0.1.3680043.8.498.1");
+    assert_eq!(q.raw_size, bytes.len() as u64);
+    let (meta, body) = split_part10(bytes);
+    assert!(
+        body == &sent[..],
+        "data set bytes differ from what was sent"
+    );
+    assert_eq!(trimmed(meta.media_storage_sop_instance_uid()), "1.2.3.100");
+    assert_eq!(trimmed(meta.media_storage_sop_class_uid()), CT);
+    assert_eq!(trimmed(meta.transfer_syntax()), ELE);
+    assert_eq!(
+        trimmed(meta.implementation_class_uid()),
+        IMPLEMENTATION_CLASS_UID
+    );
+    assert_eq!(
+        meta.source_application_entity_title().map(trimmed),
+        Some("CT1")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deflated_and_big_endian_contexts_are_accepted_and_stored_as_sent() {
+    let scp = start(dicom_cfg(), 1).await;
+    let addr = scp.addr;
+    let mr = uids::MR_IMAGE_STORAGE;
+    let deflated = dataset(DEFLATED, CT, "1.2.3.300", 20_000);
+    let big = dataset(EBE, mr, "1.2.3.301", 20_000);
+    let (d, b) = (deflated.clone(), big.clone());
+    blocking(move || {
+        let mut a = associate(addr, "CT1", AE, &[(CT, &[DEFLATED]), (mr, &[EBE])]).unwrap();
+        let (pc_ct, ts_ct) = pc_for(&a, CT);
+        let (pc_mr, ts_mr) = pc_for(&a, mr);
+        assert_eq!((ts_ct.as_str(), ts_mr.as_str()), (DEFLATED, EBE));
+        assert_eq!(
+            u16_of(&store(&mut a, pc_ct, 1, CT, "1.2.3.300", &d), tags::STATUS),
+            0
+        );
+        assert_eq!(
+            u16_of(&store(&mut a, pc_mr, 2, mr, "1.2.3.301", &b), tags::STATUS),
+            0
+        );
+        a.release().unwrap();
+    })
+    .await;
+    let mut got = spooled(&scp.spool);
+    got.sort_by(|x, y| x.0.sop_instance_uid.cmp(&y.0.sop_instance_uid));
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0].0.transfer_syntax_uid, DEFLATED);
+    assert!(split_part10(&got[0].1).1 == &deflated[..]);
+    assert_eq!(got[1].0.transfer_syntax_uid, EBE);
+    assert!(split_part10(&got[1].1).1 == &big[..]);
+}
+
+fn check_rejected(addr: SocketAddr, calling: &str, called: &str, expect: AssociationRJ) {
+    match associate(addr, calling, called, &[(uids::VERIFICATION, &[ILE])]) {
+        Err(UlError::Rejected { association_rj, .. }) => assert_eq!(association_rj, expect),
+        Err(other) => panic!("expected a rejection, got {other}"),
+        Ok(_) => panic!("expected a rejection, got an association"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_called_ae_or_a_calling_ae_not_allowed_gets_a_permanent_rejection() {
+    let mut cfg = dicom_cfg();
+    cfg.allowed_calling_ae_titles = vec!["CT1".into()];
+    let scp = start(cfg, 1).await;
+    let addr = scp.addr;
+    blocking(move || {
+        check_rejected(
+            addr,
+            "CT1",
+            "SOMEONE_ELSE",
+            AssociationRJ {
+                result: AssociationRJResult::Permanent,
+                source: AssociationRJSource::ServiceUser(
+                    AssociationRJServiceUserReason::CalledAETitleNotRecognized,
+                ),
+            },
+        );
+        check_rejected(
+            addr,
+            "US9",
+            AE,
+            AssociationRJ {
+                result: AssociationRJResult::Permanent,
+                source: AssociationRJSource::ServiceUser(
+                    AssociationRJServiceUserReason::CallingAETitleNotRecognized,
+                ),
+            },
+        );
+        let a = associate(addr, "CT1", AE, &[(uids::VERIFICATION, &[ILE])]).unwrap();
+        a.release().unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_association_over_the_cap_gets_a_transient_rejection_and_the_slot_comes_back() {
+    let mut cfg = dicom_cfg();
+    cfg.max_associations = 1;
+    let scp = start(cfg, 1).await;
+    let addr = scp.addr;
+    blocking(move || {
+        let mut first = associate(addr, "CT1", AE, &[(uids::VERIFICATION, &[ILE])]).unwrap();
+        check_rejected(
+            addr,
+            "CT2",
+            AE,
+            AssociationRJ {
+                result: AssociationRJResult::Transient,
+                source: AssociationRJSource::ServiceProviderPresentation(
+                    AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
+                ),
+            },
+        );
+        assert_eq!(u16_of(&echo(&mut first, 3), tags::STATUS), 0);
+        first.release().unwrap();
+        // The slot is freed when the server has closed the first association.
+        let start = Instant::now();
+        loop {
+            match associate(addr, "CT2", AE, &[(uids::VERIFICATION, &[ILE])]) {
+                Ok(a) => {
+                    a.release().unwrap();
+                    break;
+                }
+                Err(UlError::Rejected { .. }) if start.elapsed() < DEADLINE => {
+                    // Poll interval, not synchronisation: the loop checks the condition.
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contexts_are_rejected_with_reason_3_for_non_storage_and_4_for_unknown_transfer_syntax() {
+    let scp = start(dicom_cfg(), 1).await;
+    let addr = scp.addr;
+    blocking(move || {
+        let mut s = raw_connect(addr);
+        send_raw(
+            &mut s,
+            &raw_rq(vec![
+                (1, CT, vec!["1.2.3.4.999", uids::JPEG2000_LOSSLESS]),
+                (3, uids::MODALITY_WORKLIST_INFORMATION_MODEL_FIND, vec![ILE]),
+                (5, uids::MR_IMAGE_STORAGE, vec!["1.2.3.4.999"]),
+                (
+                    7,
+                    uids::ENCAPSULATED_PDF_STORAGE,
+                    vec![uids::RLE_LOSSLESS, ELE],
+                ),
+            ]),
+        );
+        let Some(Pdu::AssociationAC(ac)) = recv_raw(&mut s) else {
+            panic!("expected A-ASSOCIATE-AC")
+        };
+        let results: Vec<_> = ac
+            .presentation_contexts
+            .iter()
+            .map(|r| (r.id, r.reason.clone()))
+            .collect();
+        assert_eq!(
+            results,
+            vec![
+                (1, PresentationContextResultReason::Acceptance),
+                (
+                    3,
+                    PresentationContextResultReason::AbstractSyntaxNotSupported
+                ),
+                (
+                    5,
+                    PresentationContextResultReason::TransferSyntaxesNotSupported
+                ),
+                (7, PresentationContextResultReason::Acceptance),
+            ]
+        );
+        assert_eq!(
+            ac.presentation_contexts[0].transfer_syntax,
+            uids::JPEG2000_LOSSLESS
+        );
+        assert_eq!(
+            ac.presentation_contexts[3].transfer_syntax,
+            uids::RLE_LOSSLESS
+        );
+        send_raw(&mut s, &Pdu::ReleaseRQ);
+        assert_eq!(recv_raw(&mut s), Some(Pdu::ReleaseRP));
+        assert!(closed_by_server(&mut s));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_uid_mismatch_answers_a900_garbage_answers_c000_and_the_association_stays_usable() {
+    let scp = start(dicom_cfg(), 1).await;
+    let addr = scp.addr;
+    let mismatched = dataset(ELE, CT, "1.2.3.201", 3000);
+    let wrong_class = dataset(ELE, uids::MR_IMAGE_STORAGE, "1.2.3.202", 3000);
+    let garbage = b"Not a DICOM data set at all, just some text sent by mistake.\n".repeat(200);
+    let good = dataset(ELE, CT, "1.2.3.203", 3000);
+    blocking(move || {
+        let mut a = associate(
+            addr,
+            "CT1",
+            AE,
+            &[(CT, &[ELE]), (uids::VERIFICATION, &[ILE])],
+        )
+        .unwrap();
+        let (pc, _) = pc_for(&a, CT);
+        let check = |a: &mut ClientAssociation<TcpStream>, id, uid, ds: &[u8], status| {
+            let rsp = store(a, pc, id, CT, uid, ds);
+            assert_eq!(u16_of(&rsp, tags::STATUS), status, "{uid}");
+            assert_eq!(u16_of(&rsp, tags::MESSAGE_ID_BEING_RESPONDED_TO), id);
+        };
+        check(&mut a, 1, "1.2.3.200", &mismatched, 0xA900);
+        check(&mut a, 2, "1.2.3.202", &wrong_class, 0xA900);
+        check(&mut a, 3, "1.2.3.204", &garbage, 0xC000);
+        check(&mut a, 4, "1.2.3.203", &good, 0x0000);
+        assert_eq!(u16_of(&echo(&mut a, 5), tags::STATUS), 0);
+        a.release().unwrap();
+    })
+    .await;
+    let got = spooled(&scp.spool);
+    let uids: Vec<_> = got
+        .iter()
+        .map(|(q, _)| q.sop_instance_uid.as_str())
+        .collect();
+    assert_eq!(uids, vec!["1.2.3.203"], "refused instances are not queued");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_answers_a700_and_the_association_still_answers_c_echo() {
+    // No real disk has 2^40 MB free: every C-STORE finds the spool below its minimum.
+    let scp = start(dicom_cfg(), 1 << 40).await;
+    let addr = scp.addr;
+    let ds = dataset(ELE, CT, "1.2.3.400", 50_000);
+    blocking(move || {
+        let mut a = associate(
+            addr,
+            "CT1",
+            AE,
+            &[(CT, &[ELE]), (uids::VERIFICATION, &[ILE])],
+        )
+        .unwrap();
+        let (pc, _) = pc_for(&a, CT);
+        let rsp = store(&mut a, pc, 9, CT, "1.2.3.400", &ds);
+        assert_eq!(u16_of(&rsp, tags::STATUS), 0xA700);
+        assert_eq!(u16_of(&rsp, tags::MESSAGE_ID_BEING_RESPONDED_TO), 9);
+        let rsp = echo(&mut a, 10);
+        assert_eq!(u16_of(&rsp, tags::STATUS), 0);
+        assert_eq!(u16_of(&rsp, tags::MESSAGE_ID_BEING_RESPONDED_TO), 10);
+        a.release().unwrap();
+    })
+    .await;
+    assert!(spooled(&scp.spool).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pdu_announcing_more_than_the_maximum_is_aborted_and_the_next_client_is_served() {
+    let scp = start(dicom_cfg(), 1).await;
+    let addr = scp.addr;
+    blocking(move || {
+        // Before association: an A-ASSOCIATE-RQ announcing 100 MB.
+        let mut s = raw_connect(addr);
+        s.write_all(&[0x01, 0, 0x05, 0xF5, 0xE1, 0x00]).unwrap();
+        assert!(matches!(recv_raw(&mut s), Some(Pdu::AbortRQ { .. })));
+        assert!(closed_by_server(&mut s));
+
+        // On an established association: a P-DATA one byte over our maximum.
+        let mut s = raw_connect(addr);
+        send_raw(&mut s, &raw_rq(vec![(1, uids::VERIFICATION, vec![ILE])]));
+        assert!(matches!(recv_raw(&mut s), Some(Pdu::AssociationAC(_))));
+        let too_long: u32 = 16384 + 1;
+        let mut header = vec![0x04, 0];
+        header.extend_from_slice(&too_long.to_be_bytes());
+        s.write_all(&header).unwrap();
+        assert!(matches!(recv_raw(&mut s), Some(Pdu::AbortRQ { .. })));
+        assert!(closed_by_server(&mut s));
+
+        let mut a = associate(addr, "CT1", AE, &[(uids::VERIFICATION, &[ILE])]).unwrap();
+        assert_eq!(u16_of(&echo(&mut a, 1), tags::STATUS), 0);
+        a.release().unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_pdata_carrying_the_last_command_fragment_and_data_fragments_is_understood() {
+    let scp = start(dicom_cfg(), 1).await;
+    let addr = scp.addr;
+    let sent = dataset(ELE, CT, "1.2.3.500", 2000);
+    let ds = sent.clone();
+    blocking(move || {
+        let mut a = associate(addr, "CT1", AE, &[(CT, &[ELE])]).unwrap();
+        let (pc, _) = pc_for(&a, CT);
+        let cmd = command(0x0001, 77, CT, Some("1.2.3.500"), true);
+        let (c1, c2) = cmd.split_at(20);
+        let (d1, d2) = ds.split_at(1000);
+        a.send(&Pdu::PData {
+            data: vec![pdv(pc, true, false, c1.to_vec())],
+        })
+        .unwrap();
+        a.send(&Pdu::PData {
+            data: vec![
+                pdv(pc, true, true, c2.to_vec()),
+                pdv(pc, false, false, d1.to_vec()),
+                pdv(pc, false, true, d2.to_vec()),
+            ],
+        })
+        .unwrap();
+        let rsp = response(&mut a);
+        assert_eq!(u16_of(&rsp, tags::STATUS), 0);
+        assert_eq!(u16_of(&rsp, tags::MESSAGE_ID_BEING_RESPONDED_TO), 77);
+        a.release().unwrap();
+    })
+    .await;
+    let got = spooled(&scp.spool);
+    assert_eq!(got.len(), 1);
+    assert!(split_part10(&got[0].1).1 == &sent[..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_association_is_aborted_after_the_idle_timeout_and_a_silent_socket_after_artim() {
+    let mut cfg = dicom_cfg();
+    cfg.idle_timeout_secs = 1;
+    cfg.artim_timeout_secs = 1;
+    let scp = start(cfg, 1).await;
+    let addr = scp.addr;
+    blocking(move || {
+        let started = Instant::now();
+        let mut a = associate(addr, "CT1", AE, &[(uids::VERIFICATION, &[ILE])]).unwrap();
+        assert!(matches!(a.receive(), Ok(Pdu::AbortRQ { .. })));
+        assert!(started.elapsed() >= Duration::from_millis(900));
+
+        let started = Instant::now();
+        let mut s = raw_connect(addr);
+        assert!(
+            closed_by_server(&mut s),
+            "ARTIM closes a socket that never associates"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(900));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_accepting_and_aborts_associations_still_open_after_the_grace_period() {
+    let mut cfg = dicom_cfg();
+    cfg.shutdown_grace_secs = 1;
+    let scp = start(cfg, 1).await;
+    let addr = scp.addr;
+    let mut a = blocking(move || {
+        let mut a = associate(addr, "CT1", AE, &[(uids::VERIFICATION, &[ILE])]).unwrap();
+        assert_eq!(u16_of(&echo(&mut a, 1), tags::STATUS), 0);
+        a
+    })
+    .await;
+    scp.shutdown.send(true).unwrap();
+    let served = tokio::time::timeout(DEADLINE, scp.task)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(served.is_ok());
+    blocking(move || {
+        assert!(matches!(a.receive(), Ok(Pdu::AbortRQ { .. })));
+        assert!(TcpStream::connect(addr).is_err(), "the listener is closed");
+    })
+    .await;
+}
