@@ -936,6 +936,7 @@ impl Spool {
         Ok(n as u64)
     }
 
+    /// Persists how the uplink is doing, for `passerelled status` in another process.
     pub fn set_uplink_state(&self, state: &UplinkState) -> Result<()> {
         self.conn()
             .prepare_cached(
@@ -953,10 +954,12 @@ impl Spool {
         Ok(())
     }
 
+    /// The last [`UplinkState`] saved (all `None` on a new spool).
     pub fn uplink_state(&self) -> Result<UplinkState> {
         read_uplink_state(&self.conn())
     }
 
+    /// Counts per state and the figures `passerelled status` shows; ages are measured from `now`.
     pub fn status(&self, now: SystemTime) -> Result<StatusReport> {
         let conn = self.conn();
         let mut report = StatusReport::default();
@@ -1085,9 +1088,11 @@ impl Spool {
             let Some(last) = page.last() else { break };
             cursor = (last.sent_at, last.id);
             let mut done = Vec::with_capacity(page.len());
+            let mut enough = false;
             for cand in &page {
                 if let Some(target) = target_free {
                     if free_before.saturating_add(report.bytes) >= target {
+                        enough = true;
                         break;
                     }
                 }
@@ -1111,7 +1116,6 @@ impl Spool {
                     ),
                 }
             }
-            let stop = done.len() < page.len() && target_free.is_some();
             if !done.is_empty() {
                 let mut conn = self.conn();
                 let tx = conn
@@ -1129,7 +1133,7 @@ impl Spool {
                 }
                 tx.commit().ctx("record evictions")?;
             }
-            if stop {
+            if enough {
                 break 'pages;
             }
         }
