@@ -259,7 +259,13 @@ struct Inner {
     owner_lock: Option<Flock<File>>,
     /// One eviction pass at a time (many associations may find the disk low at once).
     evicting: Mutex<()>,
+    /// Tests simulate a small disk through this.
+    #[cfg(test)]
+    free_probe: Mutex<Option<FreeProbe>>,
 }
+
+#[cfg(test)]
+type FreeProbe = Box<dyn Fn(&Path) -> u64 + Send>;
 
 /// One row as eviction sees it.
 struct EvictCandidate {
@@ -365,6 +371,8 @@ impl Spool {
                 conn: Mutex::new(conn),
                 owner_lock,
                 evicting: Mutex::new(()),
+                #[cfg(test)]
+                free_probe: Mutex::new(None),
             }),
         })
     }
@@ -378,6 +386,15 @@ impl Spool {
     /// The spool directory.
     pub fn dir(&self) -> PathBuf {
         self.inner.dir.clone()
+    }
+
+    /// Free bytes for unprivileged users on the spool's file system.
+    fn free_bytes(&self) -> Result<u64> {
+        #[cfg(test)]
+        if let Some(probe) = self.inner.free_probe.lock().unwrap().as_ref() {
+            return Ok(probe(&self.inner.dir));
+        }
+        files::free_bytes(&self.inner.dir)
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -498,16 +515,16 @@ impl Spool {
     /// Returns [`SpoolError::DiskFull`] when that is not enough; nothing unconfirmed is ever touched.
     pub fn ensure_space(&self) -> Result<()> {
         let min = self.inner.cfg.min_free_mb.saturating_mul(MIB);
-        if files::free_bytes(&self.inner.dir)? >= min {
+        if self.free_bytes()? >= min {
             return Ok(());
         }
         let free = {
             let _evicting = self.evicting();
             // Another caller may have made room while this one waited.
-            if files::free_bytes(&self.inner.dir)? < min {
+            if self.free_bytes()? < min {
                 self.evict_locked(SystemTime::now())?;
             }
-            files::free_bytes(&self.inner.dir)?
+            self.free_bytes()?
         };
         if free >= min {
             return Ok(());
@@ -1063,7 +1080,7 @@ impl Spool {
             .min_free_mb
             .saturating_add(self.inner.cfg.evict_headroom_mb)
             .saturating_mul(MIB);
-        if files::free_bytes(&self.inner.dir)? < target_free {
+        if self.free_bytes()? < target_free {
             let more = self.evict_stage(EvictStage::Space { target_free }, now_ms)?;
             report.files += more.files;
             report.bytes += more.bytes;
@@ -1079,7 +1096,7 @@ impl Spool {
             EvictStage::Space { target_free } => (i64::MAX, Some(target_free)),
         };
         let free_before = match target_free {
-            Some(_) => files::free_bytes(&self.inner.dir)?,
+            Some(_) => self.free_bytes()?,
             None => 0,
         };
         let mut cursor = (i64::MIN, i64::MIN);

@@ -928,3 +928,88 @@ fn a_schedule_set_by_a_wrong_clock_is_reset_at_start_up() {
         .unwrap();
     assert!(next > before + 3_600_000, "a plausible schedule is kept");
 }
+
+/// Simulates a disk of `capacity` bytes holding only the spool's objects.
+fn simulate_disk(spool: &Spool, capacity: u64) {
+    fn used(dir: &Path) -> u64 {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                if e.file_type().unwrap().is_dir() {
+                    used(&e.path())
+                } else {
+                    e.metadata().unwrap().len()
+                }
+            })
+            .sum()
+    }
+    *spool.inner.free_probe.lock().unwrap() = Some(Box::new(move |dir| {
+        capacity.saturating_sub(used(&dir.join("objects")))
+    }));
+}
+
+#[test]
+fn low_space_evicts_oldest_sent_first_and_only_as_much_as_needed() {
+    // 1 MiB kept free; eviction aims at 1 MiB more.
+    let fx = Fixture::with(|c| {
+        c.retention_hours = 10_000;
+        c.min_free_mb = 1;
+        c.evict_headroom_mb = 1;
+        c.zstd_level = -5;
+    });
+    let spool = fx.spool();
+    // Random data does not compress: each file is about 400 KiB.
+    let ids: Vec<_> = (0..8)
+        .map(|i| Inst::new(&format!("1.14.{i}"), "1.14", 800 * 1024, 600 + i).stored_id(&spool))
+        .collect();
+    let size = fs::metadata(file_of(&fx, &spool, ids[0])).unwrap().len();
+    // Send in the order 3, 1, 0, 2; 4..8 stay queued.
+    for i in [3, 1, 0, 2] {
+        spool.claim_batch(8, u64::MAX, far_future()).unwrap();
+        spool.mark_sent(ids[i], false).unwrap();
+        for id in &ids {
+            if state(&spool, *id) == "uploading" {
+                spool.release(*id).unwrap();
+            }
+        }
+    }
+    // 8 files on a disk leaving 1.5 MiB free: above the minimum, so storing needs no eviction...
+    simulate_disk(&spool, 8 * size + 3 * MIB / 2);
+    spool.ensure_space().unwrap();
+    assert!(ids.iter().all(|id| file_of(&fx, &spool, *id).exists()));
+    // ...but the periodic pass restores the headroom: two files, the two sent first.
+    let report = spool.evict(SystemTime::now()).unwrap();
+    assert_eq!(
+        report,
+        EvictReport {
+            files: 2,
+            bytes: 2 * size
+        }
+    );
+    let present: Vec<bool> = ids
+        .iter()
+        .map(|id| file_of(&fx, &spool, *id).exists())
+        .collect();
+    assert_eq!(present, [true, false, true, false, true, true, true, true]);
+    assert_eq!(
+        spool.evict(SystemTime::now()).unwrap(),
+        EvictReport::default()
+    );
+
+    // The disk fills up: every sent file goes, and that is not enough.
+    simulate_disk(&spool, 6 * size + MIB / 10);
+    assert!(matches!(
+        spool.ensure_space(),
+        Err(SpoolError::DiskFull { min_free_mb: 1, .. })
+    ));
+    let present: Vec<bool> = ids
+        .iter()
+        .map(|id| file_of(&fx, &spool, *id).exists())
+        .collect();
+    assert_eq!(
+        present,
+        [false, false, false, false, true, true, true, true]
+    );
+    assert_eq!(spool.status(SystemTime::now()).unwrap().queued, 4);
+}
