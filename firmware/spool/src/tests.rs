@@ -1013,3 +1013,34 @@ fn low_space_evicts_oldest_sent_first_and_only_as_much_as_needed() {
     );
     assert_eq!(spool.status(SystemTime::now()).unwrap().queued, 4);
 }
+
+#[test]
+fn a_file_damaged_after_verification_fails_the_read_instead_of_yielding_other_bytes() {
+    for damage in ["truncate", "flip"] {
+        let fx = Fixture::new();
+        let spool = fx.spool();
+        let inst = Inst::new("1.15.1", "1.15", 2 * 1024 * 1024, 700);
+        let id = inst.stored_id(&spool);
+        let path = file_of(&fx, &spool, id);
+        let mut reader = spool.open_verified(&claim_one(&spool)).unwrap();
+        let mut bytes = fs::read(&path).unwrap();
+        match damage {
+            "truncate" => bytes.truncate(bytes.len() / 2),
+            _ => {
+                let at = bytes.len() - 100;
+                bytes[at] ^= 0xff;
+            }
+        }
+        // Rewrite in place (same inode), as a failing disk would.
+        File::options()
+            .write(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap()
+            .write_all(&bytes)
+            .unwrap();
+        let mut out = Vec::new();
+        assert!(reader.read_to_end(&mut out).is_err(), "{damage}");
+        assert_ne!(out, inst.raw(), "{damage}");
+    }
+}
