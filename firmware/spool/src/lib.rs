@@ -1348,14 +1348,31 @@ impl Written {
         drop(file);
         let uid = meta.sop_instance_uid.as_str();
 
-        // An identical re-send: answer success, keep nothing (the guard removes the temp file).
+        let fan = sha256.get(..2).unwrap_or("00");
+        let subdir = spool.inner.objects_dir.join(fan);
+        let rel = format!("objects/{fan}/{sha256}.dcm.zst");
+        let target = spool.inner.dir.join(&rel);
+
+        // An identical re-send: answer success, keep nothing (the guard removes the temp file)...
         let duplicate = {
             let conn = spool.conn();
             let dup = find_duplicate(&conn, uid, &sha256)?;
-            if dup.is_some() {
-                db::bump_counter(&conn, DUPLICATES_RECEIVED)?;
+            match dup {
+                // ...unless the held copy is unconfirmed and its file has gone: then this copy
+                // takes its place (below) instead of the instance turning up lost later.
+                Some((id, true)) if !target.exists() => {
+                    log::warn!(
+                        "The spool file of a queued instance was missing; an identical copy just received replaces it. sop_instance_uid={uid} id={id} path={}",
+                        target.display()
+                    );
+                    None
+                }
+                Some((id, _)) => {
+                    db::bump_counter(&conn, DUPLICATES_RECEIVED)?;
+                    Some(id)
+                }
+                None => None,
             }
-            dup
         };
         if let Some(id) = duplicate {
             drop(guard);
@@ -1364,13 +1381,9 @@ impl Written {
         }
 
         // Into place: content-addressed, durable before the row exists.
-        let fan = sha256.get(..2).unwrap_or("00");
-        let subdir = spool.inner.objects_dir.join(fan);
         if files::create_dir(&subdir)? {
             files::fsync_dir(&spool.inner.objects_dir)?;
         }
-        let rel = format!("objects/{fan}/{sha256}.dcm.zst");
-        let target = spool.inner.dir.join(&rel);
         // Renaming over an existing file of the same name is harmless: same name, same bytes (a
         // file left by a crash between rename and row, or a concurrent identical commit).
         fs::rename(&guard.path, &target).map_err(|source| SpoolError::Write {
@@ -1385,8 +1398,9 @@ impl Written {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .ctx("start storing an instance")?;
-        if let Some(id) = find_duplicate(&tx, uid, &sha256)? {
-            // A concurrent identical commit won the race; the file in place is the same bytes.
+        if let Some((id, _)) = find_duplicate(&tx, uid, &sha256)? {
+            // A concurrent identical commit won the race (or this copy restored a missing file):
+            // the file in place holds the same bytes.
             db::bump_counter(&tx, DUPLICATES_RECEIVED)?;
             tx.commit().ctx("count a duplicate")?;
             log_duplicate(&meta, id);
@@ -1456,11 +1470,12 @@ impl Written {
 }
 
 /// The row already holding these exact bytes under this UID (lost and quarantined rows do not count).
-fn find_duplicate(conn: &Connection, uid: &str, sha256: &str) -> Result<Option<i64>> {
+/// Also says whether that row is still unconfirmed (so its file must exist).
+fn find_duplicate(conn: &Connection, uid: &str, sha256: &str) -> Result<Option<(i64, bool)>> {
     conn.prepare_cached(
-        "SELECT id FROM instances WHERE sop_instance_uid = ?1 AND sha256 = ?2 AND state NOT IN ('lost', 'quarantined') ORDER BY id LIMIT 1",
+        "SELECT id, state IN ('queued', 'uploading', 'failed') FROM instances WHERE sop_instance_uid = ?1 AND sha256 = ?2 AND state NOT IN ('lost', 'quarantined') ORDER BY id LIMIT 1",
     )
-    .and_then(|mut s| s.query_row([uid, sha256], |r| r.get(0)).optional())
+    .and_then(|mut s| s.query_row([uid, sha256], |r| Ok((r.get(0)?, r.get(1)?))).optional())
     .ctx("look up duplicates")
 }
 

@@ -1044,3 +1044,22 @@ fn a_file_damaged_after_verification_fails_the_read_instead_of_yielding_other_by
         assert_ne!(out, inst.raw(), "{damage}");
     }
 }
+
+#[test]
+fn an_identical_resend_restores_the_missing_file_of_a_queued_instance() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    let inst = Inst::new("1.16.1", "1.16", 100_000, 800);
+    let id = inst.stored_id(&spool);
+    fs::remove_file(file_of(&fx, &spool, id)).unwrap();
+    assert_eq!(inst.store(&spool), StoreOutcome::Duplicate { id });
+    assert_eq!(tmp_entries(&fx), 0);
+    assert_eq!(read_all(&spool, &claim_one(&spool)).unwrap(), inst.raw());
+    // Once sent and evicted, a resend is a plain duplicate and leaves no file behind.
+    spool.mark_sent(id, false).unwrap();
+    spool.evict(far_future()).unwrap();
+    assert!(!file_of(&fx, &spool, id).exists());
+    assert_eq!(inst.store(&spool), StoreOutcome::Duplicate { id });
+    assert!(!file_of(&fx, &spool, id).exists());
+    assert_eq!(tmp_entries(&fx), 0);
+}
