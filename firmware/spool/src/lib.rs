@@ -20,8 +20,9 @@
 //!   <sha256>.dcm.zst` and `quarantine/<id>-<sha256>.dcm.zst`. Directories are created `0700` and
 //!   files `0600`: they hold patient data.
 //! - The first process to open a spool holds an exclusive `flock` on `spool.lock` and runs recovery.
-//!   `passerelled status`/`requeue` opening the same spool meanwhile share the database (WAL, 5 s
-//!   busy timeout) but skip recovery, so they never touch the daemon's transfers in flight.
+//!   `passerelled status`/`requeue` use [`Spool::attach`] (and a second [`Spool::open`] while the
+//!   lock is held behaves the same): they share the database (WAL, 5 s busy timeout) but skip
+//!   recovery, so they never touch the daemon's transfers in flight.
 //! - Duplicates are decided in the database: same SOP Instance UID and SHA-256 as a row that is not
 //!   `lost`/`quarantined` → the temporary file is dropped and only a counter moves. The decision is
 //!   made again inside the insert transaction, so two associations storing the same instance at once
