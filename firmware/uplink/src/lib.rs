@@ -1,5 +1,728 @@
-//! placeholder: the STOW-RS uplink (being written).
+//! The uplink: forwards spooled instances to the regional PACS with DICOMweb STOW-RS over verified
+//! HTTPS, and records in the spool what the PACS confirmed.
 //!
-//! Public entry points (contract with passerelled):
-//! `pub struct Uplink; impl Uplink { pub fn new(cfg: passerelle_config::UplinkConfig, spool: passerelle_spool::Spool) -> Result<Uplink>;
-//!   pub async fn run(self, wake: std::sync::Arc<tokio::sync::Notify>, shutdown: tokio::sync::watch::Receiver<bool>) -> Result<()> }`
+//! It must never mark an instance sent unless the PACS's response, parsed, lists its SOP Instance
+//! UID in ReferencedSOPSequence (0008,1199); never send bytes the spool did not verify; never hold a
+//! whole instance in memory; never send anything over a connection whose certificate was not
+//! verified against `uplink.ca_file`; and never retry in a tight loop.
+//!
+//! # Background
+//! STOW-RS (PS3.18 §10.5) is an HTTP POST of a `multipart/related; type="application/dicom"` body,
+//! one part per Part-10 instance. The PACS answers with a dataset (`application/dicom+json`, or
+//! `+xml`) whose ReferencedSOPSequence lists what it stored and FailedSOPSequence what it did not,
+//! each with a FailureReason (0008,1197). Hospitals' PACS sit behind TLS front ends (nginx,
+//! stunnel), often reached through an HTTP CONNECT proxy, and links can be slow: a study of
+//! several GB over a few Mbit/s takes hours.
+//!
+//! # Design
+//! - [`Uplink::run`] loops: claim a batch (instances of one study, bounded in count and bytes) from
+//!   the spool, POST it, record each instance's outcome (`mark_sent`, `mark_retry` with a persisted
+//!   next attempt time, `mark_failed`, or `release`). With nothing due it waits for a wake-up from
+//!   ingest, the next due time, a 2-second poll or shutdown.
+//! - The body is streamed (module `body`): a blocking producer opens one instance at a time with
+//!   `Spool::open_verified` and feeds 256 KiB chunks through a bounded channel into
+//!   `reqwest::Body::wrap_stream`. The multipart framing is written here, about twenty lines: no
+//!   maintained crate streams `multipart/related` with a part body that is itself a stream
+//!   (reqwest's and common-multipart-rfc7578's writers are `multipart/form-data` only, and
+//!   multipart-stream and mime_multipart hold each part's body in memory).
+//! - Timeouts: a connect timeout and an *idle* watchdog (no body chunk taken by the HTTP client and
+//!   no response byte for `uplink.idle_timeout_secs`), never a whole-request timeout, so a slow but
+//!   moving upload completes. reqwest's own `read_timeout` is not used: in reqwest 0.12 it runs
+//!   from sending the request to the response headers without being reset by upload progress, so
+//!   it would cap the upload time.
+//! - TLS (module `tls`): rustls with the ring provider, TLS 1.2 and 1.3 only, the certificates of
+//!   `uplink.ca_file` as the only trust anchors, host name verification, optional client
+//!   certificate. Proxy environment variables are ignored; `uplink.proxy` is the only proxy.
+//!   Redirects are not followed (a study is never re-posted elsewhere).
+//! - Outcomes (module `outcome`, pure and unit-tested): the response or transport failure is
+//!   classified in one exhaustive match, then per instance: referenced → sent; failed → by
+//!   FailureReason (A7xx, 0110, 0111, 0212 retried; others failed for good); absent → retried.
+//!   413 splits the batch; 401/403/407/415, wrong endpoints and certificate failures pause the
+//!   uplink for `uplink.auth_pause_secs` with an ERROR that says what to fix; 5xx, 408, 429 and
+//!   network errors back off exponentially with ±20% jitter, honouring Retry-After.
+//! - The uplink's health (`UplinkState`: pause, last error, last success) is persisted in the
+//!   spool for `passerelled status`.
+//!
+//! # Limitations
+//! - One request at a time; HTTP/1.1 only.
+//! - A pause persisted by a previous run is cleared at start-up: restarting passerelled is how the
+//!   operator applies a fixed configuration.
+//! - If the spool cannot record an outcome, the outcome is kept in memory and recorded again every
+//!   few seconds; a restart re-queues such rows (`uploading` → `queued`), which at worst sends an
+//!   instance twice (STOW-RS stores are idempotent per SOP Instance UID).
+//! - Two versions of one SOP Instance UID are never sent in the same request: the later one waits
+//!   for the next batch, so that the response cannot be ambiguous.
+
+mod body;
+mod error;
+mod outcome;
+pub mod response;
+mod tls;
+
+pub use error::{Result, UplinkError};
+
+use std::collections::{HashSet, VecDeque};
+use std::error::Error as StdError;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use log::{error, info, warn};
+use passerelle_config::UplinkConfig;
+use passerelle_spool::{InstanceId, QueuedInstance, Spool, SpoolError, UplinkState};
+use rand::Rng;
+use reqwest::header::{ACCEPT, CONTENT_TYPE, LOCATION, RETRY_AFTER};
+use tokio::sync::{mpsc, watch, Notify};
+
+use crate::body::{BodyStream, ProducerReport, Shared};
+use crate::outcome::{Action, Answer, Decision, Exchange, TransportFailure};
+
+/// With nothing due, look at the queue at least this often (another process may re-queue rows).
+const POLL_INTERVAL: Duration = Duration::from_secs(2);
+/// How long an upload in flight may still take once shutdown was asked for.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// Wait after the spool failed to answer, before trying again.
+const SPOOL_ERROR_WAIT: Duration = Duration::from_secs(5);
+/// Responses larger than this are cut (a STOW-RS response for a batch is a few KB).
+const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+
+enum Auth {
+    None,
+    Basic { username: String, password: String },
+    Bearer(String),
+}
+
+/// An outcome to record in the spool.
+#[derive(Debug, Clone)]
+enum Mark {
+    Sent { redelivery: bool },
+    Retry { error: String, at: SystemTime },
+    Failed { reason: String },
+    Release,
+}
+
+/// The STOW-RS uplink. Build it with [`Uplink::new`], run it with [`Uplink::run`].
+pub struct Uplink {
+    cfg: UplinkConfig,
+    spool: Spool,
+    client: reqwest::Client,
+    url: reqwest::Url,
+    auth: Auth,
+    state: UplinkState,
+    /// Outcomes the spool failed to record; recorded again before the next batch.
+    stranded: Vec<(InstanceId, String, Mark)>,
+}
+
+/// How one request went.
+enum Sent {
+    /// No instance of the batch could be read: nothing was sent.
+    Nothing,
+    /// Shutdown interrupted the request: nothing is known, the rows are released.
+    Aborted,
+    Done(Exchange),
+}
+
+impl Uplink {
+    /// Builds the HTTPS client; fails with a clear error on a bad CA file / client cert / proxy.
+    pub fn new(cfg: UplinkConfig, spool: Spool) -> Result<Uplink> {
+        let url = reqwest::Url::parse(&cfg.stow_url).map_err(|e| UplinkError::ParseStowUrl {
+            url: cfg.stow_url.clone(),
+            detail: e.to_string(),
+        })?;
+        if url.scheme() != "https" {
+            return Err(UplinkError::ParseStowUrl {
+                url: cfg.stow_url.clone(),
+                detail: "studies may only leave the box over TLS: use an https:// URL".into(),
+            });
+        }
+        let tls = tls::client_config(&cfg)?;
+        let mut builder = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .https_only(true)
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(cfg.connect_timeout())
+            .pool_idle_timeout(Duration::from_secs(20))
+            .tcp_keepalive(Duration::from_secs(30))
+            .user_agent(concat!("passerelle/", env!("CARGO_PKG_VERSION")));
+        if !cfg.proxy.is_empty() {
+            let proxy =
+                reqwest::Proxy::all(&cfg.proxy).map_err(|source| UplinkError::ConfigureProxy {
+                    proxy: redact_url(&cfg.proxy),
+                    source,
+                })?;
+            builder = builder.proxy(proxy);
+        }
+        let client = builder
+            .build()
+            .map_err(|source| UplinkError::BuildHttpClient { source })?;
+        let auth = if !cfg.bearer_token.is_empty() {
+            Auth::Bearer(cfg.bearer_token.clone())
+        } else if !cfg.username.is_empty() {
+            Auth::Basic {
+                username: cfg.username.clone(),
+                password: cfg.password.clone(),
+            }
+        } else {
+            Auth::None
+        };
+        Ok(Uplink {
+            cfg,
+            spool,
+            client,
+            url,
+            auth,
+            state: UplinkState::default(),
+            stranded: Vec::new(),
+        })
+    }
+
+    /// Runs until `*shutdown` becomes true: claims batches, posts them, records outcomes.
+    ///
+    /// Upload failures are outcomes recorded in the spool, and spool errors are logged and retried:
+    /// this returns only at shutdown.
+    pub async fn run(
+        mut self,
+        wake: Arc<Notify>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<()> {
+        match self
+            .spool_call("read the uplink state", |s| s.uplink_state())
+            .await
+        {
+            Ok(state) => self.state = state,
+            Err(e) => error!(
+                "Cannot read the persisted uplink state; starting from a clean state. error=\"{}\"",
+                error_chain(&e)
+            ),
+        }
+        if let Some(until) = self.state.paused_until.take() {
+            info!(
+                "Cleared the uplink pause left by the previous run: a restart applies the current configuration. paused_until=\"{}\"",
+                httpdate::fmt_http_date(until)
+            );
+            self.save_state().await;
+        }
+        info!(
+            "Uplink started. stow_url={} proxy={} ca_file={} client_cert={} batch_max_instances={} batch_max_mb={} idle_timeout_secs={}",
+            self.cfg.stow_url,
+            if self.cfg.proxy.is_empty() { "none".to_string() } else { redact_url(&self.cfg.proxy) },
+            self.cfg.ca_file.display(),
+            if self.cfg.client_cert.as_os_str().is_empty() { "none".into() } else { self.cfg.client_cert.display().to_string() },
+            self.cfg.batch_max_instances,
+            self.cfg.batch_max_mb,
+            self.cfg.idle_timeout_secs,
+        );
+
+        while !stop_requested(&shutdown) {
+            if !self.stranded.is_empty() {
+                let marks = std::mem::take(&mut self.stranded);
+                self.record(marks).await;
+                if !self.stranded.is_empty() {
+                    wait_or_shutdown(SPOOL_ERROR_WAIT, &mut shutdown).await;
+                    continue;
+                }
+            }
+            if let Some(until) = self.state.paused_until {
+                if let Ok(left) = until.duration_since(SystemTime::now()) {
+                    if !left.is_zero() {
+                        wait_or_shutdown(left, &mut shutdown).await;
+                        continue;
+                    }
+                }
+                self.state.paused_until = None;
+                self.save_state().await;
+                info!("The uplink pause is over; uploads resume.");
+            }
+
+            let now = SystemTime::now();
+            let (max_count, max_bytes) = (self.cfg.batch_max_instances, self.cfg.batch_max_bytes());
+            let batch = match self
+                .spool_call("claim a batch", move |s| {
+                    s.claim_batch(max_count, max_bytes, now)
+                })
+                .await
+            {
+                Ok(batch) => batch,
+                Err(e) => {
+                    error!(
+                        "Cannot claim instances to upload from the spool; trying again in {} s. Check the spool disk. error=\"{}\"",
+                        SPOOL_ERROR_WAIT.as_secs(),
+                        error_chain(&e)
+                    );
+                    wait_or_shutdown(SPOOL_ERROR_WAIT, &mut shutdown).await;
+                    continue;
+                }
+            };
+            if batch.is_empty() {
+                let next_due = self
+                    .spool_call("find the next due time", |s| s.next_due())
+                    .await;
+                let wait = match next_due {
+                    Ok(Some(due)) => due
+                        .duration_since(SystemTime::now())
+                        .unwrap_or(Duration::ZERO)
+                        .clamp(Duration::from_millis(100), POLL_INTERVAL),
+                    Ok(None) | Err(_) => POLL_INTERVAL,
+                };
+                tokio::select! {
+                    _ = wake.notified() => {}
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown_requested(&mut shutdown) => {}
+                }
+                continue;
+            }
+            self.process(batch, &mut shutdown).await;
+        }
+        if !self.stranded.is_empty() {
+            let marks = std::mem::take(&mut self.stranded);
+            self.record(marks).await;
+        }
+        info!("Uplink stopped.");
+        Ok(())
+    }
+
+    /// Uploads one claimed batch (in halves after a 413) and records every outcome.
+    async fn process(&mut self, batch: Vec<QueuedInstance>, shutdown: &mut watch::Receiver<bool>) {
+        let mut seen = HashSet::new();
+        let (batch, later): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .partition(|i| seen.insert(i.sop_instance_uid.clone()));
+        let mut marks: Vec<(InstanceId, String, Mark)> = later
+            .into_iter()
+            .map(|i| (i.id, i.sop_instance_uid, Mark::Release))
+            .collect();
+
+        let mut work = vec![batch];
+        while let Some(part) = work.pop() {
+            if part.is_empty() {
+                continue;
+            }
+            if stop_requested(shutdown) || self.state.paused_until.is_some() {
+                marks.extend(
+                    part.into_iter()
+                        .map(|i| (i.id, i.sop_instance_uid, Mark::Release)),
+                );
+                continue;
+            }
+            let started = Instant::now();
+            let (sent, report) = self.exchange(&part, shutdown).await;
+            let elapsed = started.elapsed();
+            let now = SystemTime::now();
+            let (mut in_request, left_out): (Vec<_>, Vec<_>) =
+                part.into_iter().partition(|i| !report.left_out(i.id));
+            for inst in left_out {
+                if let Some((_, why)) = report.unreadable.iter().find(|(id, _)| *id == inst.id) {
+                    let error = format!("The spool file could not be read: {why}");
+                    let at = now + self.retry_delay(inst.attempts, None);
+                    self.note_error(&error, now);
+                    marks.push((inst.id, inst.sop_instance_uid, Mark::Retry { error, at }));
+                }
+            }
+            let exchange = match sent {
+                Sent::Nothing => continue,
+                Sent::Aborted => {
+                    info!(
+                        "Stopped an upload for shutdown; its instances stay queued. study_instance_uid={} instances={}",
+                        study_of(&in_request),
+                        in_request.len()
+                    );
+                    marks.extend(
+                        in_request
+                            .into_iter()
+                            .map(|i| (i.id, i.sop_instance_uid, Mark::Release)),
+                    );
+                    continue;
+                }
+                Sent::Done(exchange) => exchange,
+            };
+            match outcome::decide(&in_request, &exchange) {
+                Decision::Split => {
+                    let second = in_request.split_off(in_request.len().div_ceil(2));
+                    info!(
+                        "The PACS found the request too large (HTTP 413); sending the batch again in two halves. study_instance_uid={} instances={} first_half={} second_half={}",
+                        study_of(&in_request),
+                        in_request.len() + second.len(),
+                        in_request.len(),
+                        second.len()
+                    );
+                    work.push(second);
+                    work.push(in_request);
+                }
+                Decision::Pause { error } => {
+                    let until = now + Duration::from_secs(self.cfg.auth_pause_secs);
+                    error!(
+                        "Paused the uplink: {error} Nothing is lost: the instances stay queued. paused_until=\"{}\" study_instance_uid={} instances={}",
+                        httpdate::fmt_http_date(until),
+                        study_of(&in_request),
+                        in_request.len()
+                    );
+                    self.state.paused_until = Some(until);
+                    self.note_error(&error, now);
+                    marks.extend(
+                        in_request
+                            .into_iter()
+                            .map(|i| (i.id, i.sop_instance_uid, Mark::Release)),
+                    );
+                }
+                Decision::PerInstance(actions) => {
+                    let status = match &exchange {
+                        Exchange::Answered(a) => Some(a.status),
+                        Exchange::Failed(_) => None,
+                    };
+                    self.apply(&in_request, actions, status, elapsed, now, &mut marks);
+                }
+            }
+        }
+        self.record(marks).await;
+        self.save_state().await;
+    }
+
+    /// Turns per-instance actions into marks, with log lines.
+    fn apply(
+        &mut self,
+        instances: &[QueuedInstance],
+        actions: Vec<(InstanceId, Action)>,
+        status: Option<u16>,
+        elapsed: Duration,
+        now: SystemTime,
+        marks: &mut Vec<(InstanceId, String, Mark)>,
+    ) {
+        let (mut delivered, mut bytes, mut redelivered) = (0usize, 0u64, 0usize);
+        let mut retries: Vec<(String, usize, SystemTime)> = Vec::new();
+        for (id, action) in actions {
+            let Some(inst) = instances.iter().find(|i| i.id == id) else {
+                continue;
+            };
+            let uid = inst.sop_instance_uid.clone();
+            match action {
+                Action::Sent {
+                    redelivery,
+                    warning_reason,
+                } => {
+                    delivered += 1;
+                    bytes += inst.raw_size;
+                    redelivered += usize::from(redelivery);
+                    if let Some(code) = warning_reason {
+                        warn!(
+                            "The PACS stored an instance with a warning. sop_instance_uid={uid} warning_reason={code:#06X} meaning=\"{}\"",
+                            outcome::describe_status(code)
+                        );
+                    }
+                    marks.push((id, uid, Mark::Sent { redelivery }));
+                }
+                Action::Retry { error, not_before } => {
+                    let at = now + self.retry_delay(inst.attempts, not_before);
+                    match retries.iter_mut().find(|(e, _, _)| *e == error) {
+                        Some((_, n, first_at)) => {
+                            *n += 1;
+                            *first_at = (*first_at).min(at);
+                        }
+                        None => retries.push((error.clone(), 1, at)),
+                    }
+                    self.note_error(&error, now);
+                    marks.push((id, uid, Mark::Retry { error, at }));
+                }
+                Action::Failed { reason } => {
+                    error!(
+                        "The PACS refused an instance for good; it stays in the spool as failed. Fix the cause, then re-queue it with `passerelled requeue`. sop_instance_uid={uid} study_instance_uid={} reason=\"{reason}\"",
+                        inst.study_instance_uid
+                    );
+                    self.note_error(&reason, now);
+                    marks.push((id, uid, Mark::Failed { reason }));
+                }
+            }
+        }
+        if delivered > 0 {
+            info!(
+                "Delivered batch. study_instance_uid={} instances={delivered} bytes={bytes} elapsed_ms={} redelivered={redelivered} http_status={}",
+                study_of(instances),
+                elapsed.as_millis(),
+                status.map_or_else(|| "none".into(), |s| s.to_string())
+            );
+            self.state.last_success_at = Some(now);
+        }
+        for (error, n, at) in retries {
+            warn!(
+                "Upload not confirmed; it will be retried. study_instance_uid={} instances={n} next_attempt_at=\"{}\" error=\"{error}\"",
+                study_of(instances),
+                httpdate::fmt_http_date(at)
+            );
+        }
+    }
+
+    /// Sends one request for `instances` and waits for its answer, the idle watchdog or shutdown.
+    async fn exchange(
+        &self,
+        instances: &[QueuedInstance],
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> (Sent, ProducerReport) {
+        let shared = Shared::new();
+        let spool = self.spool.clone();
+        let pending: VecDeque<QueuedInstance> = instances.iter().cloned().collect();
+        let opener = {
+            let shared = shared.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut pending = pending;
+                let mut report = ProducerReport::default();
+                let first = body::open_next(&spool, &mut pending, &mut report, &shared.progress);
+                (first, pending, report)
+            })
+        };
+        let (first, pending, mut report) = match opener.await {
+            Ok(opened) => opened,
+            Err(e) => {
+                let failure =
+                    TransportFailure::LocalRead(format!("opening the spool files failed ({e})"));
+                return (
+                    Sent::Done(Exchange::Failed(failure)),
+                    ProducerReport::default(),
+                );
+            }
+        };
+        let Some(first) = first else {
+            return (Sent::Nothing, report);
+        };
+
+        let boundary = body::new_boundary();
+        let (tx, rx) = mpsc::channel(body::CHANNEL_CHUNKS);
+        let producer = {
+            let (spool, shared, boundary) = (self.spool.clone(), shared.clone(), boundary.clone());
+            let rt = tokio::runtime::Handle::current();
+            tokio::task::spawn_blocking(move || {
+                body::produce(spool, first, pending, boundary, tx, shared, rt)
+            })
+        };
+        let request = self
+            .client
+            .post(self.url.clone())
+            .header(CONTENT_TYPE, body::content_type(&boundary))
+            .header(ACCEPT, "application/dicom+json")
+            .body(reqwest::Body::wrap_stream(BodyStream::new(
+                rx,
+                shared.clone(),
+            )));
+        let request = match &self.auth {
+            Auth::None => request,
+            Auth::Basic { username, password } => request.basic_auth(username, Some(password)),
+            Auth::Bearer(token) => request.bearer_auth(token),
+        };
+        let progress = &shared.progress;
+        let call = async move {
+            let response = request.send().await?;
+            progress.touch();
+            read_answer(response, progress).await
+        };
+        tokio::pin!(call);
+        let idle = self.cfg.idle_timeout();
+        let result = tokio::select! {
+            r = &mut call => Some(r.map_err(|e| outcome::classify_transport(&e))),
+            _ = shared.progress.idle(idle) => Some(Err(TransportFailure::IdleTimeout(idle))),
+            _ = shutdown_requested(shutdown) => None,
+        };
+        let result = match result {
+            Some(r) => Some(r),
+            None => {
+                info!(
+                    "Shutdown asked with an upload in flight; letting it finish for up to {} s.",
+                    SHUTDOWN_GRACE.as_secs()
+                );
+                match tokio::time::timeout(SHUTDOWN_GRACE, &mut call).await {
+                    Ok(r) => Some(r.map_err(|e| outcome::classify_transport(&e))),
+                    Err(_) => None,
+                }
+            }
+        };
+        // Whatever happened, the body must not go on: a body not yet complete ends with an error,
+        // which aborts the connection instead of finishing the message.
+        shared.cancel.cancel();
+        match producer.await {
+            Ok(r) => {
+                report.dropped.extend(r.dropped);
+                report.unreadable.extend(r.unreadable);
+            }
+            Err(e) => {
+                error!("The upload body producer failed; the batch will be retried. error=\"{e}\"")
+            }
+        }
+        let sent = match result {
+            None => Sent::Aborted,
+            Some(Ok(answer)) => Sent::Done(Exchange::Answered(answer)),
+            Some(Err(failure)) => match shared.failure() {
+                Some(local) => Sent::Done(Exchange::Failed(TransportFailure::LocalRead(local))),
+                None => Sent::Done(Exchange::Failed(failure)),
+            },
+        };
+        (sent, report)
+    }
+
+    fn retry_delay(&self, attempts: u32, not_before: Option<Duration>) -> Duration {
+        let jitter = rand::thread_rng().gen_range(-0.2..=0.2);
+        outcome::retry_delay(
+            self.cfg.retry_base_secs,
+            self.cfg.retry_max_secs,
+            attempts,
+            not_before,
+            jitter,
+        )
+    }
+
+    fn note_error(&mut self, error: &str, now: SystemTime) {
+        self.state.last_error = Some(error.to_string());
+        self.state.last_error_at = Some(now);
+    }
+
+    /// Records outcomes in the spool; the ones that fail are kept for later.
+    async fn record(&mut self, marks: Vec<(InstanceId, String, Mark)>) {
+        if marks.is_empty() {
+            return;
+        }
+        let spool = self.spool.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let mut failed = Vec::new();
+            for (id, uid, mark) in marks {
+                let r = match &mark {
+                    Mark::Sent { redelivery } => spool.mark_sent(id, *redelivery),
+                    Mark::Retry { error, at } => spool.mark_retry(id, error, *at),
+                    Mark::Failed { reason } => spool.mark_failed(id, reason),
+                    Mark::Release => spool.release(id),
+                };
+                match r {
+                    Ok(()) => {}
+                    Err(SpoolError::NoSuchRow { .. }) => warn!(
+                        "An uploaded instance's row is gone from the spool; nothing to record. sop_instance_uid={uid} id={}",
+                        id.0
+                    ),
+                    Err(e) => {
+                        error!(
+                            "Cannot record an upload outcome in the spool; trying again in a few seconds. Check the spool disk. sop_instance_uid={uid} outcome={mark:?} error=\"{}\"",
+                            error_chain(&e)
+                        );
+                        failed.push((id, uid, mark));
+                    }
+                }
+            }
+            failed
+        })
+        .await;
+        match done {
+            Ok(failed) => self.stranded.extend(failed),
+            Err(e) => error!(
+                "The task recording upload outcomes failed; restarting passerelled re-queues the affected instances. error=\"{e}\""
+            ),
+        }
+    }
+
+    async fn save_state(&mut self) {
+        let state = self.state.clone();
+        if let Err(e) = self
+            .spool_call("save the uplink state", move |s| s.set_uplink_state(&state))
+            .await
+        {
+            error!(
+                "Cannot save the uplink state in the spool; `passerelled status` may show an old state. error=\"{}\"",
+                error_chain(&e)
+            );
+        }
+    }
+
+    async fn spool_call<T, F>(&self, action: &'static str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Spool) -> passerelle_spool::Result<T> + Send + 'static,
+    {
+        let spool = self.spool.clone();
+        tokio::task::spawn_blocking(move || f(&spool))
+            .await
+            .map_err(|source| UplinkError::JoinSpoolTask { action, source })?
+            .map_err(|source| UplinkError::Spool { action, source })
+    }
+}
+
+/// Reads the status, the headers that matter and the body (bounded) of a response.
+async fn read_answer(
+    mut response: reqwest::Response,
+    progress: &body::Progress,
+) -> reqwest::Result<Answer> {
+    let header = |name| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v: &reqwest::header::HeaderValue| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let mut answer = Answer {
+        status: response.status().as_u16(),
+        content_type: header(CONTENT_TYPE),
+        location: header(LOCATION),
+        retry_after: header(RETRY_AFTER)
+            .and_then(|v| outcome::parse_retry_after(&v, SystemTime::now())),
+        body: Vec::new(),
+    };
+    while let Some(chunk) = response.chunk().await? {
+        progress.touch();
+        let room = MAX_RESPONSE_BYTES - answer.body.len();
+        answer
+            .body
+            .extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if answer.body.len() >= MAX_RESPONSE_BYTES {
+            break;
+        }
+    }
+    Ok(answer)
+}
+
+/// True once shutdown was asked (or its sender is gone).
+fn stop_requested(shutdown: &watch::Receiver<bool>) -> bool {
+    *shutdown.borrow() || shutdown.has_changed().is_err()
+}
+
+/// Completes once shutdown is asked (or its sender is gone).
+async fn shutdown_requested(shutdown: &mut watch::Receiver<bool>) {
+    loop {
+        if *shutdown.borrow_and_update() {
+            return;
+        }
+        if shutdown.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn wait_or_shutdown(wait: Duration, shutdown: &mut watch::Receiver<bool>) {
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => {}
+        _ = shutdown_requested(shutdown) => {}
+    }
+}
+
+fn study_of(instances: &[QueuedInstance]) -> &str {
+    instances
+        .first()
+        .map_or("none", |i| i.study_instance_uid.as_str())
+}
+
+/// A URL for logs, without its password.
+fn redact_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("redacted"));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => url.to_string(),
+    }
+}
+
+/// An error and its sources on one line, each message once.
+pub(crate) fn error_chain(err: &(dyn StdError + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        let msg = e.to_string();
+        if !parts.iter().any(|p| p.contains(&msg)) {
+            parts.push(msg);
+        }
+        cur = e.source();
+    }
+    parts.join(": ")
+}

@@ -1,0 +1,470 @@
+//! What an exchange with the PACS means for each instance of the batch. Pure functions: the
+//! network code in `lib.rs` produces an [`Exchange`], [`decide`] turns it into a [`Decision`], and
+//! `lib.rs` records that in the spool.
+
+use std::error::Error as StdError;
+use std::time::{Duration, SystemTime};
+
+use passerelle_spool::{InstanceId, QueuedInstance};
+
+use crate::response::{self, StowResponse};
+
+/// What came back from one STOW-RS request.
+#[derive(Debug)]
+pub(crate) enum Exchange {
+    Answered(Answer),
+    Failed(TransportFailure),
+}
+
+/// An HTTP response, its body read (up to a limit).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Answer {
+    pub(crate) status: u16,
+    pub(crate) content_type: Option<String>,
+    pub(crate) body: Vec<u8>,
+    /// The Retry-After header, already turned into a delay.
+    pub(crate) retry_after: Option<Duration>,
+    /// The Location header (redirects).
+    pub(crate) location: Option<String>,
+}
+
+/// Why no HTTP response came back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum TransportFailure {
+    /// Our trust anchors (uplink.ca_file) or host name check refused the PACS's certificate.
+    ServerCertificateRefused(String),
+    /// The PACS refused our client certificate (or required one we do not have).
+    ClientCertificateRefused(String),
+    /// The PACS and we share no TLS version or cipher suite (TLS 1.2+ only).
+    TlsIncompatible(String),
+    /// Connection refused or reset, DNS, proxy, TLS handshake interrupted, connect timeout...
+    Network(String),
+    /// Nothing was sent or received for this long.
+    IdleTimeout(Duration),
+    /// Reading the spool failed while the body was being sent.
+    LocalRead(String),
+}
+
+/// What to record for one instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// Confirmed in ReferencedSOPSequence.
+    Sent {
+        redelivery: bool,
+        warning_reason: Option<u16>,
+    },
+    /// Not confirmed; try again after the backoff, and no earlier than `not_before`.
+    Retry {
+        error: String,
+        not_before: Option<Duration>,
+    },
+    /// Refused for good; the operator has to look at it.
+    Failed { reason: String },
+}
+
+/// What to do with a batch after an exchange.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Decision {
+    PerInstance(Vec<(InstanceId, Action)>),
+    /// Stop uploading until the operator fixed something (credentials, CA, certificate, URL).
+    Pause {
+        error: String,
+    },
+    /// The request was too large: send each half separately, right away.
+    Split,
+}
+
+/// HTTP statuses as the uplink understands them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HttpClass {
+    /// 2xx: the body says which instances were stored.
+    Stored,
+    /// 400.
+    BadRequest,
+    /// 409.
+    Conflict,
+    /// 401, 403.
+    AuthRefused,
+    /// 407 from the proxy.
+    ProxyAuthRequired,
+    /// 413.
+    TooLarge,
+    /// 415.
+    UnsupportedMediaType,
+    /// 3xx, 404, 405, 406: stow_url does not point at a STOW-RS endpoint.
+    WrongEndpoint,
+    /// 408, 429, 5xx.
+    Transient,
+    /// Anything else (1xx, other 4xx).
+    Unexpected,
+}
+
+pub(crate) fn http_class(status: u16) -> HttpClass {
+    match status {
+        200..=299 => HttpClass::Stored,
+        400 => HttpClass::BadRequest,
+        401 | 403 => HttpClass::AuthRefused,
+        407 => HttpClass::ProxyAuthRequired,
+        409 => HttpClass::Conflict,
+        413 => HttpClass::TooLarge,
+        415 => HttpClass::UnsupportedMediaType,
+        300..=399 | 404 | 405 | 406 => HttpClass::WrongEndpoint,
+        408 | 429 | 500..=599 => HttpClass::Transient,
+        _ => HttpClass::Unexpected,
+    }
+}
+
+/// FailureReason (0008,1197) values as the uplink understands them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FailureClass {
+    /// The PACS may accept the same instance later (out of resources, processing failure).
+    Retryable,
+    /// The PACS will refuse it again (SOP class not supported, data set does not match, ...).
+    Permanent,
+}
+
+pub(crate) fn failure_class(code: u16) -> FailureClass {
+    match code {
+        0xA700..=0xA7FF | 0x0110 | 0x0111 | 0x0212 => FailureClass::Retryable,
+        _ => FailureClass::Permanent,
+    }
+}
+
+/// A human description of a FailureReason or WarningReason (PS3.18 Table I.2-1, PS3.7 Annex C).
+pub(crate) fn describe_status(code: u16) -> &'static str {
+    match code {
+        0xA700..=0xA7FF => "Refused: out of resources",
+        0xA900..=0xA9FF => "Error: data set does not match SOP class",
+        0xC122 => "Error: transfer syntax not supported",
+        0xC000..=0xC121 | 0xC123..=0xCFFF => "Error: cannot understand",
+        0x0110 => "Processing failure",
+        0x0111 => "Duplicate SOP instance",
+        0x0117 => "Invalid SOP instance",
+        0x0122 => "SOP class not supported",
+        0x0124 => "Not authorized",
+        0x0212 => "Mistyped argument",
+        0xB000 => "Warning: coercion of data elements",
+        0xB006 => "Warning: elements discarded",
+        0xB007 => "Warning: data set does not match SOP class",
+        0xB001..=0xB005 | 0xB008..=0xBFFF => "Warning",
+        _ => "unknown status",
+    }
+}
+
+/// Decides what an exchange means for each instance that was in the request.
+pub(crate) fn decide(instances: &[QueuedInstance], exchange: &Exchange) -> Decision {
+    match exchange {
+        Exchange::Failed(failure) => decide_transport(instances, failure),
+        Exchange::Answered(answer) => decide_answer(instances, answer),
+    }
+}
+
+fn decide_transport(instances: &[QueuedInstance], failure: &TransportFailure) -> Decision {
+    match failure {
+        TransportFailure::ServerCertificateRefused(detail) => Decision::Pause {
+            error: format!(
+                "The PACS's TLS certificate was refused ({detail}). Make sure uplink.ca_file holds the CA certificate that signed the PACS's server certificate, and that the host name in uplink.stow_url is one the certificate names; then restart passerelled."
+            ),
+        },
+        TransportFailure::ClientCertificateRefused(detail) => Decision::Pause {
+            error: format!(
+                "The PACS refused our TLS client certificate ({detail}). Check uplink.client_cert and uplink.client_key (set, not expired, issued by a CA the PACS trusts); then restart passerelled."
+            ),
+        },
+        TransportFailure::TlsIncompatible(detail) => Decision::Pause {
+            error: format!(
+                "The TLS handshake with the PACS was refused ({detail}). Either the PACS shares no TLS version or cipher suite with Passerelle (which speaks TLS 1.2 and 1.3 only), or it requires a client certificate: enable TLS 1.2/1.3 on the PACS's front end, or set uplink.client_cert and uplink.client_key; then restart passerelled."
+            ),
+        },
+        TransportFailure::Network(detail) => retry_all(
+            instances,
+            format!("The upload to the PACS failed: {detail}."),
+            None,
+        ),
+        TransportFailure::IdleTimeout(idle) => retry_all(
+            instances,
+            format!(
+                "Nothing was sent to or received from the PACS for {} s (uplink.idle_timeout_secs); the connection was dropped.",
+                idle.as_secs()
+            ),
+            None,
+        ),
+        TransportFailure::LocalRead(detail) => retry_all(
+            instances,
+            format!("The upload was aborted because the spool could not be read: {detail}."),
+            None,
+        ),
+    }
+}
+
+fn decide_answer(instances: &[QueuedInstance], a: &Answer) -> Decision {
+    let status = a.status;
+    match http_class(status) {
+        HttpClass::Stored => per_instance(instances, a, |parse_error| Action::Retry {
+            error: match parse_error {
+                None => format!(
+                    "The PACS answered HTTP {status} but did not list the instance in ReferencedSOPSequence; it is not confirmed and will be sent again."
+                ),
+                Some(e) => format!(
+                    "The PACS answered HTTP {status} but its response could not be read ({e}); the instance is not confirmed and will be sent again."
+                ),
+            },
+            not_before: None,
+        }),
+        HttpClass::BadRequest => per_instance(instances, a, |_| Action::Failed {
+            reason: format!(
+                "The PACS rejected the request as invalid (HTTP 400): {}",
+                server_message(a)
+            ),
+        }),
+        HttpClass::Conflict => per_instance(instances, a, |_| Action::Failed {
+            reason: format!(
+                "The PACS refused the instance with HTTP 409 Conflict (for example it holds different data under the same UIDs): {}",
+                server_message(a)
+            ),
+        }),
+        HttpClass::AuthRefused => Decision::Pause {
+            error: format!(
+                "The PACS refused our credentials (HTTP {status}: {}). Check uplink.username and uplink.password (or uplink.bearer_token) and the account's permission to store; then restart passerelled.",
+                server_message(a)
+            ),
+        },
+        HttpClass::ProxyAuthRequired => Decision::Pause {
+            error: "The proxy asks for authentication (HTTP 407). Put the proxy's user name and password in uplink.proxy (http://user:password@host:port); then restart passerelled.".into(),
+        },
+        HttpClass::TooLarge => match instances {
+            [] | [_, _, ..] => Decision::Split,
+            [one] => Decision::PerInstance(vec![(
+                one.id,
+                Action::Failed {
+                    reason: format!(
+                        "The PACS refused the instance as too large (HTTP 413) even when sent alone ({} bytes). Raise the upload size limit of the PACS or its front end (e.g. nginx client_max_body_size), then re-queue the instance.",
+                        one.raw_size
+                    ),
+                },
+            )]),
+        },
+        HttpClass::UnsupportedMediaType => Decision::Pause {
+            error: format!(
+                "The PACS does not accept multipart/related; type=\"application/dicom\" at uplink.stow_url (HTTP 415: {}). Make sure uplink.stow_url is the STOW-RS endpoint (e.g. https://pacs/dicom-web/studies) and that DICOMweb is enabled on the PACS; then restart passerelled.",
+                server_message(a)
+            ),
+        },
+        HttpClass::WrongEndpoint => Decision::Pause {
+            error: match &a.location {
+                Some(to) => format!(
+                    "uplink.stow_url redirects (HTTP {status}) to {to}; Passerelle does not follow redirects with a study. Set uplink.stow_url to the final STOW-RS URL; then restart passerelled."
+                ),
+                None => format!(
+                    "uplink.stow_url is not a STOW-RS endpoint (HTTP {status}: {}). Set it to the PACS's STOW-RS URL (e.g. https://pacs/dicom-web/studies); then restart passerelled.",
+                    server_message(a)
+                ),
+            },
+        },
+        HttpClass::Transient => retry_all(
+            instances,
+            format!(
+                "The PACS is temporarily unable to store (HTTP {status}: {}).",
+                server_message(a)
+            ),
+            a.retry_after,
+        ),
+        HttpClass::Unexpected => retry_all(
+            instances,
+            format!(
+                "The PACS gave an unexpected answer (HTTP {status}: {}).",
+                server_message(a)
+            ),
+            a.retry_after,
+        ),
+    }
+}
+
+fn retry_all(
+    instances: &[QueuedInstance],
+    error: String,
+    not_before: Option<Duration>,
+) -> Decision {
+    Decision::PerInstance(
+        instances
+            .iter()
+            .map(|i| {
+                (
+                    i.id,
+                    Action::Retry {
+                        error: error.clone(),
+                        not_before,
+                    },
+                )
+            })
+            .collect(),
+    )
+}
+
+/// Referenced → sent, failed → per FailureReason, the rest → `leftover(parse error)`.
+fn per_instance(
+    instances: &[QueuedInstance],
+    a: &Answer,
+    leftover: impl Fn(Option<&str>) -> Action,
+) -> Decision {
+    let parsed: Result<StowResponse, String> =
+        response::parse(a.status, a.content_type.as_deref(), &a.body).map_err(|e| e.to_string());
+    Decision::PerInstance(
+        instances
+            .iter()
+            .map(|inst| {
+                let uid = inst.sop_instance_uid.as_str();
+                let action = match &parsed {
+                    Err(e) => leftover(Some(e)),
+                    Ok(r) => match (r.referenced_item(uid), r.failed_item(uid)) {
+                        (Some(item), _) => Action::Sent {
+                            redelivery: inst.attempts > 0,
+                            warning_reason: item.warning_reason.or(r.warning_reason),
+                        },
+                        (None, Some(failed)) => failure_action(failed.failure_reason, a.status),
+                        (None, None) => leftover(None),
+                    },
+                };
+                (inst.id, action)
+            })
+            .collect(),
+    )
+}
+
+fn failure_action(reason: Option<u16>, status: u16) -> Action {
+    match reason {
+        None => Action::Retry {
+            error: format!(
+                "The PACS listed the instance in FailedSOPSequence without a FailureReason (HTTP {status}); it will be sent again."
+            ),
+            not_before: None,
+        },
+        Some(code) => match failure_class(code) {
+            FailureClass::Retryable => Action::Retry {
+                error: format!(
+                    "The PACS could not store the instance for now: FailureReason {code:#06X} ({}) (HTTP {status}); it will be sent again.",
+                    describe_status(code)
+                ),
+                not_before: None,
+            },
+            FailureClass::Permanent => Action::Failed {
+                reason: format!(
+                    "The PACS refused the instance: FailureReason {code:#06X} ({}) (HTTP {status}).",
+                    describe_status(code)
+                ),
+            },
+        },
+    }
+}
+
+/// The PACS's own words, for a log line: a short, single-line excerpt of the body.
+fn server_message(a: &Answer) -> String {
+    let text = String::from_utf8_lossy(&a.body[..a.body.len().min(400)]);
+    let one_line: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect::<String>()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    if one_line.is_empty() {
+        "no explanation was given".into()
+    } else {
+        format!("\"{}\"", truncate(&one_line, 200))
+    }
+}
+
+fn truncate(s: &str, max_chars: usize) -> String {
+    match s.char_indices().nth(max_chars) {
+        Some((cut, _)) => format!("{}…", &s[..cut]),
+        None => s.to_string(),
+    }
+}
+
+/// Exponential backoff: `base * 2^attempts`, capped at `max`, with `jitter` (clamped to ±20%)
+/// applied, never above `max`.
+pub(crate) fn backoff(base_secs: u64, max_secs: u64, attempts: u32, jitter: f64) -> Duration {
+    let exp = base_secs.saturating_mul(2u64.saturating_pow(attempts));
+    let capped = exp.min(max_secs) as f64;
+    let jittered = capped * (1.0 + jitter.clamp(-0.2, 0.2));
+    Duration::from_secs_f64(jittered.clamp(0.0, max_secs as f64))
+}
+
+/// The delay before the next attempt: the backoff, and no less than Retry-After (itself capped
+/// at `max`).
+pub(crate) fn retry_delay(
+    base_secs: u64,
+    max_secs: u64,
+    attempts: u32,
+    not_before: Option<Duration>,
+    jitter: f64,
+) -> Duration {
+    let b = backoff(base_secs, max_secs, attempts, jitter);
+    match not_before {
+        Some(nb) => b.max(nb.min(Duration::from_secs(max_secs))),
+        None => b,
+    }
+}
+
+/// Retry-After (RFC 9110 §10.2.3): delta-seconds or an HTTP-date.
+pub(crate) fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let v = value.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// Classifies why a request got no response, from the error and its sources.
+pub(crate) fn classify_transport(err: &(dyn StdError + 'static)) -> TransportFailure {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return classify_tls(tls, err);
+        }
+        // io::Error::source() skips the error it wraps: look inside explicitly.
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if let Some(tls) = io
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            {
+                return classify_tls(tls, err);
+            }
+        }
+        cur = e.source();
+    }
+    TransportFailure::Network(crate::error_chain(err))
+}
+
+fn classify_tls(tls: &rustls::Error, whole: &(dyn StdError + 'static)) -> TransportFailure {
+    use rustls::AlertDescription as A;
+    match tls {
+        rustls::Error::InvalidCertificate(e) => {
+            TransportFailure::ServerCertificateRefused(format!("{e}"))
+        }
+        rustls::Error::NoCertificatesPresented => {
+            TransportFailure::ServerCertificateRefused("the PACS presented no certificate".into())
+        }
+        rustls::Error::AlertReceived(
+            alert @ (A::BadCertificate
+            | A::UnsupportedCertificate
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::CertificateUnknown
+            | A::UnknownCA
+            | A::AccessDenied
+            | A::CertificateRequired),
+        ) => TransportFailure::ClientCertificateRefused(format!(
+            "the PACS sent the TLS alert {alert:?}"
+        )),
+        rustls::Error::PeerIncompatible(e) => TransportFailure::TlsIncompatible(format!("{e:?}")),
+        rustls::Error::AlertReceived(A::ProtocolVersion | A::HandshakeFailure) => {
+            TransportFailure::TlsIncompatible(format!("{tls}"))
+        }
+        _ => TransportFailure::Network(crate::error_chain(whole)),
+    }
+}
+
+#[cfg(test)]
+mod tests;

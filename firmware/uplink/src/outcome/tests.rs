@@ -1,0 +1,550 @@
+use super::*;
+
+fn inst(id: i64, uid: &str, attempts: u32) -> QueuedInstance {
+    QueuedInstance {
+        id: InstanceId(id),
+        sop_class_uid: "1.2.840.10008.5.1.4.1.1.2".into(),
+        sop_instance_uid: uid.into(),
+        study_instance_uid: "1.2.3".into(),
+        transfer_syntax_uid: "1.2.840.10008.1.2.1".into(),
+        raw_size: 1000,
+        attempts,
+    }
+}
+
+fn batch() -> Vec<QueuedInstance> {
+    vec![inst(1, "1.1", 0), inst(2, "1.2", 3), inst(3, "1.3", 0)]
+}
+
+fn answer(status: u16, body: &str) -> Exchange {
+    Exchange::Answered(Answer {
+        status,
+        content_type: Some("application/dicom+json".into()),
+        body: body.as_bytes().to_vec(),
+        retry_after: None,
+        location: None,
+    })
+}
+
+/// A compact description of an action, for data-driven expectations.
+#[derive(Debug, PartialEq, Eq)]
+enum Is {
+    Sent { redelivery: bool },
+    Retry,
+    RetryNotBefore(u64),
+    Failed,
+}
+
+/// Expected decision: per instance, or a pause whose message mentions a word, or a split.
+#[derive(Debug)]
+enum Expect<'a> {
+    Each(&'a [(i64, Is)]),
+    PauseMentioning(&'a str),
+    Split,
+}
+
+fn check(instances: &[QueuedInstance], exchange: Exchange, expect: Expect<'_>) {
+    let got = decide(instances, &exchange);
+    match (&got, expect) {
+        (Decision::PerInstance(actions), Expect::Each(want)) => {
+            let got: Vec<(i64, Is)> = actions
+                .iter()
+                .map(|(id, a)| {
+                    (
+                        id.0,
+                        match a {
+                            Action::Sent { redelivery, .. } => Is::Sent {
+                                redelivery: *redelivery,
+                            },
+                            Action::Retry {
+                                not_before: None, ..
+                            } => Is::Retry,
+                            Action::Retry {
+                                not_before: Some(d),
+                                ..
+                            } => Is::RetryNotBefore(d.as_secs()),
+                            Action::Failed { .. } => Is::Failed,
+                        },
+                    )
+                })
+                .collect();
+            let want: Vec<(i64, &Is)> = want.iter().map(|(i, w)| (*i, w)).collect();
+            let got_ref: Vec<(i64, &Is)> = got.iter().map(|(i, w)| (*i, w)).collect();
+            assert_eq!(got_ref, want, "exchange: {exchange:?}");
+        }
+        (Decision::Pause { error }, Expect::PauseMentioning(word)) => {
+            assert!(
+                error.contains(word),
+                "pause message {error:?} should mention {word:?}"
+            );
+        }
+        (Decision::Split, Expect::Split) => {}
+        (got, want) => panic!("expected {want:?}, got {got:?} for {exchange:?}"),
+    }
+}
+
+const ALL_REFERENCED: &str = r#"{"00081199": {"vr": "SQ", "Value": [
+    {"00081155": {"vr": "UI", "Value": ["1.1"]}},
+    {"00081155": {"vr": "UI", "Value": ["1.2"]}},
+    {"00081155": {"vr": "UI", "Value": ["1.3"]}}]}}"#;
+
+/// 1.1 stored, 1.2 out of resources (retryable), 1.3 absent from both lists.
+const PARTIAL: &str = r#"{
+  "00081199": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": ["1.1"]}}]},
+  "00081198": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": ["1.2"]},
+                                       "00081197": {"vr": "US", "Value": [42752]}}]}}"#;
+
+fn failed_with(reason: u16) -> String {
+    format!(
+        r#"{{"00081198": {{"vr": "SQ", "Value": [
+            {{"00081155": {{"vr": "UI", "Value": ["1.1"]}}, "00081197": {{"vr": "US", "Value": [{reason}]}}}}]}},
+           "00081199": {{"vr": "SQ", "Value": [{{"00081155": {{"vr": "UI", "Value": ["1.2"]}}}}]}}}}"#
+    )
+}
+
+#[test]
+fn referenced_instances_are_sent_and_redelivery_follows_earlier_attempts() {
+    check(
+        &batch(),
+        answer(200, ALL_REFERENCED),
+        Expect::Each(&[
+            (1, Is::Sent { redelivery: false }),
+            (2, Is::Sent { redelivery: true }),
+            (3, Is::Sent { redelivery: false }),
+        ]),
+    );
+}
+
+#[test]
+fn partial_success_202_confirms_only_what_is_referenced() {
+    check(
+        &batch(),
+        answer(202, PARTIAL),
+        Expect::Each(&[
+            (1, Is::Sent { redelivery: false }),
+            (2, Is::Retry),
+            (3, Is::Retry),
+        ]),
+    );
+}
+
+#[test]
+fn a_success_status_with_an_unreadable_body_confirms_nothing() {
+    for body in ["", "OK", "<html>stored</html>", "{\"00081199\": "] {
+        check(
+            &batch(),
+            answer(200, body),
+            Expect::Each(&[(1, Is::Retry), (2, Is::Retry), (3, Is::Retry)]),
+        );
+    }
+}
+
+#[test]
+fn failure_reasons_decide_between_retry_and_failed() {
+    let cases: &[(u16, Is)] = &[
+        (0xA700, Is::Retry),
+        (0xA7FF, Is::Retry),
+        (0x0110, Is::Retry),
+        (0x0111, Is::Retry),
+        (0x0212, Is::Retry),
+        (0xA900, Is::Failed),
+        (0xA9FF, Is::Failed),
+        (0xC000, Is::Failed),
+        (0xC122, Is::Failed),
+        (0x0122, Is::Failed),
+        (0x0124, Is::Failed),
+        (0x1234, Is::Failed),
+    ];
+    for (reason, want) in cases {
+        let two = &batch()[..2];
+        let got = decide(two, &answer(202, &failed_with(*reason)));
+        let Decision::PerInstance(actions) = got else {
+            panic!("reason {reason:#06X}: expected per-instance actions, got {got:?}");
+        };
+        let first = &actions[0].1;
+        let matches = matches!(
+            (first, want),
+            (Action::Retry { .. }, Is::Retry) | (Action::Failed { .. }, Is::Failed)
+        );
+        assert!(
+            matches,
+            "reason {reason:#06X}: expected {want:?}, got {first:?}"
+        );
+        assert!(matches!(actions[1].1, Action::Sent { .. }));
+        // The reason and its meaning reach the operator.
+        let text = match first {
+            Action::Retry { error, .. } => error,
+            Action::Failed { reason } => reason,
+            Action::Sent { .. } => unreachable!(),
+        };
+        assert!(text.contains(&format!("{reason:#06X}")), "{text}");
+    }
+}
+
+#[test]
+fn failure_without_a_reason_is_retried() {
+    check(
+        &batch()[..1],
+        answer(
+            200,
+            r#"{"00081198": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": ["1.1"]}}]}}"#,
+        ),
+        Expect::Each(&[(1, Is::Retry)]),
+    );
+}
+
+#[test]
+fn bad_request_fails_the_unlisted_but_keeps_what_the_body_confirms() {
+    check(
+        &batch(),
+        answer(400, PARTIAL),
+        Expect::Each(&[
+            (1, Is::Sent { redelivery: false }),
+            (2, Is::Retry),
+            (3, Is::Failed),
+        ]),
+    );
+    check(
+        &batch()[..1],
+        answer(400, "Malformed multipart body"),
+        Expect::Each(&[(1, Is::Failed)]),
+    );
+}
+
+#[test]
+fn bad_request_failure_carries_the_servers_message() {
+    let got = decide(
+        &batch()[..1],
+        &answer(400, "Missing  boundary\r\nin Content-Type"),
+    );
+    let Decision::PerInstance(actions) = got else {
+        panic!("{got:?}")
+    };
+    let Action::Failed { reason } = &actions[0].1 else {
+        panic!("{actions:?}")
+    };
+    assert!(
+        reason.contains("Missing boundary in Content-Type"),
+        "{reason}"
+    );
+    assert!(reason.contains("400"), "{reason}");
+}
+
+#[test]
+fn conflict_fails_the_unlisted_permanently() {
+    check(
+        &batch(),
+        answer(409, failed_with(0xA900).as_str()),
+        Expect::Each(&[
+            (1, Is::Failed),
+            (2, Is::Sent { redelivery: true }),
+            (3, Is::Failed),
+        ]),
+    );
+    check(
+        &batch()[..1],
+        answer(409, ""),
+        Expect::Each(&[(1, Is::Failed)]),
+    );
+}
+
+#[test]
+fn statuses_that_need_the_operator_pause_the_uplink() {
+    let cases: &[(u16, &str)] = &[
+        (401, "uplink.username"),
+        (403, "uplink.bearer_token"),
+        (407, "uplink.proxy"),
+        (415, "STOW-RS endpoint"),
+        (404, "uplink.stow_url"),
+        (405, "uplink.stow_url"),
+        (406, "uplink.stow_url"),
+        (301, "uplink.stow_url"),
+    ];
+    for (status, word) in cases {
+        check(
+            &batch(),
+            answer(*status, "nope"),
+            Expect::PauseMentioning(word),
+        );
+    }
+}
+
+#[test]
+fn a_redirect_names_where_it_goes() {
+    let exchange = Exchange::Answered(Answer {
+        status: 308,
+        location: Some("https://pacs2/dicom-web/studies".into()),
+        ..Answer::default()
+    });
+    check(
+        &batch(),
+        exchange,
+        Expect::PauseMentioning("https://pacs2/dicom-web/studies"),
+    );
+}
+
+#[test]
+fn too_large_splits_a_batch_and_fails_a_single_instance() {
+    check(&batch(), answer(413, ""), Expect::Split);
+    check(&batch()[..2], answer(413, ""), Expect::Split);
+    check(
+        &batch()[..1],
+        answer(413, ""),
+        Expect::Each(&[(1, Is::Failed)]),
+    );
+}
+
+#[test]
+fn transient_statuses_retry_everything_honouring_retry_after() {
+    for status in [500, 502, 503, 504, 507, 408, 429] {
+        check(
+            &batch()[..2],
+            answer(status, "busy"),
+            Expect::Each(&[(1, Is::Retry), (2, Is::Retry)]),
+        );
+    }
+    let exchange = Exchange::Answered(Answer {
+        status: 503,
+        retry_after: Some(Duration::from_secs(120)),
+        ..Answer::default()
+    });
+    check(
+        &batch()[..2],
+        exchange,
+        Expect::Each(&[(1, Is::RetryNotBefore(120)), (2, Is::RetryNotBefore(120))]),
+    );
+}
+
+#[test]
+fn unexpected_statuses_are_retried_not_dropped() {
+    for status in [100, 204, 402, 410, 418, 422] {
+        let want: &[(i64, Is)] = &[(1, Is::Retry)];
+        check(&batch()[..1], answer(status, ""), Expect::Each(want));
+    }
+}
+
+#[test]
+fn every_status_maps_to_its_class() {
+    let cases: &[(u16, HttpClass)] = &[
+        (200, HttpClass::Stored),
+        (202, HttpClass::Stored),
+        (204, HttpClass::Stored),
+        (400, HttpClass::BadRequest),
+        (401, HttpClass::AuthRefused),
+        (403, HttpClass::AuthRefused),
+        (407, HttpClass::ProxyAuthRequired),
+        (409, HttpClass::Conflict),
+        (413, HttpClass::TooLarge),
+        (415, HttpClass::UnsupportedMediaType),
+        (301, HttpClass::WrongEndpoint),
+        (302, HttpClass::WrongEndpoint),
+        (404, HttpClass::WrongEndpoint),
+        (405, HttpClass::WrongEndpoint),
+        (408, HttpClass::Transient),
+        (429, HttpClass::Transient),
+        (500, HttpClass::Transient),
+        (503, HttpClass::Transient),
+        (599, HttpClass::Transient),
+        (101, HttpClass::Unexpected),
+        (418, HttpClass::Unexpected),
+        (600, HttpClass::Unexpected),
+    ];
+    for (status, class) in cases {
+        assert_eq!(http_class(*status), *class, "status {status}");
+    }
+}
+
+#[test]
+fn transport_failures_pause_on_certificates_and_retry_otherwise() {
+    let cases: &[(TransportFailure, Option<&str>)] = &[
+        (
+            TransportFailure::ServerCertificateRefused("UnknownIssuer".into()),
+            Some("uplink.ca_file"),
+        ),
+        (
+            TransportFailure::ClientCertificateRefused("BadCertificate".into()),
+            Some("uplink.client_cert"),
+        ),
+        (
+            TransportFailure::TlsIncompatible("no shared version".into()),
+            Some("TLS 1.2"),
+        ),
+        (TransportFailure::Network("connection reset".into()), None),
+        (TransportFailure::IdleTimeout(Duration::from_secs(60)), None),
+        (TransportFailure::LocalRead("EIO".into()), None),
+    ];
+    for (failure, pause_word) in cases {
+        let exchange = Exchange::Failed(failure.clone());
+        match pause_word {
+            Some(word) => check(&batch(), exchange, Expect::PauseMentioning(word)),
+            None => check(
+                &batch(),
+                exchange,
+                Expect::Each(&[(1, Is::Retry), (2, Is::Retry), (3, Is::Retry)]),
+            ),
+        }
+    }
+}
+
+fn tls_in_io(e: rustls::Error) -> Box<dyn StdError + Send + Sync> {
+    // The shape reqwest/hyper produce: an outer error whose source is an io::Error wrapping
+    // the rustls error.
+    #[derive(Debug)]
+    struct Outer(std::io::Error);
+    impl std::fmt::Display for Outer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("error sending request")
+        }
+    }
+    impl StdError for Outer {
+        fn source(&self) -> Option<&(dyn StdError + 'static)> {
+            Some(&self.0)
+        }
+    }
+    Box::new(Outer(std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        e,
+    )))
+}
+
+#[test]
+fn tls_errors_are_found_inside_io_errors_and_classified() {
+    use rustls::{AlertDescription, CertificateError};
+    let server = tls_in_io(rustls::Error::InvalidCertificate(
+        CertificateError::UnknownIssuer,
+    ));
+    assert!(matches!(
+        classify_transport(server.as_ref()),
+        TransportFailure::ServerCertificateRefused(_)
+    ));
+    let name = tls_in_io(rustls::Error::InvalidCertificate(
+        CertificateError::NotValidForName,
+    ));
+    assert!(matches!(
+        classify_transport(name.as_ref()),
+        TransportFailure::ServerCertificateRefused(_)
+    ));
+    let client = tls_in_io(rustls::Error::AlertReceived(
+        AlertDescription::CertificateRequired,
+    ));
+    assert!(matches!(
+        classify_transport(client.as_ref()),
+        TransportFailure::ClientCertificateRefused(_)
+    ));
+    let direct = rustls::Error::InvalidCertificate(CertificateError::Expired);
+    assert!(matches!(
+        classify_transport(&direct),
+        TransportFailure::ServerCertificateRefused(_)
+    ));
+    let reset = std::io::Error::new(
+        std::io::ErrorKind::ConnectionReset,
+        "connection reset by peer",
+    );
+    match classify_transport(&reset) {
+        TransportFailure::Network(msg) => assert!(msg.contains("connection reset"), "{msg}"),
+        other => panic!("{other:?}"),
+    }
+    let decrypt = tls_in_io(rustls::Error::DecryptError);
+    assert!(matches!(
+        classify_transport(decrypt.as_ref()),
+        TransportFailure::Network(_)
+    ));
+}
+
+#[test]
+fn backoff_doubles_from_the_base_up_to_the_cap_within_jitter() {
+    // (base, max, attempts) → nominal delay before jitter.
+    let cases: &[(u64, u64, u32, u64)] = &[
+        (2, 600, 0, 2),
+        (2, 600, 1, 4),
+        (2, 600, 5, 64),
+        (2, 600, 8, 512),
+        (2, 600, 9, 600),
+        (2, 600, 63, 600),
+        (2, 600, 64, 600),
+        (2, 600, u32::MAX, 600),
+        (10, 10, 3, 10),
+    ];
+    for &(base, max, attempts, nominal) in cases {
+        let exact = backoff(base, max, attempts, 0.0);
+        assert_eq!(exact, Duration::from_secs(nominal), "attempts {attempts}");
+        let low = backoff(base, max, attempts, -0.2);
+        let high = backoff(base, max, attempts, 0.2);
+        let wild = backoff(base, max, attempts, 5.0);
+        let n = nominal as f64;
+        assert!(
+            (low.as_secs_f64() - n * 0.8).abs() < 1e-6,
+            "low {low:?} for {attempts}"
+        );
+        assert!(
+            high.as_secs_f64() <= (n * 1.2).min(max as f64) + 1e-6,
+            "high {high:?}"
+        );
+        assert!(high >= exact, "high {high:?}");
+        assert!(
+            wild <= Duration::from_secs(max),
+            "jitter is clamped and capped: {wild:?}"
+        );
+    }
+}
+
+#[test]
+fn retry_after_is_a_floor_capped_at_the_maximum() {
+    let cases: &[(u32, Option<u64>, u64)] = &[
+        (0, None, 2),
+        (0, Some(30), 30),
+        (5, Some(30), 64),
+        (0, Some(100_000), 600),
+        (0, Some(0), 2),
+    ];
+    for &(attempts, retry_after, want) in cases {
+        let got = retry_delay(2, 600, attempts, retry_after.map(Duration::from_secs), 0.0);
+        assert_eq!(
+            got,
+            Duration::from_secs(want),
+            "attempts {attempts}, retry-after {retry_after:?}"
+        );
+    }
+}
+
+#[test]
+fn retry_after_parses_seconds_and_http_dates() {
+    let now = httpdate::parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
+    let cases: &[(&str, Option<u64>)] = &[
+        ("120", Some(120)),
+        (" 0 ", Some(0)),
+        ("Sun, 06 Nov 1994 08:51:37 GMT", Some(120)),
+        ("Sun, 06 Nov 1994 08:00:00 GMT", Some(0)),
+        ("Sunday, 06-Nov-94 08:50:37 GMT", Some(60)),
+        ("-5", None),
+        ("soon", None),
+        ("", None),
+        ("1.5", None),
+    ];
+    for &(value, want) in cases {
+        assert_eq!(
+            parse_retry_after(value, now),
+            want.map(Duration::from_secs),
+            "Retry-After: {value:?}"
+        );
+    }
+}
+
+#[test]
+fn status_descriptions_cover_the_common_codes() {
+    let cases: &[(u16, &str)] = &[
+        (0xA700, "out of resources"),
+        (0xA710, "out of resources"),
+        (0xA900, "does not match"),
+        (0xC000, "cannot understand"),
+        (0xC122, "transfer syntax"),
+        (0x0122, "SOP class not supported"),
+        (0xB000, "coercion"),
+        (0xB006, "discarded"),
+        (0xB00F, "Warning"),
+        (0x9999, "unknown"),
+    ];
+    for &(code, word) in cases {
+        assert!(describe_status(code).contains(word), "{code:#06X}");
+    }
+}

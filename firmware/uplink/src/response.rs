@@ -1,0 +1,288 @@
+//! Parsing of the STOW-RS response body (PS3.18 §10.5.3): `application/dicom+json` (PS3.18 F.2)
+//! and `application/dicom+xml` (the Native DICOM Model, PS3.19 A.1). Pure functions.
+//!
+//! Only what the uplink needs is read: the SOP Instance UIDs of ReferencedSOPSequence (0008,1199)
+//! and FailedSOPSequence (0008,1198), FailureReason (0008,1197) and WarningReason (0008,1196).
+
+use crate::error::{Result, UplinkError};
+
+const REFERENCED_SOP_SEQUENCE: &str = "00081199";
+const FAILED_SOP_SEQUENCE: &str = "00081198";
+const REFERENCED_SOP_INSTANCE_UID: &str = "00081155";
+const FAILURE_REASON: &str = "00081197";
+const WARNING_REASON: &str = "00081196";
+
+/// What the PACS said about the instances of one request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StowResponse {
+    /// Items of ReferencedSOPSequence: the instances the PACS stored.
+    pub referenced: Vec<ReferencedInstance>,
+    /// Items of FailedSOPSequence: the instances the PACS did not store.
+    pub failed: Vec<FailedInstance>,
+    /// WarningReason (0008,1196) at the top level of the response, if any.
+    pub warning_reason: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReferencedInstance {
+    pub sop_instance_uid: String,
+    /// WarningReason (0008,1196) of the item, e.g. 0xB000 (coercion of data elements).
+    pub warning_reason: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedInstance {
+    pub sop_instance_uid: String,
+    /// FailureReason (0008,1197); `None` when the PACS gave none.
+    pub failure_reason: Option<u16>,
+}
+
+impl StowResponse {
+    pub fn is_referenced(&self, sop_instance_uid: &str) -> bool {
+        self.referenced
+            .iter()
+            .any(|r| r.sop_instance_uid == sop_instance_uid)
+    }
+
+    pub fn referenced_item(&self, sop_instance_uid: &str) -> Option<&ReferencedInstance> {
+        self.referenced
+            .iter()
+            .find(|r| r.sop_instance_uid == sop_instance_uid)
+    }
+
+    pub fn failed_item(&self, sop_instance_uid: &str) -> Option<&FailedInstance> {
+        self.failed
+            .iter()
+            .find(|f| f.sop_instance_uid == sop_instance_uid)
+    }
+}
+
+/// Parses a STOW-RS response body. The media type decides the syntax; when it names neither JSON
+/// nor XML (some servers answer `text/plain` or nothing), the first non-blank byte does.
+pub fn parse(status: u16, content_type: Option<&str>, body: &[u8]) -> Result<StowResponse> {
+    let ct = content_type.unwrap_or("").to_ascii_lowercase();
+    let fail = |detail: String| UplinkError::ParseStowResponse {
+        status,
+        content_type: ct.clone(),
+        detail,
+    };
+    let text =
+        std::str::from_utf8(body).map_err(|e| fail(format!("the body is not UTF-8 ({e})")))?;
+    let trimmed = text.trim_start_matches('\u{feff}').trim();
+    if trimmed.is_empty() {
+        return Err(fail("the body is empty".into()));
+    }
+    let xml = if ct.contains("json") {
+        false
+    } else if ct.contains("xml") {
+        true
+    } else {
+        trimmed.starts_with('<')
+    };
+    if xml {
+        parse_xml(trimmed).map_err(fail)
+    } else {
+        parse_json(trimmed).map_err(fail)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// application/dicom+json
+
+type JsonMap = serde_json::Map<String, serde_json::Value>;
+
+fn parse_json(text: &str) -> std::result::Result<StowResponse, String> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("invalid JSON ({e})"))?;
+    // The response is one dataset; some servers wrap it in an array, as QIDO-RS does.
+    let datasets: Vec<&JsonMap> = match &value {
+        serde_json::Value::Object(m) => vec![m],
+        serde_json::Value::Array(items) => items
+            .iter()
+            .map(|v| {
+                v.as_object()
+                    .ok_or("an array element is not a dataset object")
+            })
+            .collect::<std::result::Result<_, _>>()?,
+        _ => return Err("the JSON is not a DICOM dataset object".into()),
+    };
+    let mut out = StowResponse::default();
+    for ds in datasets {
+        for item in json_items(ds, REFERENCED_SOP_SEQUENCE)? {
+            if let Some(uid) = json_string(item, REFERENCED_SOP_INSTANCE_UID)? {
+                out.referenced.push(ReferencedInstance {
+                    sop_instance_uid: uid,
+                    warning_reason: json_u16(item, WARNING_REASON)?,
+                });
+            }
+        }
+        for item in json_items(ds, FAILED_SOP_SEQUENCE)? {
+            if let Some(uid) = json_string(item, REFERENCED_SOP_INSTANCE_UID)? {
+                out.failed.push(FailedInstance {
+                    sop_instance_uid: uid,
+                    failure_reason: json_u16(item, FAILURE_REASON)?,
+                });
+            }
+        }
+        if out.warning_reason.is_none() {
+            out.warning_reason = json_u16(ds, WARNING_REASON)?;
+        }
+    }
+    Ok(out)
+}
+
+/// The attribute `tag` (8 hex digits, any case) of a dataset.
+fn json_attr<'a>(ds: &'a JsonMap, tag: &str) -> Option<&'a serde_json::Value> {
+    ds.get(tag).or_else(|| {
+        ds.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(tag))
+            .map(|(_, v)| v)
+    })
+}
+
+/// The "Value" array of an attribute; missing attribute or empty value → empty.
+fn json_values<'a>(
+    ds: &'a JsonMap,
+    tag: &str,
+) -> std::result::Result<&'a [serde_json::Value], String> {
+    let Some(attr) = json_attr(ds, tag) else {
+        return Ok(&[]);
+    };
+    let attr = attr
+        .as_object()
+        .ok_or_else(|| format!("attribute {tag} is not an object"))?;
+    match attr.get("Value") {
+        None | Some(serde_json::Value::Null) => Ok(&[]),
+        Some(serde_json::Value::Array(v)) => Ok(v),
+        Some(_) => Err(format!("the Value of attribute {tag} is not an array")),
+    }
+}
+
+fn json_items<'a>(ds: &'a JsonMap, tag: &str) -> std::result::Result<Vec<&'a JsonMap>, String> {
+    json_values(ds, tag)?
+        .iter()
+        .map(|v| {
+            v.as_object()
+                .ok_or_else(|| format!("an item of sequence {tag} is not a dataset object"))
+        })
+        .collect()
+}
+
+fn json_string(ds: &JsonMap, tag: &str) -> std::result::Result<Option<String>, String> {
+    match json_values(ds, tag)?.first() {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(clean_uid(s)),
+        Some(_) => Err(format!("the value of attribute {tag} is not a string")),
+    }
+}
+
+fn json_u16(ds: &JsonMap, tag: &str) -> std::result::Result<Option<u16>, String> {
+    match json_values(ds, tag)?.first() {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::Number(n)) => n
+            .as_u64()
+            .and_then(|v| u16::try_from(v).ok())
+            .map(Some)
+            .ok_or_else(|| format!("the value {n} of attribute {tag} is not a US value")),
+        Some(serde_json::Value::String(s)) => parse_us(s)
+            .map(Some)
+            .ok_or_else(|| format!("the value \"{s}\" of attribute {tag} is not a US value")),
+        Some(_) => Err(format!("the value of attribute {tag} is not a number")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// application/dicom+xml (Native DICOM Model)
+
+fn parse_xml(text: &str) -> std::result::Result<StowResponse, String> {
+    let doc = roxmltree::Document::parse(text).map_err(|e| format!("invalid XML ({e})"))?;
+    let root = doc.root_element();
+    if root.tag_name().name() != "NativeDicomModel" {
+        return Err(format!(
+            "the XML root element is <{}>, not <NativeDicomModel>",
+            root.tag_name().name()
+        ));
+    }
+    let mut out = StowResponse::default();
+    for item in xml_items(root, REFERENCED_SOP_SEQUENCE) {
+        if let Some(uid) = xml_value(item, REFERENCED_SOP_INSTANCE_UID).and_then(clean_uid) {
+            out.referenced.push(ReferencedInstance {
+                sop_instance_uid: uid,
+                warning_reason: xml_u16(item, WARNING_REASON)?,
+            });
+        }
+    }
+    for item in xml_items(root, FAILED_SOP_SEQUENCE) {
+        if let Some(uid) = xml_value(item, REFERENCED_SOP_INSTANCE_UID).and_then(clean_uid) {
+            out.failed.push(FailedInstance {
+                sop_instance_uid: uid,
+                failure_reason: xml_u16(item, FAILURE_REASON)?,
+            });
+        }
+    }
+    out.warning_reason = xml_u16(root, WARNING_REASON)?;
+    Ok(out)
+}
+
+fn is_element(n: &roxmltree::Node<'_, '_>, name: &str) -> bool {
+    n.is_element() && n.tag_name().name() == name
+}
+
+/// The `<DicomAttribute tag="…">` child of a dataset node (root or `<Item>`).
+fn xml_attr<'a, 'i>(ds: roxmltree::Node<'a, 'i>, tag: &str) -> Option<roxmltree::Node<'a, 'i>> {
+    ds.children().find(|n| {
+        is_element(n, "DicomAttribute")
+            && n.attribute("tag")
+                .is_some_and(|t| t.eq_ignore_ascii_case(tag))
+    })
+}
+
+fn xml_items<'a, 'i>(ds: roxmltree::Node<'a, 'i>, tag: &str) -> Vec<roxmltree::Node<'a, 'i>> {
+    xml_attr(ds, tag)
+        .map(|a| a.children().filter(|n| is_element(n, "Item")).collect())
+        .unwrap_or_default()
+}
+
+/// The text of the first `<Value>` of an attribute.
+fn xml_value<'a>(ds: roxmltree::Node<'a, '_>, tag: &str) -> Option<&'a str> {
+    let attr = xml_attr(ds, tag)?;
+    let value = attr
+        .children()
+        .filter(|n| is_element(n, "Value"))
+        .min_by_key(|n| {
+            n.attribute("number")
+                .and_then(|v| v.parse::<u32>().ok())
+                .unwrap_or(u32::MAX)
+        })?;
+    value.text()
+}
+
+fn xml_u16(ds: roxmltree::Node<'_, '_>, tag: &str) -> std::result::Result<Option<u16>, String> {
+    match xml_value(ds, tag) {
+        None => Ok(None),
+        Some(s) if s.trim().is_empty() => Ok(None),
+        Some(s) => parse_us(s)
+            .map(Some)
+            .ok_or_else(|| format!("the value \"{s}\" of attribute {tag} is not a US value")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+/// A UID as sent by some servers may carry the DICOM padding (NUL or space); empty means absent.
+fn clean_uid(s: &str) -> Option<String> {
+    let t = s.trim_matches(|c: char| c == '\0' || c.is_whitespace());
+    (!t.is_empty()).then(|| t.to_string())
+}
+
+/// A US value: decimal as the standard says, or `0x`-prefixed hex as a few servers write it.
+fn parse_us(s: &str) -> Option<u16> {
+    let t = s.trim();
+    match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        Some(hex) => u16::from_str_radix(hex, 16).ok(),
+        None => t.parse().ok(),
+    }
+}
+
+#[cfg(test)]
+mod tests;
