@@ -15,7 +15,9 @@ use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit};
 use tokio::task::JoinHandle;
 
 use crate::dimse::{self, Command, Event, PdvAssembler};
-use crate::error::{IngestError, Result, STATUS_SUCCESS, STATUS_UNRECOGNIZED_OPERATION};
+use crate::error::{
+    IngestError, Result, STATUS_CANNOT_UNDERSTAND, STATUS_SUCCESS, STATUS_UNRECOGNIZED_OPERATION,
+};
 use crate::negotiate::{self, AcceptedContext, Negotiation, Service};
 use crate::pdu_io::{self, abort_pdu};
 use crate::store::{self, Chunk, Stored};
@@ -88,7 +90,7 @@ pub(crate) async fn run(
             return;
         }
     };
-    let calling_ae = rq.calling_ae_title.trim().to_string();
+    let calling_ae = printable(rq.calling_ae_title.trim());
 
     let have_slot = matches!(slot, Slot::Active(_));
     match negotiate::negotiate(&rq, &cfg, have_slot) {
@@ -96,7 +98,7 @@ pub(crate) async fn run(
             warn!(
                 "Rejected association: {why}. peer={} calling_ae={calling_ae} called_ae={} result={:?} reason=\"{}\"",
                 peer.ip(),
-                rq.called_ae_title.trim(),
+                printable(rq.called_ae_title.trim()),
                 rj.result,
                 rj.source
             );
@@ -187,8 +189,14 @@ enum InFlight {
         task: JoinHandle<Result<Stored>>,
         bytes: u64,
     },
-    /// A request we answer without storing; its data set is read and dropped.
-    Discard { cmd: Command, pc_id: u8 },
+    /// A request we answer without storing (`field` and `status` of the response); its data set is
+    /// read and dropped.
+    Refuse {
+        cmd: Command,
+        pc_id: u8,
+        field: u16,
+        status: u16,
+    },
 }
 
 enum Flow {
@@ -390,7 +398,21 @@ impl Association {
                     .await
             }
             dimse::C_STORE_RQ if cmd.has_dataset && ctx.service == Service::Storage => {
-                self.start_store(pc_id, cmd, &ctx);
+                match bad_uid(&cmd.sop_class_uid).or(bad_uid(&cmd.sop_instance_uid)) {
+                    None => self.start_store(pc_id, cmd, &ctx),
+                    Some(why) => {
+                        warn!(
+                            "C-STORE refused: the command's Affected SOP Class/Instance UID {why}. sop_class_uid={:?} sop_instance_uid={:?} calling_ae={} peer={} status=0xC000 Check the modality's export; nothing was stored.",
+                            cmd.sop_class_uid, cmd.sop_instance_uid, self.calling_ae, self.ip()
+                        );
+                        self.current = Some(InFlight::Refuse {
+                            cmd,
+                            pc_id,
+                            field: dimse::C_STORE_RSP,
+                            status: STATUS_CANNOT_UNDERSTAND,
+                        });
+                    }
+                }
                 Ok(())
             }
             dimse::C_CANCEL_RQ => Ok(()),
@@ -403,7 +425,12 @@ impl Association {
                     self.ip(), self.calling_ae, ctx.abstract_syntax
                 );
                 if cmd.has_dataset {
-                    self.current = Some(InFlight::Discard { cmd, pc_id });
+                    self.current = Some(InFlight::Refuse {
+                        cmd,
+                        pc_id,
+                        field: field | 0x8000,
+                        status: STATUS_UNRECOGNIZED_OPERATION,
+                    });
                     Ok(())
                 } else {
                     self.respond(pc_id, field | 0x8000, &cmd, STATUS_UNRECOGNIZED_OPERATION)
@@ -446,7 +473,7 @@ impl Association {
                     }
                 }
             }
-            Some(InFlight::Discard { .. }) => {}
+            Some(InFlight::Refuse { .. }) => {}
             None => {
                 return Err(self.violation(format!(
                     "a data set on presentation context {pc_id} that no request announced"
@@ -462,15 +489,12 @@ impl Association {
     async fn finish_message(&mut self) -> Result<()> {
         match self.current.take() {
             None => Ok(()),
-            Some(InFlight::Discard { cmd, pc_id }) => {
-                self.respond(
-                    pc_id,
-                    cmd.field | 0x8000,
-                    &cmd,
-                    STATUS_UNRECOGNIZED_OPERATION,
-                )
-                .await
-            }
+            Some(InFlight::Refuse {
+                cmd,
+                pc_id,
+                field,
+                status,
+            }) => self.respond(pc_id, field, &cmd, status).await,
             Some(InFlight::Store {
                 cmd,
                 pc_id,
@@ -506,7 +530,8 @@ impl Association {
                         );
                         self.shared.stored.notify_one();
                     }
-                    StoreOutcome::Duplicate { .. } => info!(
+                    // The spool logs duplicates at INFO already.
+                    StoreOutcome::Duplicate { .. } => debug!(
                         "Received an identical copy of an instance already held; answered success without queueing it again. sop_instance_uid={} calling_ae={} bytes={raw_bytes}",
                         cmd.sop_instance_uid, self.calling_ae
                     ),
@@ -557,6 +582,27 @@ impl Association {
     }
 }
 
+/// Why a UID from a command cannot be used (it goes into the Part-10 header, logs and STOW-RS):
+/// `None` when it is 1 to 64 digits and dots.
+fn bad_uid(uid: &str) -> Option<&'static str> {
+    if uid.is_empty() {
+        Some("is missing")
+    } else if uid.len() > 64 {
+        Some("is longer than 64 characters")
+    } else if !uid.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        Some("holds characters other than digits and dots")
+    } else {
+        None
+    }
+}
+
+/// A peer-supplied text made safe for a log line (no control characters).
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
 /// Resolves once the abort flag is set (never, if the flag's sender is gone).
 async fn aborted(abort: &mut watch::Receiver<bool>) {
     let set = abort.wait_for(|a| *a).await.is_ok();
@@ -575,4 +621,26 @@ fn source_chain(e: &dyn std::error::Error) -> String {
         cur = s.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_uids_must_be_1_to_64_digits_and_dots() {
+        let check = |uid: &str, ok: bool| assert_eq!(bad_uid(uid).is_none(), ok, "{uid:?}");
+        check("1.2.840.10008.5.1.4.1.1.2", true);
+        check(&"1.".repeat(32)[..64], true);
+        check("", false);
+        check(&"1".repeat(65), false);
+        check("1.2.3\n4", false);
+        check("1.2.abc", false);
+    }
+
+    #[test]
+    fn peer_texts_lose_their_control_characters_before_reaching_a_log_line() {
+        assert_eq!(printable("CT1\nfake log line\r"), "CT1?fake log line?");
+        assert_eq!(printable("MR_ROOM 2"), "MR_ROOM 2");
+    }
 }

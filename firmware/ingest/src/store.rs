@@ -245,11 +245,15 @@ pub(crate) fn receive(
     let written = incoming.finish().map_err(write_err)?;
     let index = {
         let reader = written.dataset_reader().map_err(write_err)?;
-        let leading = parse_leading(reader, &meta.transfer_syntax_uid).map_err(|detail| {
-            IngestError::ParseDataset {
-                sop_instance_uid: uid.clone(),
-                detail,
-            }
+        // The parser sees peer bytes: should it ever panic, that is a data set we cannot
+        // understand, not a crash.
+        let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            parse_leading(reader, &meta.transfer_syntax_uid)
+        }))
+        .unwrap_or_else(|_| Err("the DICOM parser failed on this data set".into()));
+        let leading = parsed.map_err(|detail| IngestError::ParseDataset {
+            sop_instance_uid: uid.clone(),
+            detail,
         })?;
         check_leading(leading, &meta)?
     };

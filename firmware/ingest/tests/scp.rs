@@ -616,6 +616,7 @@ async fn a_uid_mismatch_answers_a900_garbage_answers_c000_and_the_association_st
     let wrong_class = dataset(ELE, uids::MR_IMAGE_STORAGE, "1.2.3.202", 3000);
     let garbage = b"Not a DICOM data set at all, just some text sent by mistake.\n".repeat(200);
     let good = dataset(ELE, CT, "1.2.3.203", 3000);
+    let bad_uid = dataset(ELE, CT, "1.2.3.abc", 3000);
     blocking(move || {
         let mut a = associate(
             addr,
@@ -633,7 +634,8 @@ async fn a_uid_mismatch_answers_a900_garbage_answers_c000_and_the_association_st
         check(&mut a, 1, "1.2.3.200", &mismatched, 0xA900);
         check(&mut a, 2, "1.2.3.202", &wrong_class, 0xA900);
         check(&mut a, 3, "1.2.3.204", &garbage, 0xC000);
-        check(&mut a, 4, "1.2.3.203", &good, 0x0000);
+        check(&mut a, 4, "1.2.3.abc", &bad_uid, 0xC000);
+        check(&mut a, 6, "1.2.3.203", &good, 0x0000);
         assert_eq!(u16_of(&echo(&mut a, 5), tags::STATUS), 0);
         a.release().unwrap();
     })
