@@ -787,3 +787,102 @@ async fn shutdown_stops_accepting_and_aborts_associations_still_open_after_the_g
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_associations_each_store_their_instances() {
+    let scp = start(dicom_cfg(), 1).await;
+    let addr = scp.addr;
+    let senders: Vec<_> = (0..4)
+        .map(|n| {
+            std::thread::spawn(move || {
+                let calling = format!("MOD{n}");
+                let mut a = associate(addr, &calling, AE, &[(CT, &[ELE])]).unwrap();
+                let (pc, _) = pc_for(&a, CT);
+                for i in 0..3u16 {
+                    let uid = format!("1.2.3.600.{n}.{i}");
+                    let ds = dataset(ELE, CT, &uid, 40_000 + usize::from(i));
+                    let rsp = store(&mut a, pc, i + 1, CT, &uid, &ds);
+                    assert_eq!(u16_of(&rsp, tags::STATUS), 0, "{uid}");
+                }
+                a.release().unwrap();
+            })
+        })
+        .collect();
+    blocking(move || {
+        for s in senders {
+            s.join().unwrap();
+        }
+    })
+    .await;
+    let got = spooled(&scp.spool);
+    assert_eq!(got.len(), 12);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_other_than_echo_or_store_gets_0211_after_its_data_set_is_discarded() {
+    let scp = start(dicom_cfg(), 1).await;
+    let addr = scp.addr;
+    blocking(move || {
+        let mut a = associate(addr, "CT1", AE, &[(CT, &[ELE])]).unwrap();
+        let (pc, _) = pc_for(&a, CT);
+        // A C-FIND-RQ (0x0020) with an identifier data set, on a storage context.
+        let cmd = command(0x0020, 31, CT, None, true);
+        a.send(&Pdu::PData {
+            data: vec![pdv(pc, true, true, cmd), pdv(pc, false, true, vec![0; 8])],
+        })
+        .unwrap();
+        let rsp = response(&mut a);
+        assert_eq!(u16_of(&rsp, tags::COMMAND_FIELD), 0x8020);
+        assert_eq!(u16_of(&rsp, tags::STATUS), 0x0211);
+        assert_eq!(u16_of(&rsp, tags::MESSAGE_ID_BEING_RESPONDED_TO), 31);
+        // The association still stores.
+        let ds = dataset(ELE, CT, "1.2.3.700", 1000);
+        assert_eq!(
+            u16_of(&store(&mut a, pc, 32, CT, "1.2.3.700", &ds), tags::STATUS),
+            0
+        );
+        a.release().unwrap();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_cut_short_by_release_or_abort_is_not_stored() {
+    let scp = start(dicom_cfg(), 1).await;
+    let addr = scp.addr;
+    let ds = dataset(ELE, CT, "1.2.3.800", 30_000);
+    blocking(move || {
+        for release in [true, false] {
+            let mut a = associate(addr, "CT1", AE, &[(CT, &[ELE])]).unwrap();
+            let (pc, _) = pc_for(&a, CT);
+            let cmd = command(0x0001, 1, CT, Some("1.2.3.800"), true);
+            a.send(&Pdu::PData {
+                data: vec![
+                    pdv(pc, true, true, cmd),
+                    pdv(pc, false, false, ds[..10_000].to_vec()),
+                ],
+            })
+            .unwrap();
+            if release {
+                a.send(&Pdu::ReleaseRQ).unwrap();
+                assert!(matches!(a.receive(), Ok(Pdu::ReleaseRP)));
+            } else {
+                a.abort().unwrap();
+            }
+        }
+    })
+    .await;
+    assert!(spooled(&scp.spool).is_empty());
+    let status = scp.spool.status(SystemTime::now()).unwrap();
+    assert_eq!(status.queued + status.uploading, 0);
+    // The store tasks notice the cut and drop their temporary files.
+    let tmp = scp.spool.dir().join("tmp");
+    let start = Instant::now();
+    while std::fs::read_dir(&tmp).unwrap().count() > 0 {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "temporary files left in {tmp:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await; // poll interval
+    }
+}
