@@ -5,7 +5,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dicom_ul::pdu::{AbortRQServiceProviderReason, Pdu};
+use dicom_ul::pdu::{
+    AbortRQServiceProviderReason, AssociationAC, AssociationRQ, Pdu,
+    PresentationContextResultReason,
+};
 use log::{debug, error, info, warn};
 use passerelle_config::DicomConfig;
 use passerelle_spool::{IncomingMeta, Spool, StoreOutcome};
@@ -96,7 +99,8 @@ pub(crate) async fn run(
     match negotiate::negotiate(&rq, &cfg, have_slot) {
         Negotiation::Reject { rj, why } => {
             warn!(
-                "Rejected association: {why}. peer={} calling_ae={calling_ae} called_ae={} result={:?} reason=\"{}\"",
+                "Rejected association: {}. peer={} calling_ae={calling_ae} called_ae={} result={:?} reason=\"{}\"",
+                printable(&why),
                 peer.ip(),
                 printable(rq.called_ae_title.trim()),
                 rj.result,
@@ -117,6 +121,7 @@ pub(crate) async fn run(
         } => {
             let accepted = contexts.len();
             let proposed = ac.presentation_contexts.len();
+            log_refused_contexts(&rq, &ac, peer, &calling_ae);
             if let Err(e) =
                 pdu_io::write_pdu(&mut stream, &Pdu::AssociationAC(ac), peer, "A-ASSOCIATE-AC")
                     .await
@@ -143,6 +148,48 @@ pub(crate) async fn run(
         }
     }
     drop(slot);
+}
+
+/// One log line per refused presentation context, saying what the operator can do about it.
+fn log_refused_contexts(
+    rq: &AssociationRQ,
+    ac: &AssociationAC,
+    peer: SocketAddr,
+    calling_ae: &str,
+) {
+    for result in &ac.presentation_contexts {
+        let hint = match result.reason {
+            PresentationContextResultReason::Acceptance => continue,
+            PresentationContextResultReason::AbstractSyntaxNotSupported => {
+                "not a storage SOP class; if it is a private storage class, add it to dicom.private_sop_classes"
+            }
+            PresentationContextResultReason::TransferSyntaxesNotSupported => {
+                "none of the proposed transfer syntaxes is known; configure the modality to also propose a standard one"
+            }
+            PresentationContextResultReason::UserRejection
+            | PresentationContextResultReason::NoReason => "refused",
+        };
+        let proposed = rq.presentation_contexts.iter().find(|p| p.id == result.id);
+        info!(
+            "Presentation context refused: {hint}. peer={} calling_ae={calling_ae} context_id={} abstract_syntax={} transfer_syntaxes={}",
+            peer.ip(),
+            result.id,
+            proposed.map(|p| printable(&p.abstract_syntax)).unwrap_or_default(),
+            proposed
+                .map(|p| printable(&p.transfer_syntaxes.join(",")))
+                .unwrap_or_default(),
+        );
+    }
+    if ac
+        .presentation_contexts
+        .iter()
+        .all(|r| r.reason != PresentationContextResultReason::Acceptance)
+    {
+        warn!(
+            "Association accepted without any usable presentation context; the modality cannot send anything. peer={} calling_ae={calling_ae} Check the SOP classes and transfer syntaxes it proposes (see the lines above).",
+            peer.ip()
+        );
+    }
 }
 
 fn abort_reason(e: &IngestError) -> AbortRQServiceProviderReason {

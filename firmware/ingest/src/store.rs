@@ -96,16 +96,6 @@ fn scan(
     let mut tokens = DataSetReader::new_with_ts(source, ts).map_err(|e| e.to_string())?;
     let mut leading = Leading::default();
     let mut depth = 0usize;
-    let mut previous: Option<Tag> = None;
-    let mut check_order = |tag: Tag| match previous {
-        Some(p) if tag <= p => Err(format!(
-            "element {tag} follows {p}: top-level elements are out of order"
-        )),
-        _ => {
-            previous = Some(tag);
-            Ok(())
-        }
-    };
     while let Some(token) = tokens.next() {
         match token.map_err(|e| e.to_string())? {
             DataToken::ElementHeader(h) => {
@@ -113,7 +103,6 @@ fn scan(
                     if h.tag > LAST {
                         break;
                     }
-                    check_order(h.tag)?;
                 }
                 if h.len.get().is_some_and(|l| l > MAX_LEADING_VALUE) {
                     log::debug!(
@@ -157,7 +146,6 @@ fn scan(
                     if tag > LAST {
                         break;
                     }
-                    check_order(tag)?;
                 }
                 depth += 1;
             }
@@ -401,20 +389,24 @@ mod tests {
     }
 
     #[test]
-    fn garbage_and_out_of_order_data_sets_are_not_understood() {
+    fn garbage_is_not_understood_but_out_of_order_elements_are_tolerated() {
         let garbage = b"this is certainly not a DICOM data set, just text".to_vec();
         let leading =
             parse_leading(&garbage[..], uids::EXPLICIT_VR_LITTLE_ENDIAN).unwrap_or_default();
         assert_eq!(leading.sop_instance_uid, None);
 
-        let mut obj_bytes = dataset(uids::IMPLICIT_VR_LITTLE_ENDIAN, "1.2.3.4.5");
-        // Swap in an element of group 0008 after group 0020 by appending a low tag at the start
-        // of a copy: (0010,0020) then (0008,0018) is out of order.
-        let mut swapped = Vec::new();
-        swapped.extend_from_slice(&[0x10, 0x00, 0x20, 0x00, 2, 0, 0, 0, b'P', b'1']);
-        swapped.append(&mut obj_bytes);
-        let err = parse_leading(&swapped[..], uids::IMPLICIT_VR_LITTLE_ENDIAN).unwrap_err();
-        assert!(err.contains("out of order"), "{err}");
+        // (0010,0020) before group 0008 is invalid DICOM, yet passed through: what matters is
+        // that the identifiers are found.
+        let mut swapped = vec![0x10, 0x00, 0x20, 0x00, 2, 0, 0, 0, b'P', b'1'];
+        swapped.extend(dataset(uids::IMPLICIT_VR_LITTLE_ENDIAN, "1.2.3.4.5"));
+        assert_eq!(
+            parse_leading(&swapped[..], uids::IMPLICIT_VR_LITTLE_ENDIAN),
+            Ok(expected("1.2.3.4.5"))
+        );
+
+        // A data set cut inside its leading elements cannot be understood.
+        let whole = dataset(uids::EXPLICIT_VR_LITTLE_ENDIAN, "1.2.3.4.5");
+        assert!(parse_leading(&whole[..40], uids::EXPLICIT_VR_LITTLE_ENDIAN).is_err());
         assert!(parse_leading(&b""[..], "1.2.3.999").is_err());
     }
 
