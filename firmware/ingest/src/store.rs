@@ -99,10 +99,8 @@ fn scan(
     while let Some(token) = tokens.next() {
         match token.map_err(|e| e.to_string())? {
             DataToken::ElementHeader(h) => {
-                if depth == 0 {
-                    if h.tag > LAST {
-                        break;
-                    }
+                if depth == 0 && h.tag > LAST {
+                    break;
                 }
                 if h.len.get().is_some_and(|l| l > MAX_LEADING_VALUE) {
                     log::debug!(
@@ -142,10 +140,8 @@ fn scan(
                 }
             }
             DataToken::SequenceStart { tag, .. } => {
-                if depth == 0 {
-                    if tag > LAST {
-                        break;
-                    }
+                if depth == 0 && tag > LAST {
+                    break;
                 }
                 depth += 1;
             }
