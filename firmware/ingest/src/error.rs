@@ -181,3 +181,102 @@ impl IngestError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn check(e: IngestError, status: u16) {
+        assert_eq!(e.dimse_status(), status, "{e}");
+    }
+
+    fn io() -> SpoolError {
+        SpoolError::Write {
+            path: PathBuf::from("/spool/tmp/x"),
+            source: std::io::Error::other("EIO"),
+        }
+    }
+
+    #[test]
+    fn store_failures_map_to_a700_a900_or_c000() {
+        let uid = || "1.2.3".to_string();
+        check(
+            IngestError::EnsureSpace {
+                sop_instance_uid: uid(),
+                source: SpoolError::DiskFull {
+                    free_mb: 10,
+                    min_free_mb: 1024,
+                },
+            },
+            STATUS_OUT_OF_RESOURCES,
+        );
+        check(
+            IngestError::WriteSpool {
+                sop_instance_uid: uid(),
+                source: io(),
+            },
+            STATUS_OUT_OF_RESOURCES,
+        );
+        check(
+            IngestError::CommitInstance {
+                sop_instance_uid: uid(),
+                source: io(),
+            },
+            STATUS_OUT_OF_RESOURCES,
+        );
+        check(
+            IngestError::RunStoreTask {
+                sop_instance_uid: uid(),
+                detail: "panicked".into(),
+            },
+            STATUS_OUT_OF_RESOURCES,
+        );
+        check(
+            IngestError::MatchSopInstance {
+                command_uid: uid(),
+                dataset_uid: "1.2.4".into(),
+            },
+            STATUS_DATASET_MISMATCH,
+        );
+        check(
+            IngestError::MatchSopClass {
+                sop_instance_uid: uid(),
+                command_class: "1.2.840.10008.5.1.4.1.1.2".into(),
+                dataset_class: "1.2.840.10008.5.1.4.1.1.4".into(),
+            },
+            STATUS_DATASET_MISMATCH,
+        );
+        check(
+            IngestError::ParseDataset {
+                sop_instance_uid: uid(),
+                detail: "garbage".into(),
+            },
+            STATUS_CANNOT_UNDERSTAND,
+        );
+        check(
+            IngestError::BuildPart10Header {
+                sop_instance_uid: uid(),
+                detail: "bad".into(),
+            },
+            STATUS_CANNOT_UNDERSTAND,
+        );
+    }
+
+    #[test]
+    fn every_failure_status_comes_with_advice_for_the_operator() {
+        let full = IngestError::EnsureSpace {
+            sop_instance_uid: "1.2.3".into(),
+            source: SpoolError::DiskFull {
+                free_mb: 1,
+                min_free_mb: 2,
+            },
+        };
+        assert!(full.operator_hint().contains("Free space"));
+        let mismatch = IngestError::MatchSopInstance {
+            command_uid: "1".into(),
+            dataset_uid: "2".into(),
+        };
+        assert!(mismatch.operator_hint().contains("disagree"));
+    }
+}
