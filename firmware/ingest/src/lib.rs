@@ -30,16 +30,23 @@
 //!   reading pixel data), checks the UIDs against the command, and commits. The response goes out
 //!   after the commit. If the task fails early, the rest of the data set is read and discarded and
 //!   the association stays usable.
+//! - A C-STORE whose command UIDs are not 1 to 64 digits and dots is refused (0xC000) without
+//!   touching the spool: those UIDs end up in file metadata, log lines and STOW-RS requests.
 //! - Errors become DIMSE statuses in one exhaustive match ([`IngestError::dimse_status`]).
+//! - Peer-supplied text (AE titles, UIDs) is stripped of control characters before it is logged.
 //! - Shutdown: stop accepting, give in-flight associations `shutdown_grace`, then A-ABORT them.
+//! - `examples/scp.rs` runs the SCP alone against a spool directory, for trying it with dcmtk or
+//!   pynetdicom by hand.
 //!
 //! # Limitations
 //! - No TLS on the DICOM port, no user identity negotiation, no extended negotiation, no
 //!   asynchronous operations window (one message at a time per association, as almost every
 //!   modality does).
 //! - C-ECHO and C-STORE only; other DIMSE requests get 0x0211 (unrecognized operation).
-//! - Leading-element parsing stops early when a leading element announces more than 1 MiB; the
-//!   index fields after it stay empty.
+//! - Leading-element parsing stops early when a leading element announces more than 1 MiB (its
+//!   value would be allocated in full); the index fields after it stay empty.
+//! - Connections beyond `max_associations` plus a few waiting for their rejection are closed
+//!   without an A-ASSOCIATE-RJ (each with a WARN line), so that a flood cannot pin memory.
 
 mod association;
 mod dimse;
