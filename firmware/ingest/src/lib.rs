@@ -113,7 +113,7 @@ pub async fn serve(
     loop {
         tokio::select! {
             _ = shutdown_requested(&mut shutdown) => break,
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            Some(joined) = tasks.join_next(), if !tasks.is_empty() => report_task_end(joined),
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let slot = match slots.clone().try_acquire_owned() {
@@ -169,7 +169,20 @@ pub async fn serve(
 }
 
 async fn drain(tasks: &mut JoinSet<()>) {
-    while tasks.join_next().await.is_some() {}
+    while let Some(joined) = tasks.join_next().await {
+        report_task_end(joined);
+    }
+}
+
+/// An association task only ends by panicking if a library it uses panicked on peer input.
+fn report_task_end(joined: std::result::Result<(), tokio::task::JoinError>) {
+    if let Err(e) = joined {
+        if e.is_panic() {
+            log::error!(
+                "An association task panicked; its modality saw a dropped connection and will resend what was not acknowledged. Please report this with the log lines above. error={e}"
+            );
+        }
+    }
 }
 
 /// Resolves when `*shutdown` becomes true, or when its sender is gone (nobody could stop us then).
