@@ -9,6 +9,11 @@ from harness.checks import assert_byte_identical, wait_for_instances
 from harness.data import Instance, Study
 from harness.util import wait_until
 
+STATUS_KEYS = {
+    "queued", "uploading", "sent", "failed", "lost", "quarantined", "evicted", "duplicates_received",
+    "duplicates_upstream", "oldest_queued_age_secs", "last_error", "paused_until",
+}  # fmt: skip
+
 
 def test_every_instance_arrives_byte_identical_and_is_counted_sent(
     orthanc, make_gateway, ct_study: Study, real_split, storescu_reference: dict[str, bytes], tmp_path: Path
@@ -31,6 +36,7 @@ def test_every_instance_arrives_byte_identical_and_is_counted_sent(
     status = wait_until(lambda: (s := gw.status())["sent"] == n and s, 60, f"status to show {n} sent")
     assert_byte_identical(orthanc, expected)
 
+    assert STATUS_KEYS <= status.keys(), f"status --json lacks {sorted(STATUS_KEYS - status.keys())}"
     assert status["lost"] == 0, status
     assert status["failed"] == 0, status
     assert status["quarantined"] == 0, status

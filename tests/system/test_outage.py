@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 from harness import send
@@ -21,23 +20,12 @@ def test_orthanc_outage_delays_but_loses_nothing(
     gw.start()
 
     send.storescu(gw.port, first, tmp_path / "scu1", called_ae=gw.ae_title)
-    wait_for_instances(orthanc, 1, timeout=60, what="the first uploads")
+    wait_for_instances(orthanc, len(first), timeout=120, what="the first half, before the outage")
 
-    # The PACS goes down while the modality goes on sending (nginx answers 502 Bad Gateway).
-    errors: list[BaseException] = []
-
-    def send_second() -> None:
-        try:
-            send.storescu(gw.port, second, tmp_path / "scu2", called_ae=gw.ae_title)
-        except BaseException as e:  # noqa: BLE001 - reported by the main thread
-            errors.append(e)
-
-    sender = threading.Thread(target=send_second)
-    sender.start()
+    # The PACS goes down (nginx then answers 502 Bad Gateway); the modality goes on sending, and every
+    # C-STORE is still acknowledged.
     orthanc.stop_orthanc()
-    sender.join(timeout=300)
-    assert not sender.is_alive(), "storescu did not finish"
-    assert not errors, errors[0]  # every C-STORE was acknowledged while the PACS was down
+    send.storescu(gw.port, second, tmp_path / "scu2", called_ae=gw.ae_title)
 
     # The outage is visible to the operator and nothing is dropped.
     status = wait_until(

@@ -1,17 +1,20 @@
-"""5. TLS: the daemon trusts only its ca_file. With another CA it never delivers, keeps everything
-queued, and shows a certificate error; CA variables in the environment change nothing."""
+"""5. TLS and credentials: the daemon trusts only its ca_file. With another CA it never delivers, keeps
+everything queued, and shows a certificate error; CA variables in the environment change nothing. A wrong
+password pauses the uplink instead of retrying in a loop. Fixing the config and restarting delivers all."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from harness import send
+from harness.checks import assert_byte_identical, wait_for_instances
+from harness.orthanc import PASSWORD
 from harness.data import Study
 from harness.util import wait_until
 
 
 def test_untrusted_server_certificate_never_delivers_and_loses_nothing(
-    orthanc, make_gateway, pki, ct_study: Study, tmp_path: Path
+    orthanc, make_gateway, pki, ct_study: Study, storescu_reference: dict[str, bytes], tmp_path: Path
 ) -> None:
     real_ca = str(pki.ca_cert)
     gw = make_gateway(
@@ -47,3 +50,42 @@ def test_untrusted_server_certificate_never_delivers_and_loses_nothing(
     gw.stop_ok()
     status = gw.status()
     assert status["queued"] == len(few) and status["lost"] == 0, status
+
+    # The operator fixes ca_file and restarts: everything that waited is delivered.
+    gw.ca_file = pki.ca_cert
+    gw.write_config()
+    gw.start()
+    wait_for_instances(orthanc, len(few), timeout=120, what="the queue after the CA was fixed")
+    status = wait_until(lambda: (s := gw.status())["sent"] == len(few) and s, 60, "all sent")
+    assert status["lost"] == 0 and status["failed"] == 0 and status["paused_until"] is None, status
+    assert_byte_identical(orthanc, {i.sop_instance_uid: storescu_reference[i.sop_instance_uid] for i in few})
+    gw.stop_ok()
+
+
+def test_wrong_password_pauses_the_uplink_and_loses_nothing(
+    orthanc, make_gateway, ct_study: Study, storescu_reference: dict[str, bytes], tmp_path: Path
+) -> None:
+    gw = make_gateway(orthanc)
+    gw.password = "not-the-password"
+    gw.write_config()
+    gw.start()
+    few = ct_study.instances[:5]
+    send.storescu(gw.port, few, tmp_path / "scu", called_ae=gw.ae_title)
+    status = wait_until(lambda: (s := gw.status())["paused_until"] and s, 60, "the uplink to pause on 401")
+    assert status["last_error"], status
+    assert status["sent"] == 0 and status["failed"] == 0 and status["lost"] == 0, status
+    assert status["queued"] + status["uploading"] == len(few), status
+    assert orthanc.count_instances() == 0
+    # Paused means no tight retry loop: the PACS saw very few requests.
+    posts = (orthanc.dir / "nginx-access.log").read_text(errors="replace").count("POST /dicom-web/studies")
+    assert 1 <= posts <= 3, f"{posts} STOW-RS requests while paused"
+    gw.stop_ok()
+
+    gw.password = PASSWORD
+    gw.write_config()
+    gw.start()
+    wait_for_instances(orthanc, len(few), timeout=120, what="the queue after the password was fixed")
+    status = wait_until(lambda: (s := gw.status())["sent"] == len(few) and s, 60, "all sent")
+    assert status["lost"] == 0 and status["failed"] == 0, status
+    assert_byte_identical(orthanc, {i.sop_instance_uid: storescu_reference[i.sop_instance_uid] for i in few})
+    gw.stop_ok()
