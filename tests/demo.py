@@ -5,7 +5,6 @@ arriving. With --keep, everything keeps running until Ctrl-C."""
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 import tempfile
@@ -78,7 +77,6 @@ def main() -> int:
         print()
         say("passerelled status:")
         print(gw.status_text().rstrip())
-        print(json.dumps(gw.status(), indent=2))
         print()
         stats = orthanc.statistics()
         say(f"Orthanc at {orthanc.base_url}/ holds {stats['CountStudies']} study, "
@@ -103,7 +101,7 @@ def main() -> int:
         say("Stopping passerelled (SIGTERM)...")
         gw.stop_ok()
         gw = None
-        say("Done.")
+        say(f"Done. Logs and configs are in {work}")
         return 0
     except BaseException:
         if gw is not None:

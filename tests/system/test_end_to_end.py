@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from harness import send
@@ -61,4 +62,35 @@ def test_identical_resend_is_acknowledged_and_not_sent_twice(
     assert status["sent"] == len(few) and status["queued"] == 0, status
     assert orthanc.count_instances() == len(few)
     assert_byte_identical(orthanc, {i.sop_instance_uid: storescu_reference[i.sop_instance_uid] for i in few})
+    gw.stop_ok()
+
+
+def test_concurrent_modalities_all_arrive(
+    orthanc, make_gateway, ct_study: Study, storescu_reference: dict[str, bytes], tmp_path: Path
+) -> None:
+    """Four modalities send parts of the study at the same time, each on its own association."""
+    study = ct_study.instances
+    parts = [study[k::4] for k in range(4)]
+    gw = make_gateway(orthanc)
+    gw.start()
+    errors: list[BaseException] = []
+
+    def sender(k: int) -> None:
+        try:
+            send.storescu(gw.port, parts[k], tmp_path / f"scu{k}", called_ae=gw.ae_title, calling_ae=f"CT{k}")
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=sender, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a storescu did not finish"
+    assert not errors, errors[0]
+
+    wait_for_instances(orthanc, len(study), timeout=180)
+    status = wait_until(lambda: (s := gw.status())["sent"] == len(study) and s, 60, "all sent")
+    assert status["lost"] == 0 and status["failed"] == 0 and status["duplicates_received"] == 0, status
+    assert_byte_identical(orthanc, {i.sop_instance_uid: storescu_reference[i.sop_instance_uid] for i in study})
     gw.stop_ok()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pydicom
+
 from harness import send
 from harness.checks import wait_for_instances
 from harness.data import Study
@@ -41,6 +43,29 @@ def test_wrong_called_or_calling_ae_is_rejected_and_the_daemon_keeps_serving(
     # The refusal was logged naming the peer.
     log = gw.log_path.read_text(errors="replace")
     assert "INTRUDER" in log and "127.0.0.1" in log, gw.log_excerpt()
+    gw.stop_ok()
+
+
+def test_dataset_that_does_not_match_its_command_is_refused(
+    orthanc, make_gateway, real_files, ct_study: Study, tmp_path: Path
+) -> None:
+    """rtplan.dcm's file meta names another SOP Instance UID than its dataset; sent straight from the file,
+    the C-STORE command carries the meta's UID, so the dataset does not match its command."""
+    rtplan = next(i for i in real_files if i.name == "rtplan.dcm")
+    meta_uid = str(pydicom.dcmread(rtplan.path, stop_before_pixels=True).file_meta.MediaStorageSOPInstanceUID)
+    assert meta_uid != rtplan.sop_instance_uid
+    gw = make_gateway(orthanc)
+    gw.start()
+
+    statuses = send.pynetdicom_send(gw.port, [rtplan], called_ae=gw.ae_title, check=False)
+    assert statuses[0] != 0x0000, "a mismatching dataset was acknowledged as stored"
+    assert statuses[0] in (0xA900, 0xC000) or 0xA900 <= statuses[0] <= 0xCFFF, hex(statuses[0])
+
+    # Nothing was queued for it, and the daemon goes on serving.
+    send.storescu(gw.port, ct_study.instances[:2], tmp_path / "after", called_ae=gw.ae_title)
+    status = wait_until(lambda: (s := gw.status())["sent"] == 2 and s, 60, "the next instances to be sent")
+    assert status["queued"] + status["uploading"] + status["failed"] == 0, status
+    assert orthanc.count_instances() == 2
     gw.stop_ok()
 
 
