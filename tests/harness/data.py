@@ -320,3 +320,56 @@ TRANSFER_SYNTAX_NAMES = {
     "1.2.840.10008.1.2.4.91": "JPEG 2000",
     "1.2.840.10008.1.2.5": "RLE Lossless",
 }
+
+
+def generate_large_instance(path: Path, frames: int = 512, size: int = 512, seed: int = 99) -> Instance:
+    """One big multi-frame instance (frames x size x size x 16 bit; 256 MiB by default): Multi-frame
+    Grayscale Word Secondary Capture, explicit VR little endian, pixel data of phantom slices."""
+    from pydicom.uid import MultiFrameGrayscaleWordSecondaryCaptureImageStorage as SC_WORD
+
+    rng = np.random.default_rng(seed)
+    distinct = [np.clip(np.round(ct_slice_hu(k / 7, size, rng) + 1024), 0, 4095).astype(np.uint16) for k in range(8)]
+    pixels = bytearray()
+    for f in range(frames):
+        pixels += distinct[f % 8].tobytes()
+    sop_uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SC_WORD
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = SC_WORD
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientName = "Test^Large"
+    ds.PatientID = "PASS-TEST-LARGE"
+    ds.Modality = "OT"
+    ds.ConversionType = "WSD"
+    ds.StudyID = "1"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.NumberOfFrames = frames
+    ds.Rows = size
+    ds.Columns = size
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.PixelData = bytes(pixels)
+    del pixels
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return Instance(
+        path=path,
+        name=path.name,
+        sop_class_uid=SC_WORD,
+        sop_instance_uid=sop_uid,
+        study_instance_uid=str(ds.StudyInstanceUID),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        description=f"{frames} frames of {size}x{size}, 16-bit",
+    )

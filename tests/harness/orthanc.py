@@ -64,6 +64,7 @@ http {{
         ssl_verify_client on;
         client_max_body_size 0;
         proxy_request_buffering off;
+        proxy_buffering off;
         proxy_http_version 1.1;
         proxy_read_timeout 300s;
         proxy_send_timeout 300s;
