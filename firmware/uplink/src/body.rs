@@ -24,10 +24,19 @@ use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// Size of one chunk read from the spool and handed to the HTTP client.
+/// Size of one read from the spool.
 pub(crate) const CHUNK_SIZE: usize = 256 * 1024;
-/// Chunks buffered between the producer and the HTTP client.
-pub(crate) const CHANNEL_CHUNKS: usize = 4;
+/// Size of the pieces handed to the HTTP client. Small, because the idle watchdog sees progress
+/// when the client takes a piece: at 1 KB/s a 16 KiB piece is taken every 16 s or so.
+pub(crate) const SLICE_SIZE: usize = 16 * 1024;
+/// Pieces buffered between the producer and the HTTP client.
+pub(crate) const CHANNEL_CHUNKS: usize = 16;
+/// Once the whole body was handed to the HTTP client, up to this much of it may still sit in
+/// buffers (hyper's write queue, rustls, the kernel's send buffer) on its way out...
+const DRAIN_BOUND: u64 = 1024 * 1024;
+/// ...and it drains at no less than this rate on a link that still works (a link that stopped
+/// acknowledging data is caught sooner by TCP_USER_TIMEOUT, set to the idle timeout).
+const DRAIN_MIN_RATE: u64 = 1024;
 
 /// A random boundary: 128 bits of randomness, so it cannot plausibly occur inside a dataset.
 pub(crate) fn new_boundary() -> String {
@@ -58,12 +67,18 @@ pub(crate) fn closing(boundary: &str) -> Bytes {
     Bytes::from(format!("--{boundary}--\r\n"))
 }
 
-/// When the exchange last made progress: a chunk taken by the HTTP client, a response byte
+/// When the exchange last made progress: a piece taken by the HTTP client, a response byte
 /// received, or local work (verifying a spool file) finished.
+///
+/// After the last piece was taken, the PACS answers only once the buffered rest of the body has
+/// crossed the link, which shows no progress here: the watchdog then also allows the time that
+/// rest needs at [`DRAIN_MIN_RATE`] (at most [`DRAIN_BOUND`] of it).
 pub(crate) struct Progress {
     base: Instant,
     last_ms: AtomicU64,
     busy: AtomicBool,
+    body_bytes: AtomicU64,
+    body_done: AtomicBool,
 }
 
 impl Progress {
@@ -72,7 +87,28 @@ impl Progress {
             base: Instant::now(),
             last_ms: AtomicU64::new(0),
             busy: AtomicBool::new(false),
+            body_bytes: AtomicU64::new(0),
+            body_done: AtomicBool::new(false),
         }
+    }
+
+    fn body_taken(&self, bytes: usize) {
+        self.body_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.touch();
+    }
+
+    fn body_complete(&self) {
+        self.body_done.store(true, Ordering::Relaxed);
+        self.touch();
+    }
+
+    /// Extra time allowed once the body is complete, for its buffered tail to cross the link.
+    fn drain_allowance(&self) -> Duration {
+        if !self.body_done.load(Ordering::Relaxed) {
+            return Duration::ZERO;
+        }
+        let buffered = self.body_bytes.load(Ordering::Relaxed).min(DRAIN_BOUND);
+        Duration::from_millis(buffered * 1000 / DRAIN_MIN_RATE)
     }
 
     pub(crate) fn touch(&self) {
@@ -92,17 +128,18 @@ impl Progress {
         self.base.elapsed().saturating_sub(last)
     }
 
-    /// Completes once nothing has progressed for `idle`.
+    /// Completes once nothing has progressed for `idle` (plus the drain allowance).
     pub(crate) async fn idle(&self, idle: Duration) {
         loop {
             if self.busy.load(Ordering::Relaxed) {
                 self.touch();
             }
+            let limit = idle + self.drain_allowance();
             let since = self.idle_for();
-            if since >= idle {
+            if since >= limit {
                 return;
             }
-            tokio::time::sleep(idle - since).await;
+            tokio::time::sleep(limit - since).await;
         }
     }
 }
@@ -177,12 +214,13 @@ impl futures_util::Stream for BodyStream {
         }
         match this.rx.poll_recv(cx) {
             Poll::Ready(Some(chunk)) => {
-                this.shared.progress.touch();
+                this.shared.progress.body_taken(chunk.len());
                 Poll::Ready(Some(Ok(chunk)))
             }
             Poll::Ready(None) => {
                 this.done = true;
                 if this.shared.completed.load(Ordering::Acquire) {
+                    this.shared.progress.body_complete();
                     Poll::Ready(None)
                 } else {
                     let why = this
@@ -321,7 +359,7 @@ pub(crate) fn produce<S: PartSource>(
             if shared.cancel.is_cancelled() {
                 return report;
             }
-            let chunk = match read_chunk(&mut reader) {
+            let mut chunk = match read_chunk(&mut reader) {
                 Ok(chunk) => chunk,
                 Err(e) => {
                     shared.fail(format!(
@@ -335,8 +373,14 @@ pub(crate) fn produce<S: PartSource>(
                 break;
             }
             sent += chunk.len() as u64;
-            if sent > len || !send(chunk) {
+            if sent > len {
                 break;
+            }
+            while !chunk.is_empty() {
+                let piece = chunk.split_to(chunk.len().min(SLICE_SIZE));
+                if !send(piece) {
+                    return report;
+                }
             }
         }
         if sent != len {

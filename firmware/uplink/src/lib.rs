@@ -25,11 +25,16 @@
 //!   maintained crate streams `multipart/related` with a part body that is itself a stream
 //!   (reqwest's and common-multipart-rfc7578's writers are `multipart/form-data` only, and
 //!   multipart-stream and mime_multipart hold each part's body in memory).
-//! - Timeouts: a connect timeout and an *idle* watchdog (no body chunk taken by the HTTP client and
-//!   no response byte for `uplink.idle_timeout_secs`), never a whole-request timeout, so a slow but
-//!   moving upload completes. reqwest's own `read_timeout` is not used: in reqwest 0.12 it runs
-//!   from sending the request to the response headers without being reset by upload progress, so
-//!   it would cap the upload time.
+//! - Timeouts: a connect timeout and an *idle* watchdog, never a whole-request timeout, so a slow
+//!   but moving upload completes. Progress is a 16 KiB piece of the body taken by the HTTP client
+//!   or a response byte received; nothing for `uplink.idle_timeout_secs` aborts the request. Once
+//!   the whole body was taken, its tail may still sit in buffers (hyper, rustls, the kernel) while
+//!   the link drains it, so the watchdog then also allows that tail's time at 1 KiB/s (at most
+//!   1 MiB of it, about 17 minutes), which also gives the PACS time to store a large batch.
+//!   TCP_USER_TIMEOUT (the idle timeout too) makes the kernel drop a link that stops
+//!   acknowledging data meanwhile. reqwest's own `read_timeout` is not used: in reqwest 0.12 it
+//!   runs from sending the request to the response headers without being reset by upload
+//!   progress, so it would cap the upload time.
 //! - TLS (module `tls`): rustls with the ring provider, TLS 1.2 and 1.3 only, the certificates of
 //!   `uplink.ca_file` as the only trust anchors, host name verification, optional client
 //!   certificate. Proxy environment variables are ignored; `uplink.proxy` is the only proxy.
@@ -45,6 +50,9 @@
 //!
 //! # Limitations
 //! - One request at a time; HTTP/1.1 only.
+//! - A PACS that takes the whole body and then never answers holds the uplink for the idle
+//!   timeout plus the drain allowance (up to about 17 minutes for large batches) before the batch
+//!   is retried.
 //! - A pause persisted by a previous run is cleared at start-up: restarting passerelled is how the
 //!   operator applies a fixed configuration.
 //! - If the spool cannot record an outcome, the outcome is kept in memory and recorded again every
@@ -143,6 +151,9 @@ impl Uplink {
             .connect_timeout(cfg.connect_timeout())
             .pool_idle_timeout(Duration::from_secs(20))
             .tcp_keepalive(Duration::from_secs(30))
+            // The kernel drops the connection when sent data stays unacknowledged this long:
+            // this catches a dead link while the tail of the body sits in the send buffer.
+            .tcp_user_timeout(cfg.idle_timeout())
             .user_agent(concat!("passerelle/", env!("CARGO_PKG_VERSION")));
         if !cfg.proxy.is_empty() {
             let proxy =

@@ -423,16 +423,14 @@ pub(crate) fn classify_transport(err: &(dyn StdError + 'static)) -> TransportFai
         if let Some(tls) = e.downcast_ref::<rustls::Error>() {
             return classify_tls(tls, err);
         }
-        // io::Error::source() skips the error it wraps: look inside explicitly.
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if let Some(tls) = io
-                .get_ref()
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-            {
-                return classify_tls(tls, err);
-            }
-        }
-        cur = e.source();
+        // io::Error::source() skips the error it wraps (and io::Errors nest): look inside.
+        cur = match e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn StdError + 'static)),
+            None => e.source(),
+        };
     }
     TransportFailure::Network(crate::error_chain(err))
 }

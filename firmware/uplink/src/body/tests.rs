@@ -314,8 +314,8 @@ async fn the_producer_never_reads_more_than_a_few_chunks_ahead_of_the_client() {
     };
     let mut stream = BodyStream::new(rx, shared);
     let mut taken = 0usize;
-    // Channel + the chunk being sent + the chunk being read.
-    let ahead = (CHANNEL_CHUNKS + 2) * CHUNK_SIZE;
+    // The channel's pieces, the piece being sent, and the rest of the chunk being sliced.
+    let ahead = (CHANNEL_CHUNKS + 1) * SLICE_SIZE + CHUNK_SIZE;
     while let Some(chunk) = stream.next().await {
         taken += chunk.unwrap().len();
         let r = read.load(Ordering::SeqCst);
@@ -364,4 +364,67 @@ async fn the_idle_watchdog_fires_only_after_no_progress() {
     }
     watchdog.await;
     assert!(started.elapsed() >= Duration::from_millis(900) + idle - Duration::from_millis(60));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pieces_handed_to_the_client_are_at_most_16_kib() {
+    // At 1 KB/s, a piece must be taken well within the default 60 s idle timeout.
+    let source = FakeSource::new(vec![(1, Fake::Bytes(data(CHUNK_SIZE * 3 + 7, 1)))]);
+    let s = stream_body(source, &[1], None).await;
+    assert_eq!(s.error, None);
+    assert!(s.chunks.len() > 48);
+    assert!(s.chunks.iter().all(|c| c.len() <= 16 * 1024));
+}
+
+#[test]
+fn the_drain_allowance_applies_only_once_the_body_is_complete_and_is_bounded() {
+    let cases: &[(u64, bool, u64)] = &[
+        (0, true, 0),
+        (100 * 1024, false, 0),
+        (2048, true, 2),
+        (100 * 1024, true, 100),
+        (10 * 1024 * 1024 * 1024, true, 1024),
+    ];
+    for &(bytes, done, secs) in cases {
+        let p = Progress::new();
+        p.body_bytes.store(bytes, Ordering::Relaxed);
+        if done {
+            p.body_complete();
+        }
+        assert_eq!(
+            p.drain_allowance(),
+            Duration::from_secs(secs),
+            "{bytes} bytes, done={done}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_complete_body_counts_its_bytes_and_marks_the_progress_done() {
+    let source = FakeSource::new(vec![(1, Fake::Bytes(data(3000, 1)))]);
+    let shared = Shared::new();
+    let mut pending = VecDeque::from(vec![inst(1)]);
+    let mut report = ProducerReport::default();
+    let first = open_next(&source, &mut pending, &mut report, &shared.progress).unwrap();
+    let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
+    let boundary = new_boundary();
+    let producer = {
+        let (shared, boundary) = (shared.clone(), boundary.clone());
+        let rt = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            produce(source, first, pending, boundary, tx, shared, rt)
+        })
+    };
+    let mut stream = BodyStream::new(rx, shared.clone());
+    let mut total = 0;
+    while let Some(chunk) = stream.next().await {
+        total += chunk.unwrap().len();
+        assert!(!shared.progress.body_done.load(Ordering::Relaxed));
+    }
+    producer.await.unwrap();
+    assert_eq!(
+        shared.progress.body_bytes.load(Ordering::Relaxed),
+        total as u64
+    );
+    assert!(shared.progress.body_done.load(Ordering::Relaxed));
 }

@@ -387,8 +387,8 @@ fn transport_failures_pause_on_certificates_and_retry_otherwise() {
 }
 
 fn tls_in_io(e: rustls::Error) -> Box<dyn StdError + Send + Sync> {
-    // The shape reqwest/hyper produce: an outer error whose source is an io::Error wrapping
-    // the rustls error.
+    // The shape reqwest/hyper-util produce: an outer error whose source is an io::Error wrapping
+    // an io::Error wrapping the rustls error.
     #[derive(Debug)]
     struct Outer(std::io::Error);
     impl std::fmt::Display for Outer {

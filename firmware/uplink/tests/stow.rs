@@ -1,0 +1,514 @@
+//! End to end: a real spool in a temporary directory, `Uplink::run`, and a local HTTPS STOW-RS stub
+//! that parses the multipart body, checks every part's bytes against what was stored, and answers
+//! as scripted.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::{Duration, Instant, SystemTime};
+
+use common::*;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Env {
+    dir: tempfile::TempDir,
+    ca: Ca,
+}
+
+impl Env {
+    fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::new(dir.path(), "pacs");
+        Env { dir, ca }
+    }
+
+    fn server_leaf(&self) -> Leaf {
+        self.ca
+            .issue(self.dir.path(), "server", &["127.0.0.1"], false)
+    }
+
+    async fn stub(&self, handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> Stub {
+        Stub::start(&self.server_leaf(), StubOptions::default(), handler).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_instance_of_a_delivered_batch_gets_the_outcome_the_pacs_gave_it() {
+    let env = Env::new();
+    let spool = spool_in(env.dir.path());
+    let stub = env
+        .stub(|seen| {
+            // Stored: all but .3 (refused for good, 0xC000) and .4 (not mentioned at all).
+            let stored: Vec<&str> = seen
+                .uids
+                .iter()
+                .map(String::as_str)
+                .filter(|u| !u.ends_with(".3") && !u.ends_with(".4"))
+                .collect();
+            let failed: Vec<(&str, u16)> = seen
+                .uids
+                .iter()
+                .filter(|u| u.ends_with(".3"))
+                .map(|u| (u.as_str(), 0xC000))
+                .collect();
+            Reply::json(202, stow_json(&stored, &failed))
+        })
+        .await;
+    let mut uids = store_study(&spool, &stub, 4, 1000);
+    // One instance larger than a read chunk, to stream it in pieces.
+    let big_uid = format!("{STUDY}.5");
+    let big = store(&spool, STUDY, &big_uid, 700 * 1024);
+    stub.knows(&big, &big_uid);
+    uids.push(big_uid);
+
+    let before = SystemTime::now();
+    let running = start(uplink_config(&stub.url(), &env.ca), &spool);
+    wait_for("3 sent, 1 failed, 1 queued", WAIT, || {
+        let s = status(&spool);
+        s.sent == 3 && s.failed == 1 && s.queued == 1 && s.uploading == 0
+    })
+    .await;
+    running.stop().await;
+
+    let seen = stub.seen();
+    assert_eq!(seen.len(), 1, "one request for the batch");
+    let req = &seen[0];
+    assert_eq!(
+        req.uids, uids,
+        "every part arrived byte-identical, in order"
+    );
+    assert_eq!(req.unknown_parts, 0);
+    assert!(req.malformed.is_none());
+    assert!(req
+        .part_content_types
+        .iter()
+        .all(|c| c == "application/dicom"));
+    assert!(
+        req.content_type
+            .starts_with("multipart/related; type=\"application/dicom\"; boundary="),
+        "{}",
+        req.content_type
+    );
+    assert_eq!(req.accept, "application/dicom+json");
+    assert_eq!(
+        req.authorization.as_deref(),
+        Some("Basic cGFzc2VyZWxsZTpzZWNyZXQ=")
+    );
+
+    let problems = spool.problems(10).unwrap();
+    assert_eq!(problems.len(), 1);
+    assert_eq!(problems[0].sop_instance_uid, format!("{STUDY}.3"));
+    let reason = problems[0].last_error.clone().unwrap_or_default();
+    assert!(reason.contains("0xC000"), "{reason}");
+
+    // The unconfirmed one waits for its backoff (30 s ± 20%).
+    let due = spool.next_due().unwrap().unwrap();
+    assert!(
+        due >= before + Duration::from_secs(24),
+        "retry scheduled too early"
+    );
+    let rows = queued_rows(&spool);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].sop_instance_uid, format!("{STUDY}.4"));
+    assert_eq!(rows[0].attempts, 1);
+
+    let state = spool.uplink_state().unwrap();
+    assert!(state.last_success_at.is_some());
+    assert!(state.paused_until.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_xml_response_confirms_instances_too() {
+    let env = Env::new();
+    let spool = spool_in(env.dir.path());
+    let stub = env
+        .stub(|seen| {
+            let items: String = seen
+                .uids
+                .iter()
+                .map(|u| {
+                    format!(
+                        r#"<Item number="1"><DicomAttribute tag="00081155" vr="UI"><Value number="1">{u}</Value></DicomAttribute></Item>"#
+                    )
+                })
+                .collect();
+            Reply {
+                status: 200,
+                headers: vec![("Content-Type".into(), "application/dicom+xml".into())],
+                body: format!(
+                    r#"<?xml version="1.0"?><NativeDicomModel><DicomAttribute tag="00081199" vr="SQ">{items}</DicomAttribute></NativeDicomModel>"#
+                ),
+                hang: false,
+            }
+        })
+        .await;
+    store_study(&spool, &stub, 3, 500);
+    let running = start(uplink_config(&stub.url(), &env.ca), &spool);
+    wait_for("3 sent", WAIT, || status(&spool).sent == 3).await;
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_success_status_without_confirmation_sends_nothing_as_sent() {
+    let env = Env::new();
+    let spool = spool_in(env.dir.path());
+    let stub = env.stub(|_| Reply::json(200, "{}".into())).await;
+    store_study(&spool, &stub, 2, 100);
+    let running = start(uplink_config(&stub.url(), &env.ca), &spool);
+    wait_for("the batch back in the queue", WAIT, || {
+        let s = status(&spool);
+        s.queued == 2 && s.uplink.last_error.is_some()
+    })
+    .await;
+    running.stop().await;
+    assert_eq!(status(&spool).sent, 0);
+    assert!(queued_rows(&spool).iter().all(|r| r.attempts == 1));
+}
+
+/// Starts the uplink against a stub whose certificate must be refused; checks the pause.
+async fn check_refused_server_certificate(env: &Env, server: Leaf, expect_in_error: &str) {
+    let spool = spool_in(env.dir.path());
+    let stub = Stub::start(&server, StubOptions::default(), |_| {
+        Reply::json(200, "{}".into())
+    })
+    .await;
+    store_study(&spool, &stub, 2, 100);
+    let started = SystemTime::now();
+    let running = start(uplink_config(&stub.url(), &env.ca), &spool);
+    wait_for("the uplink to pause", WAIT, || {
+        spool.uplink_state().unwrap().paused_until.is_some() && status(&spool).uploading == 0
+    })
+    .await;
+    running.stop().await;
+
+    assert!(stub.seen().is_empty(), "nothing reached the server");
+    assert_eq!(stub.tls_failures(), 1, "one handshake, no retry loop");
+    let state = spool.uplink_state().unwrap();
+    let error = state.last_error.unwrap();
+    assert!(error.contains(expect_in_error), "{error}");
+    assert!(
+        error.contains("uplink.ca_file"),
+        "the error says what to fix: {error}"
+    );
+    let paused_until = state.paused_until.unwrap();
+    assert!(paused_until >= started + Duration::from_secs(599));
+    let s = status(&spool);
+    assert_eq!((s.queued, s.sent, s.failed), (2, 0, 0));
+    assert!(
+        queued_rows(&spool).iter().all(|r| r.attempts == 0),
+        "a pause does not count an attempt"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_certificate_from_another_ca_is_refused_and_pauses_the_uplink() {
+    let env = Env::new();
+    let other = Ca::new(env.dir.path(), "other");
+    let server = other.issue(env.dir.path(), "server", &["127.0.0.1"], false);
+    check_refused_server_certificate(&env, server, "UnknownIssuer").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_certificate_for_another_host_name_is_refused() {
+    let env = Env::new();
+    let server = env
+        .ca
+        .issue(env.dir.path(), "server", &["pacs.example.org"], false);
+    check_refused_server_certificate(&env, server, "not valid for name").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthorized_pauses_the_uplink_without_counting_an_attempt() {
+    let env = Env::new();
+    let spool = spool_in(env.dir.path());
+    let stub = env.stub(|_| Reply::status(401)).await;
+    store_study(&spool, &stub, 3, 100);
+    let started = SystemTime::now();
+    let running = start(uplink_config(&stub.url(), &env.ca), &spool);
+    wait_for("the uplink to pause", WAIT, || {
+        spool.uplink_state().unwrap().paused_until.is_some() && status(&spool).uploading == 0
+    })
+    .await;
+    // A wake-up (new instance stored) does not end the pause.
+    running.wake.notify_one();
+    running.stop().await;
+
+    assert_eq!(stub.seen().len(), 1, "no retry before the pause ends");
+    let state = spool.uplink_state().unwrap();
+    let error = state.last_error.unwrap();
+    assert!(
+        error.contains("HTTP 401") && error.contains("uplink.username"),
+        "{error}"
+    );
+    assert!(state.paused_until.unwrap() >= started + Duration::from_secs(599));
+    let rows = queued_rows(&spool);
+    assert_eq!(rows.len(), 3);
+    assert!(rows.iter().all(|r| r.attempts == 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_left_by_a_previous_run_is_cleared_at_start() {
+    let env = Env::new();
+    let spool = spool_in(env.dir.path());
+    let stub = env
+        .stub(|seen| {
+            let uids: Vec<&str> = seen.uids.iter().map(String::as_str).collect();
+            Reply::json(200, stow_json(&uids, &[]))
+        })
+        .await;
+    store_study(&spool, &stub, 1, 100);
+    spool
+        .set_uplink_state(&passerelle_spool::UplinkState {
+            paused_until: Some(SystemTime::now() + Duration::from_secs(3600)),
+            last_error: Some("The PACS refused our credentials".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    let running = start(uplink_config(&stub.url(), &env.ca), &spool);
+    wait_for("the instance sent", WAIT, || status(&spool).sent == 1).await;
+    running.stop().await;
+    assert!(spool.uplink_state().unwrap().paused_until.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_unavailable_with_retry_after_is_retried_no_earlier_than_asked() {
+    let env = Env::new();
+    let spool = spool_in(env.dir.path());
+    let stub = env
+        .stub(|_| Reply::status(503).header("Retry-After", "120"))
+        .await;
+    store_study(&spool, &stub, 2, 100);
+    let mut cfg = uplink_config(&stub.url(), &env.ca);
+    cfg.retry_base_secs = 1;
+    let before = SystemTime::now();
+    let running = start(cfg, &spool);
+    wait_for("the batch back in the queue", WAIT, || {
+        let s = status(&spool);
+        s.queued == 2 && s.uplink.last_error.is_some()
+    })
+    .await;
+    running.stop().await;
+
+    assert_eq!(stub.seen().len(), 1);
+    let due = spool.next_due().unwrap().unwrap();
+    assert!(
+        due >= before + Duration::from_secs(120),
+        "Retry-After: 120 is a floor, the backoff alone would be ~1 s"
+    );
+    assert!(due <= SystemTime::now() + Duration::from_secs(121));
+    let error = spool.uplink_state().unwrap().last_error.unwrap();
+    assert!(error.contains("HTTP 503"), "{error}");
+    assert!(queued_rows(&spool).iter().all(|r| r.attempts == 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_too_large_is_split_in_halves_until_it_fits() {
+    let env = Env::new();
+    let spool = spool_in(env.dir.path());
+    let stub = env
+        .stub(|seen| {
+            if seen.uids.len() > 2 {
+                Reply::status(413)
+            } else {
+                let uids: Vec<&str> = seen.uids.iter().map(String::as_str).collect();
+                Reply::json(200, stow_json(&uids, &[]))
+            }
+        })
+        .await;
+    store_study(&spool, &stub, 5, 100);
+    let running = start(uplink_config(&stub.url(), &env.ca), &spool);
+    wait_for("all 5 sent", WAIT, || status(&spool).sent == 5).await;
+    running.stop().await;
+    let sizes: Vec<usize> = stub.seen().iter().map(|s| s.uids.len()).collect();
+    assert_eq!(sizes, vec![5, 3, 2, 1, 2]);
+    assert!(
+        spool.uplink_state().unwrap().paused_until.is_none(),
+        "413 is not a reason to pause"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_too_large_even_alone_fails_with_a_clear_reason() {
+    let env = Env::new();
+    let spool = spool_in(env.dir.path());
+    let stub = env.stub(|_| Reply::status(413)).await;
+    store_study(&spool, &stub, 1, 100);
+    let running = start(uplink_config(&stub.url(), &env.ca), &spool);
+    wait_for("the instance failed", WAIT, || status(&spool).failed == 1).await;
+    running.stop().await;
+    let reason = spool.problems(1).unwrap()[0].last_error.clone().unwrap();
+    assert!(
+        reason.contains("413") && reason.contains("re-queue"),
+        "{reason}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_but_moving_upload_outlives_the_idle_timeout() {
+    let env = Env::new();
+    let spool = spool_in(env.dir.path());
+    let options = StubOptions {
+        read_rate: Some(200 * 1024),
+        recv_buffer: Some(16 * 1024),
+        ..StubOptions::default()
+    };
+    let stub = Stub::start(&env.server_leaf(), options, |seen| {
+        let uids: Vec<&str> = seen.uids.iter().map(String::as_str).collect();
+        Reply::json(200, stow_json(&uids, &[]))
+    })
+    .await;
+    store_study(&spool, &stub, 1, 1024 * 1024);
+    let mut cfg = uplink_config(&stub.url(), &env.ca);
+    cfg.idle_timeout_secs = 1;
+    let started = Instant::now();
+    let running = start(cfg, &spool);
+    wait_for("the instance sent", WAIT, || status(&spool).sent == 1).await;
+    let took = started.elapsed();
+    running.stop().await;
+    assert_eq!(stub.seen().len(), 1, "delivered in one go, never aborted");
+    assert!(
+        took > Duration::from_secs(3),
+        "the upload must take several idle timeouts for this test to mean anything ({took:?})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pacs_that_never_answers_is_given_up_after_the_idle_timeout() {
+    let env = Env::new();
+    let spool = spool_in(env.dir.path());
+    let stub = env.stub(|_| Reply::hang()).await;
+    store_study(&spool, &stub, 2, 100);
+    let mut cfg = uplink_config(&stub.url(), &env.ca);
+    cfg.idle_timeout_secs = 1;
+    let running = start(cfg, &spool);
+    wait_for("the batch back in the queue", WAIT, || {
+        let s = status(&spool);
+        s.queued == 2 && s.uplink.last_error.is_some()
+    })
+    .await;
+    running.stop().await;
+    let error = spool.uplink_state().unwrap().last_error.unwrap();
+    assert!(error.contains("uplink.idle_timeout_secs"), "{error}");
+    assert!(queued_rows(&spool).iter().all(|r| r.attempts == 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_during_an_upload_releases_the_rows_without_an_attempt() {
+    let env = Env::new();
+    let spool = spool_in(env.dir.path());
+    let stub = env.stub(|_| Reply::hang()).await;
+    store_study(&spool, &stub, 3, 100);
+    let running = start(uplink_config(&stub.url(), &env.ca), &spool);
+    wait_for("the request at the PACS", WAIT, || stub.seen().len() == 1).await;
+    let took = running.stop().await;
+    assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
+    let s = status(&spool);
+    assert_eq!((s.queued, s.uploading, s.sent), (3, 0, 0));
+    assert!(queued_rows(&spool).iter().all(|r| r.attempts == 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_presents_the_client_certificate() {
+    let env = Env::new();
+    let spool = spool_in(env.dir.path());
+    let client_ca = Ca::new(env.dir.path(), "clients");
+    let client = client_ca.issue(
+        env.dir.path(),
+        "passerelle-box",
+        &["passerelle.local"],
+        true,
+    );
+    let options = StubOptions {
+        client_ca: Some(client_ca.der()),
+        ..StubOptions::default()
+    };
+    let stub = Stub::start(&env.server_leaf(), options, |seen| {
+        let uids: Vec<&str> = seen.uids.iter().map(String::as_str).collect();
+        Reply::json(200, stow_json(&uids, &[]))
+    })
+    .await;
+    store_study(&spool, &stub, 2, 100);
+    let mut cfg = uplink_config(&stub.url(), &env.ca);
+    cfg.client_cert = client.cert_path.clone();
+    cfg.client_key = client.key_path.clone();
+    let running = start(cfg, &spool);
+    wait_for("2 sent", WAIT, || status(&spool).sent == 2).await;
+    running.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pacs_requiring_a_client_certificate_we_lack_pauses_the_uplink() {
+    let env = Env::new();
+    let spool = spool_in(env.dir.path());
+    let client_ca = Ca::new(env.dir.path(), "clients");
+    let options = StubOptions {
+        client_ca: Some(client_ca.der()),
+        ..StubOptions::default()
+    };
+    let stub = Stub::start(&env.server_leaf(), options, |_| Reply::status(500)).await;
+    store_study(&spool, &stub, 1, 100);
+    let running = start(uplink_config(&stub.url(), &env.ca), &spool);
+    wait_for("the uplink to pause", WAIT, || {
+        spool.uplink_state().unwrap().paused_until.is_some() && status(&spool).uploading == 0
+    })
+    .await;
+    running.stop().await;
+    let error = spool.uplink_state().unwrap().last_error.unwrap();
+    assert!(error.contains("uplink.client_cert"), "{error}");
+    assert!(queued_rows(&spool).iter().all(|r| r.attempts == 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_spool_file_is_left_out_and_the_rest_is_delivered() {
+    let env = Env::new();
+    let spool = spool_in(env.dir.path());
+    let stub = env
+        .stub(|seen| {
+            let uids: Vec<&str> = seen.uids.iter().map(String::as_str).collect();
+            Reply::json(200, stow_json(&uids, &[]))
+        })
+        .await;
+    // Store the first instance alone and damage its (only) file.
+    let first = format!("{STUDY}.1");
+    let raw = store(&spool, STUDY, &first, 50_000);
+    stub.knows(&raw, &first);
+    let files = files_under(&spool.dir().join("objects"));
+    assert_eq!(files.len(), 1);
+    let mut bytes = std::fs::read(&files[0]).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&files[0], bytes).unwrap();
+    for i in 2..=3 {
+        let uid = format!("{STUDY}.{i}");
+        let raw = store(&spool, STUDY, &uid, 1000);
+        stub.knows(&raw, &uid);
+    }
+    let running = start(uplink_config(&stub.url(), &env.ca), &spool);
+    wait_for("2 sent, 1 quarantined", WAIT, || {
+        let s = status(&spool);
+        s.sent == 2 && s.quarantined == 1 && s.uploading == 0
+    })
+    .await;
+    running.stop().await;
+    let seen = stub.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].uids,
+        vec![format!("{STUDY}.2"), format!("{STUDY}.3")]
+    );
+    assert_eq!(seen[0].unknown_parts, 0, "no corrupt bytes were sent");
+}
+
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
