@@ -108,3 +108,6 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
         }),
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -512,3 +512,130 @@ fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A minimal HTTP CONNECT proxy: records each request head, then tunnels bytes both ways.
+async fn start_connect_proxy() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+                    if client.read_exact(&mut byte).await.is_err() {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let text = String::from_utf8_lossy(&head).to_string();
+                log.lock().unwrap().push(text.clone());
+                let target = text
+                    .lines()
+                    .next()
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .unwrap_or_default()
+                    .to_string();
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(target).await else {
+                    let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
+                    return;
+                };
+                if client
+                    .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+                    .await
+                    .is_ok()
+                {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                }
+            });
+        }
+    });
+    (addr, heads)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_connect_proxy_carries_the_verified_tls_connection() {
+    let env = Env::new();
+    let spool = spool_in(env.dir.path());
+    let stub = env
+        .stub(|seen| {
+            let uids: Vec<&str> = seen.uids.iter().map(String::as_str).collect();
+            Reply::json(200, stow_json(&uids, &[]))
+        })
+        .await;
+    store_study(&spool, &stub, 2, 1000);
+    let (proxy, heads) = start_connect_proxy().await;
+    let mut cfg = uplink_config(&stub.url(), &env.ca);
+    cfg.proxy = format!("http://proxyuser:proxypass@{proxy}");
+    let running = start(cfg, &spool);
+    wait_for("2 sent", WAIT, || status(&spool).sent == 2).await;
+    running.stop().await;
+
+    let heads = heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 1, "one tunnel: {heads:?}");
+    assert!(
+        heads[0].starts_with(&format!("CONNECT {} HTTP/1.1\r\n", stub.addr)),
+        "{}",
+        heads[0]
+    );
+    // base64("proxyuser:proxypass")
+    assert!(
+        heads[0]
+            .to_ascii_lowercase()
+            .contains("proxy-authorization: basic chjvehl1c2vyonbyb3h5cgfzcw=="),
+        "{}",
+        heads[0]
+    );
+    assert_eq!(stub.seen().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_settings_are_refused_before_anything_runs() {
+    let env = Env::new();
+    let spool = spool_in(env.dir.path());
+    let good = uplink_config("https://127.0.0.1:9/dicom-web/studies", &env.ca);
+    let cases: Vec<(passerelle_config::UplinkConfig, &str)> = vec![
+        (
+            passerelle_config::UplinkConfig {
+                stow_url: "http://pacs.example.org/dicom-web/studies".into(),
+                ..good.clone()
+            },
+            "https://",
+        ),
+        (
+            passerelle_config::UplinkConfig {
+                stow_url: "not a url".into(),
+                ..good.clone()
+            },
+            "uplink.stow_url",
+        ),
+        (
+            passerelle_config::UplinkConfig {
+                ca_file: env.dir.path().join("nope.pem"),
+                ..good.clone()
+            },
+            "uplink.ca_file",
+        ),
+        (
+            passerelle_config::UplinkConfig {
+                proxy: "http://[::1".into(),
+                ..good.clone()
+            },
+            "uplink.proxy",
+        ),
+    ];
+    for (cfg, want) in cases {
+        match passerelle_uplink::Uplink::new(cfg, spool.clone()) {
+            Ok(_) => panic!("expected an error mentioning {want:?}"),
+            Err(e) => assert!(e.to_string().contains(want), "{e} should mention {want:?}"),
+        }
+    }
+    assert!(passerelle_uplink::Uplink::new(good, spool).is_ok());
+}
