@@ -37,6 +37,8 @@ pub(crate) enum TransportFailure {
     ClientCertificateRefused(String),
     /// The PACS and we share no TLS version or cipher suite (TLS 1.2+ only).
     TlsIncompatible(String),
+    /// The HTTP CONNECT proxy wants credentials we do not have (407 to CONNECT).
+    ProxyAuthRefused(String),
     /// Connection refused or reset, DNS, proxy, TLS handshake interrupted, connect timeout...
     Network(String),
     /// Nothing was sent or received for this long.
@@ -174,6 +176,11 @@ fn decide_transport(instances: &[QueuedInstance], failure: &TransportFailure) ->
         TransportFailure::TlsIncompatible(detail) => Decision::Pause {
             error: format!(
                 "The TLS handshake with the PACS was refused ({detail}). Either the PACS shares no TLS version or cipher suite with Passerelle (which speaks TLS 1.2 and 1.3 only), or it requires a client certificate: enable TLS 1.2/1.3 on the PACS's front end, or set uplink.client_cert and uplink.client_key; then restart passerelled."
+            ),
+        },
+        TransportFailure::ProxyAuthRefused(detail) => Decision::Pause {
+            error: format!(
+                "The proxy refused to open a tunnel to the PACS without valid credentials ({detail}). Put the proxy's user name and password in uplink.proxy (http://user:password@host:port); then restart passerelled."
             ),
         },
         TransportFailure::Network(detail) => retry_all(
@@ -432,7 +439,15 @@ pub(crate) fn classify_transport(err: &(dyn StdError + 'static)) -> TransportFai
             None => e.source(),
         };
     }
-    TransportFailure::Network(crate::error_chain(err))
+    let chain = crate::error_chain(err);
+    // hyper-util's tunnel error type is private: recognise it by its message.
+    let lower = chain.to_ascii_lowercase();
+    if lower.contains("proxy authorization required")
+        || lower.contains("proxy authentication required")
+    {
+        return TransportFailure::ProxyAuthRefused(chain);
+    }
+    TransportFailure::Network(chain)
 }
 
 fn classify_tls(tls: &rustls::Error, whole: &(dyn StdError + 'static)) -> TransportFailure {

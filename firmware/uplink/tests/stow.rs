@@ -513,8 +513,11 @@ fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
-/// A minimal HTTP CONNECT proxy: records each request head, then tunnels bytes both ways.
-async fn start_connect_proxy() -> (
+/// A minimal HTTP CONNECT proxy: records each request head, then tunnels bytes both ways (or
+/// answers 407 when `refuse` is set).
+async fn start_connect_proxy(
+    refuse: bool,
+) -> (
     std::net::SocketAddr,
     std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 ) {
@@ -537,6 +540,12 @@ async fn start_connect_proxy() -> (
                 }
                 let text = String::from_utf8_lossy(&head).to_string();
                 log.lock().unwrap().push(text.clone());
+                if refuse {
+                    let _ = client
+                        .write_all(b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"h\"\r\n\r\n")
+                        .await;
+                    return;
+                }
                 let target = text
                     .lines()
                     .next()
@@ -571,7 +580,7 @@ async fn an_http_connect_proxy_carries_the_verified_tls_connection() {
         })
         .await;
     store_study(&spool, &stub, 2, 1000);
-    let (proxy, heads) = start_connect_proxy().await;
+    let (proxy, heads) = start_connect_proxy(false).await;
     let mut cfg = uplink_config(&stub.url(), &env.ca);
     cfg.proxy = format!("http://proxyuser:proxypass@{proxy}");
     let running = start(cfg, &spool);
@@ -638,4 +647,25 @@ async fn bad_settings_are_refused_before_anything_runs() {
         }
     }
     assert!(passerelle_uplink::Uplink::new(good, spool).is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_asking_for_credentials_pauses_the_uplink() {
+    let env = Env::new();
+    let spool = spool_in(env.dir.path());
+    let stub = env.stub(|_| Reply::status(500)).await;
+    store_study(&spool, &stub, 1, 100);
+    let (proxy, heads) = start_connect_proxy(true).await;
+    let mut cfg = uplink_config(&stub.url(), &env.ca);
+    cfg.proxy = format!("http://{proxy}");
+    let running = start(cfg, &spool);
+    wait_for("the uplink to pause", WAIT, || {
+        spool.uplink_state().unwrap().paused_until.is_some() && status(&spool).uploading == 0
+    })
+    .await;
+    running.stop().await;
+    assert_eq!(heads.lock().unwrap().len(), 1);
+    let error = spool.uplink_state().unwrap().last_error.unwrap();
+    assert!(error.contains("uplink.proxy"), "{error}");
+    assert!(queued_rows(&spool).iter().all(|r| r.attempts == 0));
 }

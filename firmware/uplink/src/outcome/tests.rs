@@ -444,6 +444,11 @@ fn tls_errors_are_found_inside_io_errors_and_classified() {
         TransportFailure::Network(msg) => assert!(msg.contains("connection reset"), "{msg}"),
         other => panic!("{other:?}"),
     }
+    let proxy = std::io::Error::other("tunnel error: proxy authorization required");
+    assert!(matches!(
+        classify_transport(&proxy),
+        TransportFailure::ProxyAuthRefused(_)
+    ));
     let decrypt = tls_in_io(rustls::Error::DecryptError);
     assert!(matches!(
         classify_transport(decrypt.as_ref()),
