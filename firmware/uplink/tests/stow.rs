@@ -669,3 +669,50 @@ async fn a_proxy_asking_for_credentials_pauses_the_uplink() {
     assert!(error.contains("uplink.proxy"), "{error}");
     assert!(queued_rows(&spool).iter().all(|r| r.attempts == 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bearer_token_is_sent_as_the_authorization() {
+    let env = Env::new();
+    let spool = spool_in(env.dir.path());
+    let stub = env
+        .stub(|seen| {
+            let uids: Vec<&str> = seen.uids.iter().map(String::as_str).collect();
+            Reply::json(200, stow_json(&uids, &[]))
+        })
+        .await;
+    store_study(&spool, &stub, 1, 100);
+    let mut cfg = uplink_config(&stub.url(), &env.ca);
+    cfg.username.clear();
+    cfg.password.clear();
+    cfg.bearer_token = "eyJ0b2tlbiI6MX0".into();
+    let running = start(cfg, &spool);
+    wait_for("1 sent", WAIT, || status(&spool).sent == 1).await;
+    running.stop().await;
+    assert_eq!(
+        stub.seen()[0].authorization.as_deref(),
+        Some("Bearer eyJ0b2tlbiI6MX0")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_keeps_what_was_stored_and_fails_the_rest_for_the_operator() {
+    let env = Env::new();
+    let spool = spool_in(env.dir.path());
+    let stub = env
+        .stub(|seen| Reply::json(409, stow_json(&[seen.uids[0].as_str()], &[])))
+        .await;
+    store_study(&spool, &stub, 3, 100);
+    let running = start(uplink_config(&stub.url(), &env.ca), &spool);
+    wait_for("1 sent, 2 failed", WAIT, || {
+        let s = status(&spool);
+        s.sent == 1 && s.failed == 2
+    })
+    .await;
+    running.stop().await;
+    for p in spool.problems(10).unwrap() {
+        let reason = p.last_error.unwrap_or_default();
+        assert!(reason.contains("409"), "{reason}");
+    }
+    // The operator re-queues them once the cause is fixed.
+    assert_eq!(spool.requeue_failed(None).unwrap(), 2);
+}
