@@ -28,10 +28,19 @@ use passerelle_spool::{Spool, StatusReport};
 use tokio::sync::{watch, Notify};
 
 #[derive(Parser)]
-#[command(name = "passerelled", version, about = "Passerelle DICOM edge gateway daemon")]
+#[command(
+    name = "passerelled",
+    version,
+    about = "Passerelle DICOM edge gateway daemon"
+)]
 struct Cli {
     /// Path of the TOML configuration file.
-    #[arg(long, short = 'c', global = true, default_value = "/etc/passerelle/passerelle.toml")]
+    #[arg(
+        long,
+        short = 'c',
+        global = true,
+        default_value = "/etc/passerelle/passerelle.toml"
+    )]
     config: PathBuf,
     #[command(subcommand)]
     command: Option<Command>,
@@ -110,7 +119,9 @@ fn run(cli: Cli) -> Result<i32> {
             let cfg = Config::load(&cli.config)?;
             let spool = Spool::attach(&cfg.spool)?;
             let n = spool.requeue_failed(sop_instance_uid.as_deref())?;
-            println!("Re-queued {n} failed instance(s); the running daemon will send them shortly.");
+            println!(
+                "Re-queued {n} failed instance(s); the running daemon will send them shortly."
+            );
             Ok(0)
         }
         None => {
@@ -222,8 +233,10 @@ async fn daemon_async(cfg: Config) -> Result<()> {
 
 async fn wait_for_signal() -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).map_err(|source| DaemonError::Signal { source })?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|source| DaemonError::Signal { source })?;
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|source| DaemonError::Signal { source })?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|source| DaemonError::Signal { source })?;
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
@@ -255,7 +268,9 @@ async fn housekeeping(spool: Spool, mut shutdown: watch::Receiver<bool>) {
                         r.files, r.bytes
                     ),
                     Ok(_) => {}
-                    Err(e) => warn!("Eviction of the confirmed cache failed; it will be retried. error={e}"),
+                    Err(e) => warn!(
+                        "Eviction of the confirmed cache failed; it will be retried. error={e}"
+                    ),
                 }
             }
             s.next_due().is_ok()
@@ -282,7 +297,9 @@ fn notify(state: &[sd_notify::NotifyState]) {
 }
 
 fn unix_secs(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn status_json(r: &StatusReport) -> String {
