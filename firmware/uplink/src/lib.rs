@@ -20,8 +20,11 @@
 //!   next attempt time, `mark_failed`, or `release`). With nothing due it waits for a wake-up from
 //!   ingest, the next due time, a 2-second poll or shutdown.
 //! - The body is streamed (module `body`): a blocking producer opens one instance at a time with
-//!   `Spool::open_verified` and feeds 256 KiB chunks through a bounded channel into
-//!   `reqwest::Body::wrap_stream`. The multipart framing is written here, about twenty lines: no
+//!   `Spool::open_verified` (an instance the spool quarantines or finds missing leaves the batch),
+//!   reads it in 256 KiB chunks and feeds them in 16 KiB pieces through a bounded channel into
+//!   `reqwest::Body::wrap_stream`. A body that cannot be completed (read error, short file,
+//!   cancellation) ends with a stream error, so the connection is aborted and the PACS never sees
+//!   a truncated request as complete. The multipart framing is written here, about twenty lines: no
 //!   maintained crate streams `multipart/related` with a part body that is itself a stream
 //!   (reqwest's and common-multipart-rfc7578's writers are `multipart/form-data` only, and
 //!   multipart-stream and mime_multipart hold each part's body in memory).
@@ -41,12 +44,15 @@
 //!   Redirects are not followed (a study is never re-posted elsewhere).
 //! - Outcomes (module `outcome`, pure and unit-tested): the response or transport failure is
 //!   classified in one exhaustive match, then per instance: referenced → sent; failed → by
-//!   FailureReason (A7xx, 0110, 0111, 0212 retried; others failed for good); absent → retried.
+//!   FailureReason (A7xx, 0110, 0111, 0212 retried; others failed for good); absent → retried
+//!   after a 2xx, failed for good after a 400 (with the PACS's message) or a 409.
 //!   413 splits the batch; 401/403/407/415, wrong endpoints and certificate failures pause the
 //!   uplink for `uplink.auth_pause_secs` with an ERROR that says what to fix; 5xx, 408, 429 and
 //!   network errors back off exponentially with ±20% jitter, honouring Retry-After.
 //! - The uplink's health (`UplinkState`: pause, last error, last success) is persisted in the
 //!   spool for `passerelled status`.
+//! - Shutdown during a request gives it 3 seconds to finish; otherwise it is aborted and its rows
+//!   are released (no attempt counted).
 //!
 //! # Limitations
 //! - One request at a time; HTTP/1.1 only.
