@@ -124,6 +124,9 @@ pub struct Uplink {
     state: UplinkState,
     /// Outcomes the spool failed to record; recorded again before the next batch.
     stranded: Vec<(InstanceId, String, Mark)>,
+    /// The backoff jitter of the current request, drawn once per request so that the instances
+    /// of a batch become due together and are sent together again.
+    jitter: f64,
 }
 
 /// How one request went.
@@ -190,6 +193,7 @@ impl Uplink {
             auth,
             state: UplinkState::default(),
             stranded: Vec::new(),
+            jitter: 0.0,
         })
     }
 
@@ -325,6 +329,7 @@ impl Uplink {
             let (sent, report) = self.exchange(&part, shutdown).await;
             let elapsed = started.elapsed();
             let now = SystemTime::now();
+            self.jitter = rand::thread_rng().gen_range(-0.2..=0.2);
             let (mut in_request, left_out): (Vec<_>, Vec<_>) =
                 part.into_iter().partition(|i| !report.left_out(i.id));
             for inst in left_out {
@@ -573,13 +578,12 @@ impl Uplink {
     }
 
     fn retry_delay(&self, attempts: u32, not_before: Option<Duration>) -> Duration {
-        let jitter = rand::thread_rng().gen_range(-0.2..=0.2);
         outcome::retry_delay(
             self.cfg.retry_base_secs,
             self.cfg.retry_max_secs,
             attempts,
             not_before,
-            jitter,
+            self.jitter,
         )
     }
 

@@ -716,3 +716,33 @@ async fn a_conflict_keeps_what_was_stored_and_fails_the_rest_for_the_operator() 
     // The operator re-queues them once the cause is fixed.
     assert_eq!(spool.requeue_failed(None).unwrap(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_batch_becomes_due_together_and_is_sent_together_again() {
+    let env = Env::new();
+    let spool = spool_in(env.dir.path());
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = calls.clone();
+    let stub = env
+        .stub(move |seen| {
+            if counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                Reply::status(503)
+            } else {
+                let uids: Vec<&str> = seen.uids.iter().map(String::as_str).collect();
+                Reply::json(200, stow_json(&uids, &[]))
+            }
+        })
+        .await;
+    store_study(&spool, &stub, 6, 100);
+    let mut cfg = uplink_config(&stub.url(), &env.ca);
+    cfg.retry_base_secs = 1;
+    let running = start(cfg, &spool);
+    wait_for("all 6 sent", WAIT, || status(&spool).sent == 6).await;
+    running.stop().await;
+    let sizes: Vec<usize> = stub.seen().iter().map(|s| s.uids.len()).collect();
+    assert_eq!(
+        sizes,
+        vec![6, 6],
+        "the retry is one request, not one per instance"
+    );
+}
