@@ -55,7 +55,9 @@
 //!   are released (no attempt counted).
 //!
 //! # Limitations
-//! - One request at a time; HTTP/1.1 only.
+//! - One request at a time; HTTP/1.1 only. The body goes out with chunked transfer encoding (its
+//!   length is not known before every instance was opened and verified); a front end that refuses
+//!   chunked request bodies needs request buffering (nginx does this by default).
 //! - A PACS that takes the whole body and then never answers holds the uplink for the idle
 //!   timeout plus the drain allowance (up to about 17 minutes for large batches) before the batch
 //!   is retried.
