@@ -749,3 +749,6 @@ pub(crate) fn error_chain(err: &(dyn StdError + 'static)) -> String {
     }
     parts.join(": ")
 }
+
+#[cfg(test)]
+mod tests;
