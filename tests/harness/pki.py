@@ -23,6 +23,9 @@ class Pki:
     # A server certificate signed by the other CA (same names), for tests that need one.
     other_server_cert: Path
     other_server_key: Path
+    # A server certificate from the real CA for another host name only (pacs.example.org).
+    wrong_name_cert: Path
+    wrong_name_key: Path
 
 
 def _openssl(*args: str | Path) -> None:
@@ -58,6 +61,8 @@ extendedKeyUsage=serverAuth
 subjectAltName=DNS:localhost,IP:127.0.0.1
 """
 
+WRONG_NAME_EXT = SERVER_EXT.replace("DNS:localhost,IP:127.0.0.1", "DNS:pacs.example.org")
+
 CLIENT_EXT = """basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=clientAuth
@@ -73,6 +78,9 @@ def make_pki(d: Path) -> Pki:
     other_server_cert, other_server_key = _make_leaf(
         d, "other-server", "localhost", other_ca_cert, other_ca_key, SERVER_EXT
     )
+    wrong_name_cert, wrong_name_key = _make_leaf(
+        d, "wrong-name", "pacs.example.org", ca_cert, ca_key, WRONG_NAME_EXT
+    )
     return Pki(
         dir=d,
         ca_cert=ca_cert,
@@ -85,4 +93,6 @@ def make_pki(d: Path) -> Pki:
         other_ca_key=other_ca_key,
         other_server_cert=other_server_cert,
         other_server_key=other_server_key,
+        wrong_name_cert=wrong_name_cert,
+        wrong_name_key=wrong_name_key,
     )

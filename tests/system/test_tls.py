@@ -8,7 +8,7 @@ from pathlib import Path
 
 from harness import send
 from harness.checks import assert_byte_identical, wait_for_instances
-from harness.orthanc import PASSWORD
+from harness.orthanc import PASSWORD, Orthanc
 from harness.data import Study
 from harness.util import wait_until
 
@@ -89,3 +89,27 @@ def test_wrong_password_pauses_the_uplink_and_loses_nothing(
     assert status["lost"] == 0 and status["failed"] == 0, status
     assert_byte_identical(orthanc, {i.sop_instance_uid: storescu_reference[i.sop_instance_uid] for i in few})
     gw.stop_ok()
+
+
+def test_server_certificate_for_another_host_name_is_refused(
+    make_gateway, pki, ct_study: Study, tmp_path: Path
+) -> None:
+    """The PACS's certificate is issued by the trusted CA but for pacs.example.org, not localhost: the host
+    name check refuses it."""
+    wrong = Orthanc(dir=tmp_path / "orthanc-wrong-name", pki=pki, server_cert=pki.wrong_name_cert,
+                    server_key=pki.wrong_name_key)  # fmt: skip
+    try:
+        wrong.start()
+        gw = make_gateway(wrong)
+        gw.start()
+        few = ct_study.instances[:3]
+        send.storescu(gw.port, few, tmp_path / "scu", called_ae=gw.ae_title)
+        status = wait_until(lambda: (s := gw.status())["paused_until"] and s, 60, "the uplink to pause")
+        assert status["last_error"] and "cert" in status["last_error"].lower(), status
+        assert status["sent"] == 0 and status["lost"] == 0, status
+        assert status["queued"] + status["uploading"] == len(few), status
+        assert wrong.count_instances() == 0
+        assert "POST" not in (wrong.dir / "nginx-access.log").read_text(errors="replace")
+        gw.stop_ok()
+    finally:
+        wrong.stop()
