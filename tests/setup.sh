@@ -22,7 +22,8 @@ fi
 cleanup() { if [ "$created_policy" = 1 ]; then rm -f "$policy"; fi; }
 trap cleanup EXIT
 
-packages=(dcmtk orthanc orthanc-dicomweb nginx openssl curl ca-certificates python3-pip)
+# gcc/libc6-dev: C code in Rust dependencies (SQLite bundled by rusqlite, ring).
+packages=(dcmtk orthanc orthanc-dicomweb nginx openssl curl ca-certificates python3-pip gcc libc6-dev)
 missing=()
 for p in "${packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
