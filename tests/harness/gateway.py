@@ -27,6 +27,16 @@ def toml_str(s: str | Path) -> str:
     return json.dumps(str(s))  # a JSON string is a valid TOML basic string
 
 
+def toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return str(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return toml_str(str(v))
+
+
 @dataclass
 class Gateway:
     dir: Path
@@ -41,6 +51,7 @@ class Gateway:
     port: int = field(default_factory=free_port)
     admin_port: int = field(default_factory=free_port)
     extra_uplink: dict[str, object] = field(default_factory=dict)
+    extra_dicom: dict[str, object] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
     starts: int = 0
@@ -70,6 +81,7 @@ class Gateway:
             f"ae_title = {toml_str(self.ae_title)}",
             f'listen = "127.0.0.1:{self.port}"',
             f"allowed_calling_ae_titles = [{', '.join(toml_str(t) for t in self.allowed_calling_ae_titles)}]",
+            *[f"{k} = {toml_value(v)}" for k, v in self.extra_dicom.items()],
             "",
             "[spool]",
             f"dir = {toml_str(self.spool_dir)}",
@@ -84,7 +96,7 @@ class Gateway:
         if self.username:
             lines += [f"username = {toml_str(self.username)}", f"password = {toml_str(self.password)}"]
         for k, v in uplink.items():
-            lines.append(f"{k} = {toml_str(v) if isinstance(v, str) else v}")
+            lines.append(f"{k} = {toml_value(v)}")
         lines += ["", "[admin]", f'listen = "127.0.0.1:{self.admin_port}"', ""]
         self.config_path.write_text("\n".join(lines))
         return self.config_path
