@@ -76,9 +76,13 @@ def test_wrong_password_pauses_the_uplink_and_loses_nothing(
     assert status["sent"] == 0 and status["failed"] == 0 and status["lost"] == 0, status
     assert status["queued"] + status["uploading"] == len(few), status
     assert orthanc.count_instances() == 0
-    # Paused means no tight retry loop: the PACS saw very few requests.
-    posts = (orthanc.dir / "nginx-access.log").read_text(errors="replace").count("POST /dicom-web/studies")
-    assert 1 <= posts <= 3, f"{posts} STOW-RS requests while paused"
+    # Paused means no retry loop: once paused, no further request reaches the PACS, even after longer
+    # than retry_max_secs (4 s), when a retrying uplink would have tried again.
+    posts = _stow_posts(orthanc)
+    assert 1 <= posts <= len(few), f"{posts} STOW-RS requests before the pause"
+    wait_until(lambda: (gw.status()["oldest_queued_age_secs"] or 0) >= 6, 30, "time to pass while paused")
+    assert _stow_posts(orthanc) == posts, "the uplink kept sending while paused"
+    assert gw.status()["paused_until"], "the pause ended early"
     gw.stop_ok()
 
     gw.password = PASSWORD
@@ -113,3 +117,7 @@ def test_server_certificate_for_another_host_name_is_refused(
         gw.stop_ok()
     finally:
         wrong.stop()
+
+
+def _stow_posts(orthanc: Orthanc) -> int:
+    return (orthanc.dir / "nginx-access.log").read_text(errors="replace").count("POST /dicom-web/studies")
