@@ -14,7 +14,10 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     #[error("The configuration file {path} has {} problem(s):\n{}", problems.len(), list(problems))]
-    Invalid { path: PathBuf, problems: Vec<Problem> },
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
 }
 
 fn list(problems: &[Problem]) -> String {

@@ -292,7 +292,11 @@ impl Config {
 
         // [dicom]
         if let Err(why) = check_ae_title(&self.dicom.ae_title) {
-            bad("dicom.ae_title", why, "Use 1 to 16 printable ASCII characters without a backslash, e.g. \"PASSERELLE\".");
+            bad(
+                "dicom.ae_title",
+                why,
+                "Use 1 to 16 printable ASCII characters without a backslash, e.g. \"PASSERELLE\".",
+            );
         }
         if self.dicom.listen.parse::<SocketAddr>().is_err() {
             bad(
@@ -329,7 +333,10 @@ impl Config {
         if !(4096..=16 * 1024 * 1024).contains(&self.dicom.max_pdu_length) {
             bad(
                 "dicom.max_pdu_length",
-                format!("{} is outside 4096..=16777216 bytes.", self.dicom.max_pdu_length),
+                format!(
+                    "{} is outside 4096..=16777216 bytes.",
+                    self.dicom.max_pdu_length
+                ),
                 "Use a value such as 262144 (the default).",
             );
         }
@@ -352,7 +359,8 @@ impl Config {
         if self.spool.min_free_mb == 0 {
             bad(
                 "spool.min_free_mb",
-                "0 would let the disk fill completely, and a full disk can corrupt the queue.".into(),
+                "0 would let the disk fill completely, and a full disk can corrupt the queue."
+                    .into(),
                 "Keep a reserve, e.g. 1024.",
             );
         }
@@ -400,10 +408,18 @@ impl Config {
             );
         } else if has_cert {
             if let Err(why) = check_pem_certs(&self.uplink.client_cert) {
-                bad("uplink.client_cert", why, "Point it at the box's PEM client certificate.");
+                bad(
+                    "uplink.client_cert",
+                    why,
+                    "Point it at the box's PEM client certificate.",
+                );
             }
             if let Err(why) = check_pem_key(&self.uplink.client_key) {
-                bad("uplink.client_key", why, "Point it at the PEM private key of the client certificate.");
+                bad(
+                    "uplink.client_key",
+                    why,
+                    "Point it at the PEM private key of the client certificate.",
+                );
             }
         }
         if self.uplink.username.is_empty() != self.uplink.password.is_empty() {
@@ -444,7 +460,9 @@ impl Config {
                 "Use a number of seconds greater than 0 (defaults: 60 and 15).",
             );
         }
-        if self.uplink.retry_base_secs == 0 || self.uplink.retry_max_secs < self.uplink.retry_base_secs {
+        if self.uplink.retry_base_secs == 0
+            || self.uplink.retry_max_secs < self.uplink.retry_base_secs
+        {
             bad(
                 "uplink.retry_base_secs / uplink.retry_max_secs",
                 "The retry base must be at least 1 s and no larger than the cap.".into(),
@@ -473,7 +491,9 @@ pub fn check_ae_title(t: &str) -> std::result::Result<(), String> {
         return Err(format!("\"{t}\" is longer than 16 characters."));
     }
     if t.chars().any(|c| !(' '..='~').contains(&c) || c == '\\') {
-        return Err(format!("\"{t}\" has a character that is not allowed in an AE title."));
+        return Err(format!(
+            "\"{t}\" has a character that is not allowed in an AE title."
+        ));
     }
     Ok(())
 }
@@ -482,13 +502,16 @@ pub fn check_ae_title(t: &str) -> std::result::Result<(), String> {
 pub fn is_valid_uid(uid: &str) -> bool {
     !uid.is_empty()
         && uid.len() <= 64
-        && uid
-            .split('.')
-            .all(|c| !c.is_empty() && c.bytes().all(|b| b.is_ascii_digit()) && (c == "0" || !c.starts_with('0')))
+        && uid.split('.').all(|c| {
+            !c.is_empty()
+                && c.bytes().all(|b| b.is_ascii_digit())
+                && (c == "0" || !c.starts_with('0'))
+        })
 }
 
 fn check_pem_certs(path: &Path) -> std::result::Result<(), String> {
-    let data = std::fs::read(path).map_err(|e| format!("\"{}\" cannot be read ({e}).", path.display()))?;
+    let data =
+        std::fs::read(path).map_err(|e| format!("\"{}\" cannot be read ({e}).", path.display()))?;
     let certs: Vec<_> = rustls_pemfile::certs(&mut data.as_slice())
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| format!("\"{}\" is not valid PEM ({e}).", path.display()))?;
@@ -499,7 +522,8 @@ fn check_pem_certs(path: &Path) -> std::result::Result<(), String> {
 }
 
 fn check_pem_key(path: &Path) -> std::result::Result<(), String> {
-    let data = std::fs::read(path).map_err(|e| format!("\"{}\" cannot be read ({e}).", path.display()))?;
+    let data =
+        std::fs::read(path).map_err(|e| format!("\"{}\" cannot be read ({e}).", path.display()))?;
     match rustls_pemfile::private_key(&mut data.as_slice()) {
         Ok(Some(_)) => Ok(()),
         Ok(None) => Err(format!("\"{}\" holds no PEM private key.", path.display())),

@@ -4,7 +4,11 @@ use std::io::Write;
 fn ca_pem() -> tempfile::NamedTempFile {
     // A syntactically valid PEM certificate block (validation only checks that PEM certs are present).
     let mut f = tempfile::NamedTempFile::new().unwrap();
-    writeln!(f, "-----BEGIN CERTIFICATE-----\nMIIBAA==\n-----END CERTIFICATE-----").unwrap();
+    writeln!(
+        f,
+        "-----BEGIN CERTIFICATE-----\nMIIBAA==\n-----END CERTIFICATE-----"
+    )
+    .unwrap();
     f
 }
 
@@ -51,28 +55,57 @@ fn minimal_config_from_the_contract_is_valid() {
 
 #[test]
 fn every_bad_key_is_reported_with_its_name() {
-    check(|s| s.replace("\"PASSERELLE\"", "\"THIS_TITLE_IS_WAY_TOO_LONG\""), &["dicom.ae_title"]);
+    check(
+        |s| s.replace("\"PASSERELLE\"", "\"THIS_TITLE_IS_WAY_TOO_LONG\""),
+        &["dicom.ae_title"],
+    );
     check(|s| s.replace("0.0.0.0:11112", "nowhere"), &["dicom.listen"]);
     check(
-        |s| s.replace("allowed_calling_ae_titles = []", "allowed_calling_ae_titles = [\"CT1\", \"\"]"),
+        |s| {
+            s.replace(
+                "allowed_calling_ae_titles = []",
+                "allowed_calling_ae_titles = [\"CT1\", \"\"]",
+            )
+        },
         &["dicom.allowed_calling_ae_titles[1]"],
     );
-    check(|s| s.replace("/var/lib/passerelle/spool", "relative/spool"), &["spool.dir"]);
-    check(|s| s.replace("min_free_mb = 1024", "min_free_mb = 0"), &["spool.min_free_mb"]);
-    check(|s| s.replace("https://pacs", "http://pacs"), &["uplink.stow_url"]);
-    check(|s| s.replace("https://pacs", "https://u:p@pacs"), &["uplink.stow_url"]);
-    check(|s| s.replace("username = \"\"", "username = \"gw\""), &["uplink.username / uplink.password"]);
+    check(
+        |s| s.replace("/var/lib/passerelle/spool", "relative/spool"),
+        &["spool.dir"],
+    );
+    check(
+        |s| s.replace("min_free_mb = 1024", "min_free_mb = 0"),
+        &["spool.min_free_mb"],
+    );
+    check(
+        |s| s.replace("https://pacs", "http://pacs"),
+        &["uplink.stow_url"],
+    );
+    check(
+        |s| s.replace("https://pacs", "https://u:p@pacs"),
+        &["uplink.stow_url"],
+    );
+    check(
+        |s| s.replace("username = \"\"", "username = \"gw\""),
+        &["uplink.username / uplink.password"],
+    );
     check(
         |s| s.replace("client_cert = \"\"", "client_cert = \"/nonexistent.pem\""),
         &["uplink.client_cert / uplink.client_key"],
     );
-    check(|s| s.replace("127.0.0.1:8443", "localhost"), &["admin.listen"]);
+    check(
+        |s| s.replace("127.0.0.1:8443", "localhost"),
+        &["admin.listen"],
+    );
 }
 
 #[test]
 fn several_problems_are_all_reported() {
     check(
-        |s| s.replace("0.0.0.0:11112", "x").replace("127.0.0.1:8443", "y"),
+        |s| {
+            s.replace("0.0.0.0:11112", "x")
+                .replace("127.0.0.1:8443", "y")
+        },
         &["dicom.listen", "admin.listen"],
     );
 }
@@ -80,13 +113,21 @@ fn several_problems_are_all_reported() {
 #[test]
 fn missing_ca_file_is_reported() {
     let text = minimal(Path::new("/nonexistent/ca.pem"));
-    let keys: Vec<_> = Config::parse(&text).unwrap().validate().into_iter().map(|p| p.key).collect();
+    let keys: Vec<_> = Config::parse(&text)
+        .unwrap()
+        .validate()
+        .into_iter()
+        .map(|p| p.key)
+        .collect();
     assert_eq!(keys, ["uplink.ca_file"]);
 }
 
 #[test]
 fn unknown_keys_are_errors_not_silently_ignored() {
-    check(|s| s.replace("min_free_mb", "min_fre_mb"), &["spool.min_fre_mb"]);
+    check(
+        |s| s.replace("min_free_mb", "min_fre_mb"),
+        &["spool.min_fre_mb"],
+    );
 }
 
 #[test]
