@@ -93,6 +93,8 @@ def test_wrong_password_pauses_the_uplink_and_loses_nothing(
     assert status["lost"] == 0 and status["failed"] == 0, status
     assert_byte_identical(orthanc, {i.sop_instance_uid: storescu_reference[i.sop_instance_uid] for i in few})
     gw.stop_ok()
+    log = gw.log_path.read_text(errors="replace")
+    assert PASSWORD not in log and "not-the-password" not in log, "a password reached the log"
 
 
 def test_server_certificate_for_another_host_name_is_refused(
