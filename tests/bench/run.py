@@ -1,0 +1,445 @@
+"""The side-by-side benchmark (issue 4). Run through `tests/bench.sh` (as root), or from `tests/`:
+
+    python3 -m bench.run [--quick] [--runs N] [--only ingest,latency,forward,wan,ready] [--out FILE]
+
+Every receiver is started fresh for every run, the receivers take turns within a run, and every result is a
+ratio against a peer measured in the same run, so the load of a shared machine hits both sides alike.
+Prints a table (median and min-max over the runs) and writes it, with the machine, to tests/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.data import Instance
+from harness.pki import make_pki
+from harness.send import STORESCU, storescu as harness_storescu, write_storescu_profile
+from harness.util import wait_until
+
+from . import datasets
+from .receivers import OrthancScp, Passerelled, Receiver, StoreScp, build_shims, vm_hwm_kib, wipe
+
+TESTS = Path(__file__).resolve().parents[1]
+WORK = TESTS / ".work" / "bench-run"
+CALLING_AE = "MODALITY1"
+
+
+def log(msg: str) -> None:
+    print(f"[{dt.datetime.now():%H:%M:%S}] {msg}", flush=True)
+
+
+# -- results --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Results:
+    """name -> one value per run."""
+
+    values: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, name: str, v: float) -> None:
+        self.values.setdefault(name, []).append(v)
+
+    def get(self, name: str) -> list[float]:
+        return self.values.get(name, [])
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def fmt(x: float) -> str:
+    if x == 0:
+        return "0"
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+
+def span(xs: list[float]) -> str:
+    if not xs:
+        return "n/a"
+    return f"{fmt(med(xs))} ({fmt(min(xs))}–{fmt(max(xs))})"
+
+
+# -- sending --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sent:
+    seconds: float
+    instances: int
+    bytes: int
+    cpu: float
+
+
+SENDER_ENV: dict[str, str] = {}
+
+
+def storescu_send(port: int, called_ae: str, instances: list[Instance], assocs: int, workdir: Path,
+                  netns: str | None = None) -> float:
+    """dcmtk storescu, the same command for every receiver; `assocs` processes in parallel, each with its
+    share of the files. Returns the wall time; raises unless every C-STORE succeeded.
+
+    The sender always runs with TCP_NODELAY forced (SENDER_ENV, the LD_PRELOAD shim): stock storescu stalls
+    on its own last segment of each instance (Nagle + delayed ACK), which would cap every receiver alike at
+    about 20-40 instances/s and hide the differences between them."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg, profile = write_storescu_profile(instances, workdir / "storescu.cfg")
+    chunks = [instances[k::assocs] for k in range(assocs)]
+    prefix = ["ip", "netns", "exec", netns] if netns else []
+    t0 = time.monotonic()
+    procs = [
+        subprocess.Popen(
+            [*prefix, STORESCU, "-v", "-aet", CALLING_AE, "-aec", called_ae, "-xf", str(cfg), profile, "--no-halt",
+             "127.0.0.1", str(port), *[str(i.path) for i in chunk]],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **SENDER_ENV})
+        for chunk in chunks if chunk
+    ]  # fmt: skip
+    outs = [p.communicate(timeout=3600)[0] for p in procs]
+    elapsed = time.monotonic() - t0
+    ok = sum(len(re.findall(r"Received Store Response \(Success", o)) for o in outs)
+    if ok != len(instances) or any(p.returncode != 0 for p in procs):
+        raise AssertionError(f"storescu stored {ok} of {len(instances)} instances; tail:\n{outs[0][-3000:]}")
+    return elapsed
+
+
+def ingest(rx: Receiver, instances: list[Instance], assocs: int, workdir: Path) -> Sent:
+    cpu0 = rx.cpu()
+    secs = storescu_send(rx.port, rx.ae_title, instances, assocs, workdir)
+    rx.settle()
+    return Sent(secs, len(instances), datasets.total_bytes(instances), rx.cpu() - cpu0)
+
+
+# -- scenarios ------------------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.r = Results()
+        self.notes: list[str] = []
+        WORK.mkdir(parents=True, exist_ok=True)
+        self.sets = datasets.datasets(quick=args.quick, log=log)
+        self.pki = make_pki(WORK / "pki") if not (WORK / "pki" / "ca.pem").exists() else None
+        if self.pki is None:
+            wipe(WORK / "pki")
+            self.pki = make_pki(WORK / "pki")
+        self.shims = build_shims(WORK / "shims")
+        SENDER_ENV["LD_PRELOAD"] = str(self.shims["nodelay"])
+
+    def peers(self) -> list[Receiver]:
+        out: list[Receiver] = []
+        for nd in (False, True):
+            out += [StoreScp("ignore", self.shims, nd), StoreScp("files", self.shims, nd),
+                    StoreScp("fdatasync", self.shims, nd)]
+            if not self.args.quick or self.args.orthanc:
+                out.append(OrthancScp(self.pki, self.shims, nd))
+        return out
+
+    # 2. ingest
+    def ingest_run(self, run: int) -> None:
+        receivers: list[Receiver] = [Passerelled(self.pki), *self.peers()]
+        if self.args.peers_filter:
+            receivers = [x for x in receivers if x.name == "passerelled" or any(
+                f == x.name for f in self.args.peers_filter)]
+        cases = [("ct", 1), ("ct", 4)] + ([("mr", 1), ("mf", 1)] if not self.args.smoke else [])
+        for rx in receivers:
+            for set_name, assocs in cases:
+                if set_name != "ct" and rx.name not in ("passerelled", "storescp --ignore +NODELAY",
+                                                         "storescp -od +B fdatasync +NODELAY"):
+                    continue
+                if self.args.smoke and assocs != 1:
+                    continue
+                d = WORK / f"rx-{run}"
+                wipe(d)
+                rx.start(d)
+                try:
+                    s = ingest(rx, self.sets[set_name], assocs, d / "send")
+                    if rx.name == "passerelled" and set_name == "ct" and assocs == 1:
+                        st = rx.gateway.status()  # type: ignore[attr-defined]
+                        if st["stored_bytes"]:
+                            self.r.add("storage ct raw/stored", st["raw_bytes"] / st["stored_bytes"])
+                finally:
+                    rx.stop()
+                    wipe(d)
+                key = f"{rx.name}|{set_name}|{assocs}"
+                self.r.add(f"ips|{key}", s.instances / s.seconds)
+                self.r.add(f"mbs|{key}", s.bytes / s.seconds / 1e6)
+                self.r.add(f"cpu|{key}", s.cpu / s.instances * 100)
+                log(f"run {run} ingest {key}: {s.instances / s.seconds:.1f} inst/s, "
+                    f"{s.bytes / s.seconds / 1e6:.1f} MB/s, cpu {s.cpu:.2f} s")
+
+    # 2b. acknowledgement latency, paced at half the maximum one-association rate
+    def latency_run(self, run: int) -> None:
+        from pynetdicom import AE, _config
+
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        full = self.r.get("ips|passerelled|ct|1")
+        rate = (med(full) / 2) if full else 50.0
+        instances = self.sets["ct"][: min(len(self.sets["ct"]), 200)]
+        for rx in (Passerelled(self.pki), StoreScp("ignore", self.shims, True)):
+            d = WORK / f"lat-{run}"
+            wipe(d)
+            rx.start(d)
+            lat: list[float] = []
+            try:
+                ae = AE(ae_title=CALLING_AE)
+                ae.add_requested_context(instances[0].sop_class_uid, instances[0].transfer_syntax_uid)
+                assoc = ae.associate("127.0.0.1", rx.port, ae_title=rx.ae_title)
+                assert assoc.is_established, f"pynetdicom could not associate with {rx.name}"
+                try:
+                    nxt = time.monotonic()
+                    for inst in instances:
+                        now = time.monotonic()
+                        if now < nxt:
+                            time.sleep(nxt - now)  # pacing the sender, not synchronisation
+                        nxt = max(nxt + 1 / rate, time.monotonic())
+                        t0 = time.perf_counter()
+                        st = assoc.send_c_store(inst.path)
+                        lat.append((time.perf_counter() - t0) * 1000)
+                        assert st and int(st.Status) == 0, f"{rx.name}: C-STORE failed"
+                finally:
+                    assoc.release()
+            finally:
+                rx.stop()
+                wipe(d)
+            lat.sort()
+            p50 = lat[len(lat) // 2]
+            p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+            self.r.add(f"lat50|{rx.name}", p50)
+            self.r.add(f"lat99|{rx.name}", p99)
+            log(f"run {run} latency {rx.name} at {rate:.0f}/s: p50 {p50:.2f} ms p99 {p99:.2f} ms")
+        self.r.add("lat rate", rate)
+
+    # 3 + 5. forwarding while ingest continues, peak RSS; the direct STOW-RS client
+    def forward_run(self, run: int) -> None:
+        from harness.gateway import gateway_for
+        from harness.orthanc import Orthanc
+
+        from .stow import direct_stow
+
+        inst = self.sets["ct"]
+        n = len(inst)
+        raw = datasets.total_bytes(inst)
+        d = WORK / f"fwd-{run}"
+        wipe(d)
+        o = Orthanc(dir=d / "orthanc", pki=self.pki)
+        o.start()
+        rx = Passerelled(self.pki, gateway_factory=lambda gd: gateway_for(gd, o, self.pki))
+        try:
+            rx.start(d / "gw")
+            g = rx.gateway
+            assert g is not None
+            t0 = time.monotonic()
+            sender = threading.Thread(target=storescu_send, args=(rx.port, rx.ae_title, inst, 4, d / "send"))
+            sender.start()
+            hwm = 0
+
+            def drained() -> bool:
+                nonlocal hwm
+                hwm = max(hwm, vm_hwm_kib(rx.pid))
+                return g.status()["sent"] >= n
+
+            wait_until(drained, 1800, "passerelled to deliver every instance", interval=0.1)
+            secs = time.monotonic() - t0
+            sender.join()
+            hwm = max(hwm, vm_hwm_kib(rx.pid))
+        finally:
+            rx.stop()
+            o.stop()
+        self.r.add("fwd drain ips", n / secs)
+        self.r.add("rss MB", hwm / 1024)
+        log(f"run {run} forward: passerelled drained {n} in {secs:.1f} s ({n / secs:.1f}/s, "
+            f"{raw / secs / 1e6:.1f} MB/s), VmHWM {hwm / 1024:.1f} MiB")
+        for conns in (1, 4):
+            wipe(d)
+            o = Orthanc(dir=d / "orthanc", pki=self.pki)
+            o.start()
+            try:
+                secs = direct_stow(o, inst, batch=10, connections=conns)
+            finally:
+                o.stop()
+            self.r.add(f"stow{conns} ips", n / secs)
+            log(f"run {run} direct STOW-RS {conns} connection(s): {n / secs:.1f}/s")
+        wipe(d)
+
+    def storage_real(self) -> None:
+        d = WORK / "storage-real"
+        wipe(d)
+        rx = Passerelled(self.pki)
+        rx.start(d)
+        try:
+            harness_storescu(rx.port, self.sets["real"], d / "send", called_ae=rx.ae_title)
+            st = rx.gateway.status()  # type: ignore[union-attr]
+        finally:
+            rx.stop()
+            wipe(d)
+        self.r.add("storage real raw/stored", st["raw_bytes"] / st["stored_bytes"])
+
+    def run(self) -> None:
+        only = set(self.args.only.split(",")) if self.args.only else {"ingest", "latency", "forward", "storage"}
+        for run in range(1, self.args.runs + 1):
+            if "ingest" in only:
+                self.ingest_run(run)
+            if "latency" in only:
+                self.latency_run(run)
+            if "forward" in only:
+                self.forward_run(run)
+        if "storage" in only:
+            self.storage_real()
+
+
+# -- the table ------------------------------------------------------------------------------------------
+
+
+def ratio(r: Results, a: str, b: str) -> list[float]:
+    xs, ys = r.get(a), r.get(b)
+    return [x / y for x, y in zip(xs, ys) if y]
+
+
+def verdict(xs: list[float], target: float, higher_is_better: bool = True) -> str:
+    if not xs:
+        return "n/a"
+    m = med(xs)
+    return "PASS" if (m >= target if higher_is_better else m <= target) else "MISS"
+
+
+def table(r: Results) -> str:
+    rows: list[tuple[str, str, str, str]] = []  # measure, median (min–max), target, verdict
+    P = "passerelled"
+
+    def vs(label: str, key_a: str, key_b: str, target: float | None) -> None:
+        xs = ratio(r, key_a, key_b)
+        if xs:
+            rows.append((label, span(xs) + "×", f"≥ {target}×" if target else "—",
+                         verdict(xs, target) if target else "—"))
+
+    targets = {"storescp --ignore +NODELAY": 0.7, "storescp -od +B fdatasync +NODELAY": 1.2,
+               "Orthanc SyncStorageArea +NODELAY": 3.0, "Orthanc SyncStorageArea": 20.0}
+    peers = sorted({k.split("|")[1] for k in r.values if k.startswith("ips|")} - {P})
+    for assocs in (1, 4):
+        for peer in peers:
+            vs(f"CT, {assocs} assoc: passerelled / {peer} (instances/s)",
+               f"ips|{P}|ct|{assocs}", f"ips|{peer}|ct|{assocs}", targets.get(peer) if assocs == 1 else None)
+    for s in ("mr", "mf"):
+        for peer in ("storescp --ignore +NODELAY", "storescp -od +B fdatasync +NODELAY"):
+            vs(f"{s.upper()}, 1 assoc: passerelled / {peer} (instances/s)", f"ips|{P}|{s}|1", f"ips|{peer}|{s}|1",
+               None)
+    vs("CT: passerelled 4 assoc / 1 assoc (instances/s)", f"ips|{P}|ct|4", f"ips|{P}|ct|1", 1.3)
+    for peer in ("storescp -od +B fdatasync +NODELAY", "Orthanc SyncStorageArea +NODELAY"):
+        xs = ratio(r, f"cpu|{P}|ct|1", f"cpu|{peer}|ct|1")
+        if xs:
+            rows.append((f"CT, 1 assoc: CPU s per 100 instances, passerelled / {peer}", span(xs) + "×", "—", "—"))
+    lat = r.get(f"lat99|{P}")
+    if lat:
+        rows.append((f"p99 C-STORE round trip, 0.5 MB, at half max rate ({fmt(med(r.get('lat rate')))}/s), ms",
+                     span(lat), "≤ 10", verdict(lat, 10, higher_is_better=False)))
+        vs("p99 round trip: passerelled / storescp --ignore +NODELAY (same pynetdicom sender)",
+           f"lat99|{P}", "lat99|storescp --ignore +NODELAY", None)
+    vs("Forwarding: drain rate / direct STOW-RS, batches of 10, 1 connection", "fwd drain ips", "stow1 ips", 0.9)
+    vs("Forwarding: drain rate / direct STOW-RS, batches of 10, 4 connections", "fwd drain ips", "stow4 ips", 0.9)
+    for key, label, target, hib in (
+        ("wan util", "WAN utilisation (payload bytes/s / 100 Mbit/s)", 0.9, True),
+        ("rss MB", "Peak RSS (VmHWM), 4-assoc ingest + upload, MiB", 64, False),
+        ("ready s", "Start to first C-ECHO with 100,000 queued, s", 2, False),
+        ("storage ct raw/stored", "Storage ratio, CT (raw / on disk)", 2.0, True),
+        ("storage real raw/stored", "Storage ratio, real test files (raw / on disk)", None, True),
+    ):
+        xs = r.get(key)
+        if xs:
+            tgt = "—" if target is None else (f"≥ {target}" if hib else f"≤ {target}")
+            rows.append((label, span(xs), tgt, "—" if target is None else verdict(xs, target, hib)))
+    lines = ["| measure | median (min–max) | target | result |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    lines += ["", "Absolute numbers (median (min–max) over the runs):", "",
+              "| receiver | dataset | assocs | instances/s | MB/s | CPU s / 100 instances |", "|---|---|---|---|---|---|"]
+    for k in sorted(x for x in r.values if x.startswith("ips|")):
+        _, name, s, a = k.split("|")
+        rest = f"{name}|{s}|{a}"
+        lines.append(f"| {name} | {s} | {a} | {span(r.get(k))} | {span(r.get('mbs|' + rest))} | "
+                     f"{span(r.get('cpu|' + rest))} |")
+    for key, label in (("fwd drain ips", "passerelled drain into Orthanc (HTTPS), instances/s"),
+                       ("stow1 ips", "direct STOW-RS, 1 connection, instances/s"),
+                       ("stow4 ips", "direct STOW-RS, 4 connections, instances/s")):
+        if r.get(key):
+            lines.append(f"| {label} | ct | — | {span(r.get(key))} | | |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_table(text: str) -> list[dict[str, str]]:
+    """The first table of `text` as dicts (used by the smoke test)."""
+    out: list[dict[str, str]] = []
+    header: list[str] | None = None
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            if header is not None:
+                break
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if header is None:
+            header = cells
+        elif not set(line) <= set("|-"):
+            out.append(dict(zip(header, cells)))
+    return out
+
+
+def machine() -> str:
+    cpu = "?"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    load = Path("/proc/loadavg").read_text().split()[:3]
+    return (f"- nproc: {os.cpu_count()}\n- CPU: {cpu}\n- kernel: {platform.release()}\n"
+            f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC\n- load average at the end: {' '.join(load)}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small datasets, 2 runs, no Orthanc ingest peer")
+    ap.add_argument("--smoke", action="store_true", help="(tests) one CT case, passerelled vs storescp --ignore")
+    ap.add_argument("--runs", type=int, default=None)
+    ap.add_argument("--only", default="", help="comma list of ingest,latency,forward,storage,wan,ready")
+    ap.add_argument("--orthanc", action="store_true", help="with --quick: include the Orthanc ingest peers")
+    ap.add_argument("--out", type=Path, default=None, help="where to write the report (default tests/PERFORMANCE.md "
+                    "for a full run, tests/.work/PERFORMANCE-quick.md otherwise)")
+    args = ap.parse_args(argv)
+    args.runs = args.runs or (1 if args.smoke else 2 if args.quick else 5)
+    args.peers_filter = ["storescp --ignore"] if args.smoke else []
+    if args.smoke:
+        args.quick = True
+        args.only = args.only or "ingest"
+    bench = Bench(args)
+    t0 = time.monotonic()
+    bench.run()
+    text = table(bench.r)
+    print("\n" + text)
+    out = args.out or (TESTS / "PERFORMANCE.md" if not args.quick else TESTS / ".work" / "PERFORMANCE-quick.md")
+    sets = bench.sets
+    ds = ", ".join(f"{k}: {len(v)} instances, {datasets.total_bytes(v) / 1e6:.0f} MB" for k, v in sets.items())
+    out.write_text(
+        "# Performance: passerelled side by side with its peers\n\n"
+        "Generated by `sudo bash tests/bench.sh` (tests/bench/). Every ratio is computed per run against a peer "
+        f"measured in the same run; median (min–max) over {args.runs} run(s). Wall time {time.monotonic() - t0:.0f} s.\n\n"
+        f"Datasets: {ds}.\n\n" + text + "\n## Machine\n\n" + machine() + "".join(f"\n{n}\n" for n in bench.notes)
+    )
+    log(f"Wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

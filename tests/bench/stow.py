@@ -1,0 +1,53 @@
+"""A direct STOW-RS client (requests), the reference for the forwarding scenario: posts Part-10 files to
+Orthanc's TLS front in batches, over 1 or more connections (one session per connection)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from harness.data import Instance
+from harness.orthanc import Orthanc
+
+BOUNDARY = "bench-boundary-5e2a9c"
+
+
+def _body(batch: list[Instance]):
+    for i in batch:
+        yield f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        with open(i.path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                yield chunk
+        yield b"\r\n"
+    yield f"--{BOUNDARY}--\r\n".encode()
+
+
+def direct_stow(o: Orthanc, instances: list[Instance], batch: int, connections: int) -> float:
+    """Posts every instance; returns the wall time. Raises on any non-200 answer."""
+    batches = [instances[k:k + batch] for k in range(0, len(instances), batch)]
+    lock = threading.Lock()
+    errors: list[str] = []
+
+    def worker() -> None:
+        with o.session() as s:
+            while True:
+                with lock:
+                    if not batches or errors:
+                        return
+                    b = batches.pop(0)
+                r = s.post(o.stow_url, data=_body(b), timeout=600, headers={
+                    "Content-Type": f'multipart/related; type="application/dicom"; boundary={BOUNDARY}',
+                    "Accept": "application/dicom+json"})
+                if r.status_code != 200:
+                    with lock:
+                        errors.append(f"{r.status_code} {r.text[:300]}")
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=worker) for _ in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise AssertionError(f"direct STOW-RS failed: {errors[0]}")
+    return time.monotonic() - t0
