@@ -61,6 +61,9 @@ enum Command {
         #[arg(long)]
         sop_instance_uid: Option<String>,
     },
+    /// Rebuild the spool database from the spool files after it was lost or damaged (stop the daemon
+    /// first). Every intact instance is queued again; damaged files are quarantined.
+    RebuildIndex,
 }
 
 fn main() {
@@ -123,6 +126,24 @@ fn run(cli: Cli) -> Result<i32> {
                 "Re-queued {n} failed instance(s); the running daemon will send them shortly."
             );
             Ok(0)
+        }
+        Some(Command::RebuildIndex) => {
+            let cfg = Config::load(&cli.config)?;
+            let r = Spool::rebuild_index(&cfg.spool)?;
+            println!(
+                "Rebuilt the spool index: files={} queued={} without_index={} quarantined={} unreadable={} temp_files_removed={} previous_database={}",
+                r.files,
+                r.queued,
+                r.without_index,
+                r.quarantined.len(),
+                r.unreadable.len(),
+                r.temp_files_removed,
+                r.previous_database
+                    .as_ref()
+                    .map_or("none".into(), |p| p.display().to_string())
+            );
+            // Unreadable files have no row: the operator must fix the disk and run it again.
+            Ok(if r.unreadable.is_empty() { 0 } else { 1 })
         }
         None => {
             let cfg = Config::load_valid(&cli.config)?;

@@ -83,4 +83,20 @@ pub enum SpoolError {
         #[source]
         source: nix::Error,
     },
+
+    #[error("The spool database {path} is missing but the spool holds instance files; refusing to start with an empty queue. Stop passerelled and run `passerelled rebuild-index --config FILE` to rebuild the queue from the spool files")]
+    IndexMissing { path: PathBuf },
+
+    #[error("The spool database {path} is damaged ({detail}); refusing to start. Stop passerelled and run `passerelled rebuild-index --config FILE`: it keeps the damaged database aside and rebuilds the queue from the spool files")]
+    IndexDamaged { path: PathBuf, detail: String },
+
+    #[error("Cannot rebuild the spool index while another process (a running passerelled?) holds the spool {path}; stop passerelled first")]
+    RebuildWhileRunning { path: PathBuf },
+
+    #[error("Cannot move the damaged spool database {path} aside")]
+    MoveDatabaseAside {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }

@@ -55,6 +55,7 @@
 mod db;
 mod error;
 mod files;
+mod rebuild;
 
 pub use error::{Result, SpoolError};
 
@@ -243,6 +244,27 @@ pub struct EvictReport {
     pub bytes: u64,
 }
 
+/// What [`Spool::rebuild_index`] found in the spool files and put back into the queue.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RebuildReport {
+    /// Spool files found under `objects/`.
+    pub files: u64,
+    /// Rows rebuilt as `queued` (sent again: confirmed ones count as duplicates upstream).
+    pub queued: u64,
+    /// Rows rebuilt without study/series/patient fields (the dataset's leading elements could not
+    /// be read; the file itself is intact and is sent as it is).
+    pub without_index: u64,
+    /// Files whose content is damaged, moved to `quarantine/` (never sent).
+    pub quarantined: Vec<PathBuf>,
+    /// Files the disk could not read; left in place without a row (run the rebuild again once the
+    /// disk is fixed).
+    pub unreadable: Vec<PathBuf>,
+    /// Partial files of interrupted transfers removed from `tmp/`.
+    pub temp_files_removed: u64,
+    /// Where the previous database was moved (kept for inspection), if there was one.
+    pub previous_database: Option<PathBuf>,
+}
+
 /// The spool. Cheap to clone; safe to share between threads.
 #[derive(Clone)]
 pub struct Spool {
@@ -336,8 +358,21 @@ impl Spool {
             }
         };
 
-        let spool = Spool::with_connection(cfg, owner_lock)?;
+        let db_path = dir.join("spool.db");
+        if owner_lock.is_some() && index_missing(&db_path) {
+            let has_files =
+                rebuild::any_object_file(&objects_dir).map_err(|source| SpoolError::Read {
+                    path: objects_dir.clone(),
+                    source,
+                })?;
+            if has_files {
+                // Starting with an empty queue would silently forget every acknowledged instance.
+                return Err(SpoolError::IndexMissing { path: db_path });
+            }
+        }
+        let spool = Spool::with_connection(cfg, owner_lock).map_err(|e| damaged(e, &db_path))?;
         let report = if spool.inner.owner_lock.is_some() {
+            spool.check_integrity(&db_path)?;
             spool.recover()?
         } else {
             RecoveryReport::default()
@@ -376,6 +411,216 @@ impl Spool {
                 free_probe: Mutex::new(None),
             }),
         })
+    }
+
+    /// Rebuilds the index (`spool.db`) from the spool files, after the database was lost or damaged.
+    ///
+    /// Takes the spool's exclusive lock (fails with [`SpoolError::RebuildWhileRunning`] while a
+    /// daemon holds it), moves the old database (and its `-wal`/`-shm`) aside as
+    /// `spool.db.before-rebuild-<unix ms>`, removes temporary files, then reads every file under
+    /// `objects/` once, streaming: its SHA-256 must match its name, and its Part-10 header and leading
+    /// elements give the row. Every intact file becomes a `queued` row due now, with one attempt
+    /// counted, so that its confirmation is counted as a possible duplicate upstream (delivery is
+    /// at-least-once: instances confirmed before the loss are sent again). Damaged files are moved
+    /// to `quarantine/` and logged as ERRORs; they are never sent.
+    pub fn rebuild_index(cfg: &passerelle_config::SpoolConfig) -> Result<RebuildReport> {
+        let dir = cfg.dir.clone();
+        let objects_dir = dir.join("objects");
+        if !objects_dir.is_dir() {
+            return Err(SpoolError::NotASpool { path: objects_dir });
+        }
+        let lock_path = dir.join("spool.lock");
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|source| SpoolError::Write {
+                path: lock_path.clone(),
+                source,
+            })?;
+        let lock = match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => lock,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                return Err(SpoolError::RebuildWhileRunning { path: dir })
+            }
+            Err((_, source)) => {
+                return Err(SpoolError::Lock {
+                    path: lock_path,
+                    source,
+                })
+            }
+        };
+
+        let mut report = RebuildReport::default();
+        let stamp = to_ms(SystemTime::now());
+        for suffix in ["", "-wal", "-shm"] {
+            let from = dir.join(format!("spool.db{suffix}"));
+            if fs::symlink_metadata(&from).is_err() {
+                continue;
+            }
+            let to = dir.join(format!("spool.db.before-rebuild-{stamp}{suffix}"));
+            fs::rename(&from, &to).map_err(|source| SpoolError::MoveDatabaseAside {
+                path: from.clone(),
+                source,
+            })?;
+            if suffix.is_empty() {
+                report.previous_database = Some(to);
+            }
+        }
+        files::fsync_dir(&dir)?;
+        if let Some(previous) = &report.previous_database {
+            log::warn!(
+                "Moved the previous spool database aside before rebuilding the index; keep it for inspection or delete it. path={}",
+                previous.display()
+            );
+        }
+
+        let spool = Spool::with_connection(cfg, Some(lock))?;
+        report.temp_files_removed = spool.recover()?.temp_files_removed;
+        let paths = rebuild::object_files(&objects_dir).map_err(|source| SpoolError::Read {
+            path: objects_dir.clone(),
+            source,
+        })?;
+        for chunk in paths.chunks(EVICT_PAGE as usize) {
+            let mut rows = Vec::with_capacity(chunk.len());
+            for path in chunk {
+                report.files += 1;
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let expected = name.trim_end_matches(".dcm.zst").to_owned();
+                let (uid, detail) = match rebuild::scan_file(path) {
+                    Ok(scanned) if scanned.sha256 == expected => {
+                        rows.push((path.clone(), scanned));
+                        continue;
+                    }
+                    Ok(scanned) => (
+                        scanned.sop_instance_uid,
+                        format!(
+                            "content mismatch: expected_sha256={expected} actual_sha256={}",
+                            scanned.sha256
+                        ),
+                    ),
+                    Err(rebuild::ScanError::Corrupt(detail)) => (String::new(), detail),
+                    Err(rebuild::ScanError::Read(e)) => {
+                        log::error!(
+                            "Could not read a spool file while rebuilding the index; it has no row and will not be sent. Check the disk, then run rebuild-index again. path={} error={e}",
+                            path.display()
+                        );
+                        report.unreadable.push(path.clone());
+                        continue;
+                    }
+                };
+                let qpath = spool.inner.quarantine_dir.join(format!("rebuild-{name}"));
+                let kept = match fs::rename(path, &qpath) {
+                    Ok(()) => qpath,
+                    Err(_) => path.clone(),
+                };
+                log::error!(
+                    "A spool file is corrupt; it was quarantined and will not be sent. Ask the modality to send the instance again and check the disk. sop_instance_uid={} path={} quarantine_path={} {detail}",
+                    if uid.is_empty() { "unknown" } else { uid.as_str() },
+                    path.display(),
+                    kept.display()
+                );
+                report.quarantined.push(kept);
+            }
+            report.queued += rows.len() as u64;
+            report.without_index += spool.insert_rebuilt(&rows)?;
+        }
+        if !report.quarantined.is_empty() {
+            files::fsync_dir(&spool.inner.quarantine_dir)?;
+        }
+        log::warn!(
+            "Rebuilt the spool index from the spool files; every intact instance is queued and will be sent (again, for those confirmed before). files={} queued={} quarantined={} unreadable={}",
+            report.files,
+            report.queued,
+            report.quarantined.len(),
+            report.unreadable.len()
+        );
+        Ok(report)
+    }
+
+    /// Inserts rebuilt rows (one transaction); returns how many lack their index fields.
+    fn insert_rebuilt(&self, rows: &[(PathBuf, rebuild::Scanned)]) -> Result<u64> {
+        let now = to_ms(SystemTime::now());
+        let mut without_index = 0;
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .ctx("start rebuilding rows")?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid,
+                        patient_id, modality, accession_number, calling_ae, transfer_syntax_uid, raw_size,
+                        stored_size, sha256, path, received_at, state, attempts, next_attempt_at, last_error)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 'queued', 1, ?15, ?16)",
+                )
+                .ctx("insert a rebuilt row")?;
+            for (path, s) in rows {
+                if let Some(problem) = &s.index_problem {
+                    without_index += 1;
+                    log::warn!(
+                        "Rebuilt a row without its study and series: the dataset's leading elements are unreadable, the file is intact and will be sent as it is. sop_instance_uid={} path={} problem={problem}",
+                        s.sop_instance_uid,
+                        path.display()
+                    );
+                }
+                let rel = path
+                    .strip_prefix(&self.inner.dir)
+                    .unwrap_or(path)
+                    .to_string_lossy()
+                    .into_owned();
+                let stored = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+                stmt.execute(params![
+                    s.sop_instance_uid,
+                    s.sop_class_uid,
+                    s.index.study_instance_uid,
+                    s.index.series_instance_uid,
+                    s.index.patient_id,
+                    s.index.modality,
+                    s.index.accession_number,
+                    s.calling_ae,
+                    s.transfer_syntax_uid,
+                    to_i64(s.raw_size),
+                    to_i64(stored),
+                    s.sha256,
+                    rel,
+                    to_ms(rebuild::modified(path)),
+                    now,
+                    "rebuilt from the spool file by rebuild-index",
+                ])
+                .ctx("insert a rebuilt row")?;
+            }
+        }
+        tx.commit().ctx("commit rebuilt rows")?;
+        Ok(without_index)
+    }
+
+    /// Refuses a damaged database (`PRAGMA quick_check`) rather than running on it.
+    fn check_integrity(&self, db_path: &Path) -> Result<()> {
+        let verdict: String = self
+            .conn()
+            .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
+            .map_err(|e| {
+                damaged(
+                    SpoolError::Database {
+                        action: "check the database",
+                        source: e,
+                    },
+                    db_path,
+                )
+            })?;
+        if verdict != "ok" {
+            return Err(SpoolError::IndexDamaged {
+                path: db_path.to_path_buf(),
+                detail: verdict,
+            });
+        }
+        Ok(())
     }
 
     /// True when this handle ran recovery and holds the spool's exclusive lock (false for a second
@@ -1198,6 +1443,38 @@ impl Spool {
             .ctx("list evictable instances")?;
         rows.collect::<rusqlite::Result<_>>()
             .ctx("list evictable instances")
+    }
+}
+
+/// The database is missing: no file, or an empty file with no WAL that could hold its pages.
+fn index_missing(db_path: &Path) -> bool {
+    match fs::metadata(db_path) {
+        Err(_) => true,
+        Ok(m) => {
+            let mut wal = db_path.as_os_str().to_owned();
+            wal.push("-wal");
+            m.len() == 0 && !Path::new(&wal).exists()
+        }
+    }
+}
+
+/// Turns SQLite's "not a database" and "corrupt" errors into [`SpoolError::IndexDamaged`].
+fn damaged(e: SpoolError, db_path: &Path) -> SpoolError {
+    match &e {
+        SpoolError::Database {
+            source: rusqlite::Error::SqliteFailure(f, _),
+            ..
+        } if matches!(
+            f.code,
+            rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt
+        ) =>
+        {
+            SpoolError::IndexDamaged {
+                path: db_path.to_path_buf(),
+                detail: e.to_string() + ": " + &f.to_string(),
+            }
+        }
+        _ => e,
     }
 }
 
