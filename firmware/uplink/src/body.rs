@@ -35,8 +35,8 @@ pub(crate) const CHANNEL_CHUNKS: usize = 16;
 /// buffers (hyper's write queue, rustls, the kernel's send buffer) on its way out...
 const DRAIN_BOUND: u64 = 1024 * 1024;
 /// ...and it drains at no less than this rate on a link that still works (a link that stopped
-/// acknowledging data is caught sooner by TCP_USER_TIMEOUT, set to the idle timeout).
-const DRAIN_MIN_RATE: u64 = 1024;
+/// acknowledging data is caught sooner by TCP_USER_TIMEOUT, see `tcp_user_timeout`).
+pub(crate) const DRAIN_MIN_RATE: u64 = 1024;
 
 /// A random boundary: 128 bits of randomness, so it cannot plausibly occur inside a dataset.
 pub(crate) fn new_boundary() -> String {

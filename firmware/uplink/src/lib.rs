@@ -34,10 +34,13 @@
 //!   the whole body was taken, its tail may still sit in buffers (hyper, rustls, the kernel) while
 //!   the link drains it, so the watchdog then also allows that tail's time at 1 KiB/s (at most
 //!   1 MiB of it, about 17 minutes), which also gives the PACS time to store a large batch.
-//!   TCP_USER_TIMEOUT (the idle timeout too) makes the kernel drop a link that stops
-//!   acknowledging data meanwhile. reqwest's own `read_timeout` is not used: in reqwest 0.12 it
-//!   runs from sending the request to the response headers without being reset by upload
-//!   progress, so it would cap the upload time.
+//!   TCP_USER_TIMEOUT makes the kernel drop a link that stops acknowledging data meanwhile; it
+//!   is the idle timeout plus the time a 64 KiB segment takes at 1 KiB/s, because Linux counts a
+//!   peer that reads slowly through a window smaller than the segment at the head of the send
+//!   queue as not acknowledging (zero-window probing): with the idle timeout alone, a slow but
+//!   moving upload was dropped (found by the trickle case of tests/system/test_upstream_faults.py).
+//!   reqwest's own `read_timeout` is not used: in reqwest 0.12 it runs from sending the request to
+//!   the response headers without being reset by upload progress, so it would cap the upload time.
 //! - TLS (module `tls`): rustls with the ring provider, TLS 1.2 and 1.3 only, the certificates of
 //!   `uplink.ca_file` as the only trust anchors, host name verification, optional client
 //!   certificate. Proxy environment variables are ignored; `uplink.proxy` is the only proxy.
@@ -98,6 +101,18 @@ const POLL_INTERVAL: Duration = Duration::from_secs(2);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// Wait after the spool failed to answer, before trying again.
 const SPOOL_ERROR_WAIT: Duration = Duration::from_secs(5);
+/// The largest segment the kernel may queue whole (a GSO segment): a slow reader with a smaller
+/// window drains it only through zero-window probes.
+const MAX_SEGMENT_BYTES: u64 = 64 * 1024;
+
+/// TCP_USER_TIMEOUT for uploads: the idle timeout plus the time one maximal segment needs at the
+/// slowest rate we support. While a segment trickles out through a small window, Linux counts
+/// that time as "unacknowledged" even though the peer answers every probe; with the idle timeout
+/// alone the kernel dropped slow but moving uploads (ETIMEDOUT after `idle_timeout_secs`).
+fn tcp_user_timeout(idle: Duration) -> Duration {
+    idle + Duration::from_secs(MAX_SEGMENT_BYTES / body::DRAIN_MIN_RATE)
+}
+
 /// Responses larger than this are cut (a STOW-RS response for a batch is a few KB).
 const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 
@@ -164,7 +179,7 @@ impl Uplink {
             .tcp_keepalive(Duration::from_secs(30))
             // The kernel drops the connection when sent data stays unacknowledged this long:
             // this catches a dead link while the tail of the body sits in the send buffer.
-            .tcp_user_timeout(cfg.idle_timeout())
+            .tcp_user_timeout(tcp_user_timeout(cfg.idle_timeout()))
             .user_agent(concat!("passerelle/", env!("CARGO_PKG_VERSION")));
         if !cfg.proxy.is_empty() {
             let proxy =

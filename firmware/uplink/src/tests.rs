@@ -50,3 +50,15 @@ fn shutdown_is_seen_when_asked_or_when_its_sender_is_gone() {
     drop(tx);
     assert!(stop_requested(&rx));
 }
+
+#[test]
+fn the_kernel_gives_a_slow_reader_a_whole_segment_at_1_kib_per_second_beyond_the_idle_timeout() {
+    let check = |idle: u64, want: u64| {
+        assert_eq!(
+            tcp_user_timeout(Duration::from_secs(idle)),
+            Duration::from_secs(want)
+        )
+    };
+    check(3, 67);
+    check(60, 124);
+}
