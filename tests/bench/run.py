@@ -32,7 +32,7 @@ from . import datasets
 from .receivers import OrthancScp, Passerelled, Receiver, StoreScp, build_shims, vm_hwm_kib, wipe
 
 TESTS = Path(__file__).resolve().parents[1]
-WORK = TESTS / ".work" / "bench-run"
+WORK = Path(os.environ.get("BENCH_WORK", TESTS / ".work" / "bench-run"))
 CALLING_AE = "MODALITY1"
 
 
