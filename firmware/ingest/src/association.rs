@@ -560,6 +560,10 @@ impl Association {
                     }),
                 };
                 let status = self.report_store(&cmd, bytes, result);
+                if status == STATUS_SUCCESS {
+                    // Committed, not yet acknowledged: the modality will send it again.
+                    passerelle_spool::crash_point!("ingest::store::before_response");
+                }
                 self.respond(pc_id, dimse::C_STORE_RSP, &cmd, status).await
             }
         }

@@ -216,7 +216,11 @@ pub(crate) fn receive(
     let mut incoming = spool.begin(meta.clone(), &header).map_err(write_err)?;
     loop {
         match rx.blocking_recv() {
-            Some(Chunk::Data(bytes)) => incoming.write_all(&bytes).map_err(write_err)?,
+            Some(Chunk::Data(bytes)) => {
+                incoming.write_all(&bytes).map_err(write_err)?;
+                // Part of the data set is in the spool's temporary file, more PDVs are to come.
+                passerelle_spool::crash_point!("ingest::receive::mid_dataset");
+            }
             Some(Chunk::End) => break,
             None => {
                 return Err(IngestError::ReceiveDataset {

@@ -69,6 +69,10 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     init_logging(cli.command.is_none());
+    // The crash-consistency campaign's build (feature `failpoints`) arms the crash points named in
+    // the FAILPOINTS environment variable; release builds have none.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     match run(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {

@@ -59,6 +59,27 @@ mod rebuild;
 
 pub use error::{Result, SpoolError};
 
+#[doc(hidden)]
+pub use fail as __fail;
+
+/// A crash point for the crash-consistency campaign: with the `failpoints` feature, a `FAILPOINTS`
+/// entry such as `spool::commit::before_row=5%return` kills the process there with SIGKILL (no
+/// unwinding, no destructors, nothing flushed). Without the feature it compiles to nothing.
+#[macro_export]
+macro_rules! crash_point {
+    ($name:expr) => {
+        $crate::__fail::fail_point!($name, |_| $crate::__crash_now($name))
+    };
+}
+
+/// Kills this process at once, as `kill -9` would (used by [`crash_point!`] only).
+#[doc(hidden)]
+pub fn __crash_now(point: &str) -> ! {
+    eprintln!("Crash point {point} reached: killing the process (FAILPOINTS test build).");
+    let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    std::process::abort()
+}
+
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -1670,6 +1691,7 @@ impl Written {
         })?;
         guard.disarm();
         files::fsync_dir(&subdir)?;
+        crash_point!("spool::commit::before_row");
 
         let now = to_ms(SystemTime::now());
         let mut conn = spool.conn();

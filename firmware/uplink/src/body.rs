@@ -381,6 +381,8 @@ pub(crate) fn produce<S: PartSource>(
                 if !send(piece) {
                     return report;
                 }
+                // Part of the request body is on its way to the PACS.
+                passerelle_spool::crash_point!("uplink::body::mid_upload");
             }
         }
         if sent != len {

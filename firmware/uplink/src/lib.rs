@@ -614,6 +614,10 @@ impl Uplink {
         if marks.is_empty() {
             return;
         }
+        if marks.iter().any(|(_, _, m)| matches!(m, Mark::Sent { .. })) {
+            // The PACS confirmed these instances; the spool does not know yet.
+            passerelle_spool::crash_point!("uplink::record::before_mark_sent");
+        }
         let spool = self.spool.clone();
         let done = tokio::task::spawn_blocking(move || {
             let mut failed = Vec::new();
