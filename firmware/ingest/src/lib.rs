@@ -51,6 +51,8 @@
 mod association;
 mod dimse;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod negotiate;
 mod pdu_io;
 mod store;
