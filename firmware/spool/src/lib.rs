@@ -16,6 +16,14 @@
 //!   commit the row. Only after [`Written::commit`] returns may ingest answer success.
 //! - Recovery at [`Spool::open`]: temp files are removed, rows left `uploading` go back to `queued`,
 //!   and a row whose file is missing is logged as an ERROR and marked `lost` (counted, never dropped).
+//! - A lost or damaged index is never replaced by an empty queue: [`Spool::open`] refuses to start
+//!   when `spool.db` is missing while `objects/` holds files ([`SpoolError::IndexMissing`]) or when
+//!   SQLite finds it damaged (not a database, or `PRAGMA quick_check` fails:
+//!   [`SpoolError::IndexDamaged`]); both errors tell the operator to run `passerelled rebuild-index`.
+//!   [`Spool::rebuild_index`] (daemon stopped) keeps the old database aside and rebuilds one `queued`
+//!   row per intact file from its Part-10 header and leading elements, streaming; damaged files go to
+//!   `quarantine/`. Rebuilt rows count one attempt, so their confirmation is counted as a possible
+//!   duplicate upstream: instances confirmed before the loss are sent again (at-least-once).
 //! - Layout under `dir`: `spool.db`, `spool.lock`, `tmp/` (files being received), `objects/<xx>/
 //!   <sha256>.dcm.zst` and `quarantine/<id>-<sha256>.dcm.zst`. Directories are created `0700` and
 //!   files `0600`: they hold patient data.
@@ -51,6 +59,9 @@
 //!   under the old time wait for it; at start-up, a schedule more than 7 days ahead is reset to now.
 //! - Free space is measured with `statvfs` on the spool directory; other writers on the same file
 //!   system are only seen through it.
+//! - The rebuild cannot restore what only the database knew: `failed`/`lost`/`quarantined` states,
+//!   attempt counts, the uplink state and the counters start afresh; evicted instances are gone.
+//!   `PRAGMA quick_check` at start-up reads the whole database (seconds for millions of rows).
 
 mod db;
 mod error;
