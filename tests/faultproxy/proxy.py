@@ -112,6 +112,9 @@ class FaultProxy:
         self.tcp_faults: list[tuple] = []
         self.handler: Handler | None = None
         self.events: list[Event] = []
+        # One entry per raw-stream connection, updated live: kind, bytes_up (client -> PACS), first
+        # and last (monotonic times of the first and latest bytes forwarded).
+        self.streams: list[dict] = []
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="faultproxy", daemon=True)
         self._server: asyncio.base_events.Server | None = None
@@ -252,6 +255,8 @@ class FaultProxy:
         down = asyncio.ensure_future(downstream())
         started = time.monotonic()
         sent = 0
+        stream = {"kind": kind, "bytes_up": 0, "first": None, "last": None}
+        self.streams.append(stream)
         try:
             while True:
                 data = await reader.read(1024 if kind == "trickle" else 65536)
@@ -279,6 +284,8 @@ class FaultProxy:
                 up_w.write(data)
                 await up_w.drain()
                 sent += len(data)
+                now = time.monotonic()
+                stream.update(bytes_up=sent, first=stream["first"] or now, last=now)
                 if kind == "trickle":
                     await asyncio.sleep(len(data) / fault[1])
             if up_w.can_write_eof():

@@ -14,8 +14,9 @@
 //!   `failed`), plus `lost` (file missing at start-up) and `quarantined` (hash mismatch).
 //! - Storing is: write a temporary file, fsync it, rename it into place, fsync the directory, then
 //!   commit the row. Only after [`Written::commit`] returns may ingest answer success.
-//! - Recovery at [`Spool::open`]: temp files are removed, rows left `uploading` go back to `queued`,
-//!   and a row whose file is missing is logged as an ERROR and marked `lost` (counted, never dropped).
+//! - Recovery at [`Spool::open`]: temp files are removed, rows left `uploading` go back to `queued`
+//!   with one more attempt (the PACS may have stored them before the crash, so their next
+//!   confirmation counts as a possible duplicate upstream), and a row whose file is missing is logged as an ERROR and marked `lost` (counted, never dropped).
 //! - A lost or damaged index is never replaced by an empty queue: [`Spool::open`] refuses to start
 //!   when `spool.db` is missing while `objects/` holds files ([`SpoolError::IndexMissing`]) or when
 //!   SQLite finds it damaged (not a database, or `PRAGMA quick_check` fails:
@@ -721,7 +722,9 @@ impl Spool {
             .ctx("start the recovery transaction")?;
         let requeued = tx
             .execute(
-                "UPDATE instances SET state = 'queued' WHERE state = 'uploading'",
+                // The interrupted upload was an attempt: the PACS may hold the instance already, so
+                // its next confirmation is counted in duplicates_upstream (the uplink's redelivery).
+                "UPDATE instances SET state = 'queued', attempts = attempts + 1 WHERE state = 'uploading'",
                 [],
             )
             .ctx("re-queue interrupted uploads")?;

@@ -1063,3 +1063,21 @@ fn an_identical_resend_restores_the_missing_file_of_a_queued_instance() {
     assert!(!file_of(&fx, &spool, id).exists());
     assert_eq!(tmp_entries(&fx), 0);
 }
+
+#[test]
+fn an_upload_cut_short_by_a_crash_counts_as_an_attempt_so_its_confirmation_counts_as_a_duplicate() {
+    let fx = Fixture::new();
+    let a = {
+        let spool = fx.spool();
+        let a = Inst::new("1.2.3.20", "1.2.3", 10_000, 20).stored_id(&spool);
+        assert_eq!(claim_one(&spool).attempts, 0);
+        a // crash: the row is left `uploading`, maybe already stored upstream
+    };
+    let (spool, report) = fx.open();
+    assert_eq!(report.uploading_requeued, 1);
+    let again = claim_one(&spool);
+    assert_eq!((again.id, again.attempts), (a, 1));
+    spool.mark_sent(a, again.attempts > 0).unwrap();
+    let status = spool.status(SystemTime::now()).unwrap();
+    assert_eq!((status.sent, status.duplicates_upstream), (1, 1));
+}
