@@ -24,3 +24,5 @@ cargo build --release
 step "system tests"
 export PASSERELLED="${PASSERELLED:-$repo/target/release/passerelled}"
 python3 -m pytest -v tests/system
+step "reliability figures (tests/RELIABILITY.md; fails if any figure reports a lost instance)"
+python3 tests/reliability_report.py
