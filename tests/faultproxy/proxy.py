@@ -111,6 +111,9 @@ class FaultProxy:
         self.layer = "tcp"
         self.tcp_faults: list[tuple] = []
         self.handler: Handler | None = None
+        # Like nginx's client_max_body_size: a body growing past this many bytes gets 413 at once,
+        # before the rest is read, then the connection is closed after a lingering read.
+        self.max_body: int | None = None
         self.events: list[Event] = []
         # One entry per raw-stream connection, updated live: kind, bytes_up (client -> PACS), first
         # and last (monotonic times of the first and latest bytes forwarded).
@@ -330,6 +333,9 @@ class FaultProxy:
                             pass
                         break
                     body += (await reader.readexactly(size + 2))[:-2]
+                    if self.max_body is not None and len(body) > self.max_body:
+                        await self._too_large_early(reader, writer, started, len(body))
+                        return
             elif "content-length" in headers:
                 body += await reader.readexactly(int(headers["content-length"]))
             req = Request(method, path, headers, bytes(body), started, time.monotonic())
@@ -344,6 +350,24 @@ class FaultProxy:
             out += [f"Content-Length: {len(resp.body)}", "", ""]
             writer.write("\r\n".join(out).encode("latin-1") + resp.body)
             await writer.drain()
+
+    async def _too_large_early(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                               started: float, got: int) -> None:  # fmt: skip
+        """nginx's way: answer 413 while the client is still sending, read (and drop) what follows
+        for a while so the client gets to read the answer, then close."""
+        self._record("request", status=413, uids=[], started=started, ended=time.monotonic(), early=True,
+                     body_bytes=got)  # fmt: skip
+        body = b"<html><body>413 Request Entity Too Large</body></html>"
+        writer.write(b"HTTP/1.1 413 Request Entity Too Large\r\nContent-Type: text/html\r\nConnection: close\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
+        await writer.drain()
+        deadline = time.monotonic() + 5  # nginx: lingering_time 30 s, lingering_timeout 5 s
+        while time.monotonic() < deadline:
+            try:
+                if not await asyncio.wait_for(reader.read(65536), 1):
+                    break
+            except asyncio.TimeoutError:
+                break
 
     def _respond(self, req: Request) -> Response:
         def forward() -> Response:

@@ -410,28 +410,39 @@ def test_409_fails_visibly_and_requeue_delivers(make_gateway, pacs, proxy, tmp_p
     gw.stop_ok()
 
 
-def test_413_splits_the_batch(make_gateway, pacs, proxy, tmp_path) -> None:
-    limit = 2  # instances per request the PACS takes
+@pytest.mark.parametrize("when", ["after_the_body", "while_sending"])
+def test_413_splits_the_batch(make_gateway, pacs, proxy, tmp_path, when) -> None:
+    """The PACS takes at most 2 instances per request. It answers 413 either after reading the whole
+    body, or (like nginx's client_max_body_size) as soon as the body grows too large, while the daemon
+    is still sending, and then closes the connection."""
+    limit = 2
+    few = study(tmp_path, 5, size=128, seed=32 + len(when))  # ~33 KB each
 
     def handler(req, forward):
         if len(req.uids) > limit:
             return Response(413, {"Content-Type": "text/html"}, b"<html>413 Request Entity Too Large</html>")
         return forward()
 
-    gw = gateway(make_gateway, pacs, proxy, "split")
-    few = study(tmp_path, 5, seed=32)
+    gw = gateway(make_gateway, pacs, proxy, f"split-{when}")
     preload(gw, proxy, few, tmp_path)
     proxy.use_http(handler)
+    if when == "while_sending":
+        proxy.max_body = limit * max(i.path.stat().st_size for i in few) + 2048
     gw.start()
 
     s = wait_delivered(gw, pacs, few)
     reqs = [(r.detail["status"], r.detail["uids"]) for r in proxy.requests()]
-    assert reqs[0] == (413, [i.sop_instance_uid for i in few]), reqs
-    assert all(st == 413 for st, u in reqs if len(u) > limit), reqs
+    too_large = sum(1 for st, _ in reqs if st == 413)
+    if when == "after_the_body":
+        assert reqs[0] == (413, [i.sop_instance_uid for i in few]), reqs
+        assert all(st == 413 for st, u in reqs if len(u) > limit), reqs
+    else:
+        assert reqs[0][0] == 413 and all(r.detail.get("early") for r in proxy.requests() if r.detail["status"] == 413)
+    assert too_large == 2, f"5 instances at 2 per request: 5 -> 3 + 2 -> (2 + 1) + 2: {reqs}"
     stored = [uid for st, u in reqs if st == 200 for uid in u]
     assert sorted(stored) == sorted(uids(few)), f"each instance stored exactly once: {reqs}"
-    assert len(reqs) <= 5, f"more requests than halving needs: {reqs}"
-    assert len(log_lines(gw, "INFO", "two halves")) == sum(1 for st, _ in reqs if st == 413)
+    assert len(reqs) == 5, f"requests other than halving needs: {reqs}"
+    assert len(log_lines(gw, "INFO", "two halves")) == too_large
     assert not log_lines(gw, "WARN", "will be retried"), "a split is not a failed attempt"
     assert s["failed"] == 0, s
     gw.stop_ok()
