@@ -63,7 +63,10 @@
 //!   chunked request bodies needs request buffering (nginx does this by default).
 //! - A PACS that takes the whole body and then never answers holds the uplink for the idle
 //!   timeout plus the drain allowance (up to about 17 minutes for large batches) before the batch
-//!   is retried.
+//!   is retried. Likewise, a PACS that stops reading once the whole body fits in the kernel's send
+//!   buffer (several MB on a fast link) is only caught by TCP_USER_TIMEOUT, after the idle timeout
+//!   plus 64 s. Watching the socket's send queue drain (SIOCOUTQ) would catch that sooner, but
+//!   reqwest does not expose the socket.
 //! - A pause persisted by a previous run is cleared at start-up: restarting passerelled is how the
 //!   operator applies a fixed configuration.
 //! - If the spool cannot record an outcome, the outcome is kept in memory and recorded again every
