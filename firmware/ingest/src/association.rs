@@ -14,7 +14,7 @@ use passerelle_config::DicomConfig;
 use passerelle_spool::{IncomingMeta, Spool, StoreOutcome};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::dimse::{self, Command, Event, PdvAssembler};
@@ -35,10 +35,12 @@ pub(crate) struct Shared {
     pub stored: Arc<Notify>,
 }
 
-/// Why a connection gets served: a real association slot, or only a transient rejection.
-pub(crate) enum Slot {
-    Active(#[allow(dead_code)] OwnedSemaphorePermit),
-    RejectOnly(#[allow(dead_code)] OwnedSemaphorePermit),
+/// What a new connection holds: a place among the connections waiting for their A-ASSOCIATE-RQ,
+/// and access to the association slots. A slot is taken only once the request arrived, so
+/// connections that never send one cannot lock modalities out.
+pub(crate) struct Slot {
+    pub slots: Arc<Semaphore>,
+    pub waiting: OwnedSemaphorePermit,
 }
 
 /// Serves one TCP connection. Never returns an error: everything ends in a log line.
@@ -95,8 +97,9 @@ pub(crate) async fn run(
     };
     let calling_ae = printable(rq.calling_ae_title.trim());
 
-    let have_slot = matches!(slot, Slot::Active(_));
-    match negotiate::negotiate(&rq, &cfg, have_slot) {
+    let Slot { slots, waiting } = slot;
+    let active = slots.try_acquire_owned().ok();
+    match negotiate::negotiate(&rq, &cfg, active.is_some()) {
         Negotiation::Reject { rj, why } => {
             warn!(
                 "Rejected association: {}. peer={} calling_ae={calling_ae} called_ae={} result={:?} reason=\"{}\"",
@@ -144,10 +147,12 @@ pub(crate) async fn run(
                 current: None,
                 stored: 0,
             };
+            // Established: the association counts against its slot, no longer as waiting.
+            drop(waiting);
             assoc.serve(abort).await;
         }
     }
-    drop(slot);
+    drop(active);
 }
 
 /// One log line per refused presentation context, saying what the operator can do about it.

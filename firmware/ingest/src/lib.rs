@@ -13,9 +13,11 @@
 //! line naming the peer and calling AE title.
 //!
 //! # Design
-//! - [`serve`] accepts TCP connections with tokio; each connection is one task. At most
-//!   `max_associations` associations run at once; a few more connections are read just far enough
-//!   to reject them transiently (local limit exceeded); beyond that, connections are closed.
+//! - [`serve`] accepts TCP connections with tokio; each connection is one task. A connection takes
+//!   an association slot only once its A-ASSOCIATE-RQ arrived (within ARTIM), so idle connections
+//!   (slowloris) cannot lock modalities out. At most `max_associations` associations run at once;
+//!   requests beyond that are rejected transiently (local limit exceeded). At most 512 connections
+//!   may wait for their request at once; beyond that, new connections are closed.
 //! - Association negotiation is done here on top of dicom-ul's PDU types (`negotiate`), because
 //!   dicom-ul's server association is synchronous and cannot accept "every storage SOP class".
 //! - PDUs are read strictly (`pdu_io`): the 6-byte header first; a PDU announcing more than our
@@ -45,8 +47,10 @@
 //! - C-ECHO and C-STORE only; other DIMSE requests get 0x0211 (unrecognized operation).
 //! - Leading-element parsing stops early when a leading element announces more than 1 MiB (its
 //!   value would be allocated in full); the index fields after it stay empty.
-//! - Connections beyond `max_associations` plus a few waiting for their rejection are closed
-//!   without an A-ASSOCIATE-RJ (each with a WARN line), so that a flood cannot pin memory.
+//! - More than 512 connections waiting for their association request (a flood that reopens them
+//!   faster than ARTIM closes them) make new connections close without an A-ASSOCIATE-RJ (each
+//!   with a WARN line); a modality connecting then fails and must retry. Memory stays bounded:
+//!   each waiting connection buffers at most the 64 KiB of one control PDU, as its bytes arrive.
 
 mod association;
 mod dimse;
@@ -77,8 +81,10 @@ pub const IMPLEMENTATION_CLASS_UID: &str = "2.25.2550899173912271311865201661782
 /// Passerelle's Implementation Version Name, sent in the A-ASSOCIATE-AC and written to (0002,0013).
 pub const IMPLEMENTATION_VERSION_NAME: &str = "PASSERELLE_010";
 
-/// Connections that may wait for their transient rejection at once, beyond the association cap.
-const MIN_REJECT_SLOTS: usize = 4;
+/// Connections that may be waiting for their A-ASSOCIATE-RQ (or for their rejection) at once. They
+/// do not hold an association slot: idle connections (slowloris) cannot lock modalities out. Each
+/// buffers at most one control PDU (64 KiB), and only as its bytes arrive.
+const MAX_PENDING_CONNECTIONS: usize = 512;
 /// After the grace period, how long aborted associations get to close.
 const ABORT_WAIT: Duration = Duration::from_secs(5);
 
@@ -95,7 +101,7 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<()> {
     let slots = Arc::new(Semaphore::new(cfg.max_associations));
-    let reject_slots = Arc::new(Semaphore::new(cfg.max_associations.max(MIN_REJECT_SLOTS)));
+    let pending = Arc::new(Semaphore::new(MAX_PENDING_CONNECTIONS));
     let (abort_tx, abort_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
@@ -118,19 +124,14 @@ pub async fn serve(
             Some(joined) = tasks.join_next(), if !tasks.is_empty() => report_task_end(joined),
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let slot = match slots.clone().try_acquire_owned() {
-                        Ok(p) => Slot::Active(p),
-                        Err(_) => match reject_slots.clone().try_acquire_owned() {
-                            Ok(p) => Slot::RejectOnly(p),
-                            Err(_) => {
-                                warn!(
-                                    "Closed a connection without reading it: {} associations are open and too many others wait for their rejection. peer={} Raise dicom.max_associations if modalities need more.",
-                                    cfg.max_associations, peer.ip()
-                                );
-                                continue;
-                            }
-                        },
+                    let Ok(waiting) = pending.clone().try_acquire_owned() else {
+                        warn!(
+                            "Closed a connection without reading it: {MAX_PENDING_CONNECTIONS} connections are already waiting for their association request. peer={} This is a connection flood; find the host that opens them.",
+                            peer.ip()
+                        );
+                        continue;
                     };
+                    let slot = Slot { slots: slots.clone(), waiting };
                     tasks.spawn(association::run(stream, peer, shared.clone(), slot, abort_rx.clone()));
                 }
                 Err(source) => {

@@ -13,6 +13,9 @@ use crate::error::{IngestError, Result};
 /// Largest non-P-DATA PDU we read (an A-ASSOCIATE-RQ with many presentation contexts fits easily).
 pub(crate) const MAX_CONTROL_PDU: u32 = 64 * 1024;
 
+/// Body bytes allocated before any arrived; the buffer grows as more come.
+const INITIAL_BODY_CAPACITY: usize = 16 * 1024;
+
 /// PDU type of P-DATA-TF.
 pub(crate) const PDATA_TF: u8 = 0x04;
 
@@ -59,14 +62,25 @@ pub(crate) async fn read_pdu<R: AsyncRead + Unpin>(
             max,
         });
     }
-    // `length <= max <= 16 MiB + small`: bounded by our configuration, never by the peer.
-    let body_len = length as usize;
-    let mut buf = Vec::with_capacity(6 + body_len);
+    // `length <= max`: bounded by our configuration, never by the peer. The buffer grows with the
+    // bytes that actually arrive, so a peer announcing a large PDU and sending little (slowloris)
+    // pins only what it sent.
+    let mut buf = Vec::with_capacity(6 + (length as usize).min(INITIAL_BODY_CAPACITY));
     buf.extend_from_slice(&header);
-    buf.resize(6 + body_len, 0);
-    r.read_exact(&mut buf[6..])
+    let got = r
+        .take(u64::from(length))
+        .read_to_end(&mut buf)
         .await
         .map_err(|source| IngestError::ReadPdu { peer, source })?;
+    if got < length as usize {
+        return Err(IngestError::ReadPdu {
+            peer,
+            source: std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("the connection closed {got} bytes into a PDU body of {length} bytes"),
+            ),
+        });
+    }
     decode(&buf, peer).map(Some)
 }
 

@@ -886,3 +886,51 @@ async fn an_instance_cut_short_by_release_or_abort_is_not_stored() {
         tokio::time::sleep(Duration::from_millis(10)).await; // poll interval
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_never_take_an_association_slot_so_a_modality_still_gets_in() {
+    // Found by tests/system/test_abuse.py: 32 connections that never sent a byte held every
+    // association slot (and every rejection slot) until ARTIM closed them, so a modality
+    // connecting meanwhile was closed without even a rejection.
+    let mut cfg = dicom_cfg();
+    cfg.max_associations = 2;
+    cfg.artim_timeout_secs = 60;
+    let scp = start(cfg, 1).await;
+    let addr = scp.addr;
+    blocking(move || {
+        let idle: Vec<TcpStream> = (0..40).map(|_| raw_connect(addr)).collect();
+        // Half-sent requests do not take a slot either.
+        let mut half = raw_connect(addr);
+        let mut rq = Vec::new();
+        dicom_ul::write_pdu(&mut rq, &raw_rq(vec![(1, uids::VERIFICATION, vec![ILE])])).unwrap();
+        half.write_all(&rq[..rq.len() / 2]).unwrap();
+        let mut first = associate(addr, "CT1", AE, &[(uids::VERIFICATION, &[ILE])]).unwrap();
+        let mut second = associate(addr, "CT2", AE, &[(uids::VERIFICATION, &[ILE])]).unwrap();
+        assert_eq!(u16_of(&echo(&mut first, 1), tags::STATUS), 0);
+        assert_eq!(u16_of(&echo(&mut second, 2), tags::STATUS), 0);
+        // The cap still holds for real associations.
+        check_rejected(
+            addr,
+            "CT3",
+            AE,
+            AssociationRJ {
+                result: AssociationRJResult::Transient,
+                source: AssociationRJSource::ServiceProviderPresentation(
+                    AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
+                ),
+            },
+        );
+        first.release().unwrap();
+        second.release().unwrap();
+        drop((idle, half));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_pdu_body_cut_short_by_the_peer_is_a_read_error() {
+    // Through the fuzzing entry point: the same reader an association uses.
+    let bytes = [0x01, 0, 0, 0, 0, 0x10, 1, 2, 3];
+    let err = passerelle_ingest::fuzzing::read_pdu(&bytes, 16384).unwrap_err();
+    assert!(err.starts_with("Cannot read a PDU"), "{err}");
+}
