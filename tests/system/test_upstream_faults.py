@@ -30,6 +30,8 @@ RETRY_BASE, RETRY_MAX = 1, 3
 UPLINK = {"retry_base_secs": RETRY_BASE, "retry_max_secs": RETRY_MAX, "idle_timeout_secs": IDLE}
 
 _results: dict[str, str] = {}
+# Instances acknowledged to the modality, and of those, found in Orthanc at the end of their case.
+_counts = {"acknowledged": 0, "delivered": 0}
 
 
 # -- fixtures ----------------------------------------------------------------------------------------
@@ -66,6 +68,8 @@ def figure(request: pytest.FixtureRequest):
     figures = {
         "upstream_cases_run": len(_results),
         "upstream_cases_passed": sum(1 for r in _results.values() if r == "passed"),
+        "upstream_instances_acknowledged": _counts["acknowledged"],
+        "upstream_instances_delivered": _counts["delivered"],
         **{f"upstream_case_{k}": v for k, v in sorted(_results.items())},
     }
     FIGURES.write_text(json.dumps(figures, indent=2) + "\n")
@@ -89,6 +93,7 @@ def gateway(make_gateway, pacs: Orthanc, proxy: FaultProxy, name: str, **uplink)
 def store(gw: Gateway, instances: list[data.Instance], tmp_path: Path) -> None:
     """Every C-STORE must succeed whatever the upstream does."""
     send.storescu(gw.port, instances, tmp_path / f"scu-{time.monotonic_ns()}", called_ae=gw.ae_title)
+    _counts["acknowledged"] += len(instances)
 
 
 def held(pacs: Orthanc) -> set[str]:
@@ -105,6 +110,7 @@ def wait_delivered(gw: Gateway, pacs: Orthanc, instances: list[data.Instance], t
     wait_until(lambda: want <= held(pacs), timeout, f"all {len(want)} instances in Orthanc", interval=0.5)
     status = wait_until(lambda: (s := gw.status())["sent"] == len(want) and s, 30, "all counted sent")
     assert status["queued"] == status["uploading"] == status["failed"] == status["lost"] == 0, status
+    _counts["delivered"] += len(want)
     return status
 
 
