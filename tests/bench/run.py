@@ -507,6 +507,12 @@ def table(r: Results) -> str:
         if xs:
             rows.append((f"CT, 1 assoc: CPU s per 100 instances, passerelled / {peer}", span(xs) + "×", "—", "—"))
     lat = r.get(f"lat99|{P}")
+    if r.get(f"lat50|{P}"):
+        rows.append(("p50 C-STORE acknowledgement latency, same conditions, ms (passerelled)", span(r.get(f"lat50|{P}")),
+                     "—", "—"))
+        rows.append(("p50 / p99 acknowledgement latency, storescp --ignore +NODELAY (the sender's floor), ms",
+                     f"{span(r.get('lat50|storescp --ignore +NODELAY'))} / {span(r.get('lat99|storescp --ignore +NODELAY'))}",
+                     "—", "—"))
     if lat:
         rows.append((f"p99 C-STORE acknowledgement latency (last PDU sent to response), 0.5 MB, at half max rate ({fmt(med(r.get('lat rate')))}/s), ms",
                      span(lat), "≤ 10", verdict(lat, 10, higher_is_better=False)))
