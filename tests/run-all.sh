@@ -21,8 +21,11 @@ step "cargo test --workspace"
 cargo test --workspace
 step "cargo build --release"
 cargo build --release
+step "cargo build --release -p passerelled --features failpoints (crash campaign build)"
+cargo build --release -p passerelled --features failpoints --target-dir target/failpoints
 step "system tests"
 export PASSERELLED="${PASSERELLED:-$repo/target/release/passerelled}"
+export PASSERELLED_FAILPOINTS="${PASSERELLED_FAILPOINTS:-$repo/target/failpoints/release/passerelled}"
 python3 -m pytest -v tests/system
 step "reliability figures (tests/RELIABILITY.md; fails if any figure reports a lost instance)"
 python3 tests/reliability_report.py

@@ -90,6 +90,8 @@ class Orthanc:
     # The front door's certificate (default: pki.server_cert for localhost and 127.0.0.1).
     server_cert: Path | None = None
     server_key: Path | None = None
+    # Lua scripts Orthanc loads (e.g. a ReceivedInstanceFilter that records every instance received).
+    lua_scripts: list[Path] = field(default_factory=list)
     orthanc_proc: subprocess.Popen | None = None
     nginx_proc: subprocess.Popen | None = None
 
@@ -136,6 +138,8 @@ class Orthanc:
             "ConcurrentJobs": 1,
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True},
         }
+        if self.lua_scripts:
+            config["LuaScripts"] = [str(p) for p in self.lua_scripts]
         (self.dir / "orthanc.json").write_text(json.dumps(config, indent=2))
         (self.dir / "nginx.conf").write_text(
             NGINX_CONF.format(
