@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -188,8 +189,10 @@ class OrthancScp(Receiver):
 
 
 class Passerelled(Receiver):
-    """passerelled with its shipped settings. Without `gateway_factory`, the upstream is a closed port (pure
-    ingest: nothing leaves, the uplink just retries)."""
+    """passerelled with its shipped settings. Without `gateway_factory`, the upstream is a stalled PACS (pure
+    ingest): a listening socket that never accepts, so the uplink's first request hangs in the TLS handshake
+    and nothing leaves. (A closed port would make the uplink claim, fail and reschedule every new instance,
+    database work that a real deployment with a working PACS does not have either.)"""
 
     name = "passerelled"
 
@@ -206,7 +209,11 @@ class Passerelled(Receiver):
         if self.factory is not None:
             g = self.factory(d)
         else:
-            g = Gateway(dir=d, stow_url="https://127.0.0.1:9/dicom-web/studies", ca_file=self.pki.ca_cert,
+            self.stalled = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.stalled.bind(("127.0.0.1", 0))
+            self.stalled.listen(64)
+            port = self.stalled.getsockname()[1]
+            g = Gateway(dir=d, stow_url=f"https://localhost:{port}/dicom-web/studies", ca_file=self.pki.ca_cert,
                         **self.kw)
             g.write_config()
         g.start(wait_ready=True)
@@ -216,6 +223,9 @@ class Passerelled(Receiver):
         if self.gateway is not None:
             self.gateway.stop_ok()
         self.gateway, self.proc = None, None
+        if getattr(self, "stalled", None) is not None:
+            self.stalled.close()
+            self.stalled = None
 
 
 def wipe(d: Path) -> None:
