@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.data import Instance
+from harness.gateway import passerelled_bin
 from harness.pki import make_pki
 from harness.send import STORESCU, storescu as harness_storescu, write_storescu_profile
 from harness.util import wait_until
@@ -576,7 +577,10 @@ def machine() -> str:
             cpu = line.split(":", 1)[1].strip()
             break
     load = Path("/proc/loadavg").read_text().split()[:3]
-    return (f"- nproc: {os.cpu_count()}\n- CPU: {cpu}\n- kernel: {platform.release()}\n"
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=TESTS).stdout
+    built = dt.datetime.fromtimestamp(passerelled_bin().stat().st_mtime, dt.timezone.utc)
+    return (f"- passerelled: {passerelled_bin()}, built {built:%Y-%m-%d %H:%M} UTC, repository at {head.strip()}\n"
+            f"- nproc: {os.cpu_count()}\n- CPU: {cpu}\n- kernel: {platform.release()}\n"
             f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC\n- load average at the end: {' '.join(load)}\n")
 
 
