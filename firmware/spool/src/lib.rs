@@ -1234,6 +1234,21 @@ impl Spool {
         Ok(n as u64)
     }
 
+    /// The upstream is back: queued instances waiting on a retry schedule become due now, so that a
+    /// backlog built up during an outage goes out in full batches instead of trickling out over the
+    /// backoff cap. Returns how many rows were brought forward.
+    pub fn expedite_retries(&self, now: SystemTime) -> Result<u64> {
+        let now = to_ms(now);
+        let n = self
+            .conn()
+            .prepare_cached(
+                "UPDATE instances SET next_attempt_at = ?1 WHERE state = 'queued' AND attempts > 0 AND next_attempt_at > ?1",
+            )
+            .and_then(|mut s| s.execute(params![now]))
+            .ctx("bring retries forward")?;
+        Ok(n as u64)
+    }
+
     /// Persists how the uplink is doing, for `passerelled status` in another process.
     pub fn set_uplink_state(&self, state: &UplinkState) -> Result<()> {
         self.conn()

@@ -660,6 +660,25 @@ fn mark_retry_persists_the_next_attempt_across_a_reopen() {
 }
 
 #[test]
+fn expedite_retries_makes_waiting_retries_due_but_leaves_new_and_failed_rows_alone() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    let ids = store_studies(&spool, &[("1.7.5", 100), ("1.7.5", 100), ("1.7.5", 100)]);
+    let later = SystemTime::now() + 2 * HOUR;
+    let claimed = spool.claim_batch(10, u64::MAX, far_future()).unwrap();
+    spool.mark_retry(claimed[0].id, "503", later).unwrap();
+    spool.mark_retry(claimed[1].id, "503", later).unwrap();
+    spool.mark_failed(claimed[2].id, "409").unwrap();
+    let now = SystemTime::now();
+    assert!(spool.claim_batch(10, u64::MAX, now).unwrap().is_empty());
+    assert_eq!(spool.expedite_retries(now).unwrap(), 2);
+    let batch = spool.claim_batch(10, u64::MAX, now).unwrap();
+    assert_eq!(batch.len(), 2, "both retries are due now");
+    assert_eq!(state(&spool, ids[2]), "failed", "a failed row waits for the operator");
+    assert_eq!(spool.expedite_retries(now).unwrap(), 0);
+}
+
+#[test]
 fn release_requeues_without_counting_an_attempt() {
     let fx = Fixture::new();
     let spool = fx.spool();
