@@ -607,6 +607,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     out = args.out or (TESTS / "PERFORMANCE.md" if not args.quick else TESTS / ".work" / "PERFORMANCE-quick.md")
 
+    kept = ""  # a hand-written "## Observations" section at the end of an earlier report is kept
+    if out.exists() and "\n## Observations" in out.read_text():
+        kept = out.read_text()[out.read_text().index("\n## Observations"):]
+
     def report(run: int) -> str:
         text = table(bench.r)
         ds = ", ".join(f"{k}: {len(v)} instances, {datasets.total_bytes(v) / 1e6:.0f} MB" for k, v in bench.sets.items())
@@ -618,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Datasets: {ds}. Stock (Nagle) peers get the first {STOCK_SUBSET} CT slices. "
             "The sender is always dcmtk storescu with TCP_NODELAY forced (stock storescu stalls on its own "
             "last segment of each instance).\n\n"
-            + text + "\n## Machine\n\n" + machine() + "".join(f"\n{n}\n" for n in bench.notes)
+            + text + "\n## Machine\n\n" + machine() + "".join(f"\n{n}\n" for n in bench.notes) + kept
         )
         log(f"Wrote {out} ({run} of {args.runs} runs)")
         return text
