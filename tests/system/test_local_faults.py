@@ -30,7 +30,7 @@ from harness import send
 from harness.checks import assert_byte_identical, wait_for_instances
 from harness.data import Instance, Study, ct_slice_hu
 from harness.gateway import Gateway, toml_str
-from harness.part10 import file_dataset_bytes, meta_end_offset
+from harness.part10 import meta_end_offset
 from harness.util import run, wait_until
 
 MIB = 2**20
@@ -105,6 +105,20 @@ def free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
+def fill_up(filler: Path) -> None:
+    """Grows `filler` until its file system has not one free block (the daemon may write meanwhile)."""
+    for _ in range(20):
+        free = free_bytes(filler.parent)
+        if free == 0:
+            return
+        with open(filler, "ab") as f:
+            try:
+                os.posix_fallocate(f.fileno(), f.seek(0, os.SEEK_END), free)
+            except OSError:
+                pass  # someone else took some of it: measure again
+    raise AssertionError(f"could not fill {filler.parent}: {free_bytes(filler.parent)} bytes still free")
+
+
 def error_lines(gw: Gateway) -> list[str]:
     return [line for line in gw.log_path.read_text(errors="replace").splitlines() if " ERROR " in line]
 
@@ -160,7 +174,7 @@ def test_disk_full_evicts_confirmed_cache_first_refuses_with_a700_and_recovers_b
     # B: acknowledged while the PACS is down, so unconfirmed.
     orthanc.stop_orthanc()
     assert store(gw, b) == [STATUS_SUCCESS] * len(b)
-    unconfirmed = {k: v for k, v in spool_files(spool_dir).items()}
+    unconfirmed = spool_files(spool_dir)
     wait_until(lambda: gw.status()["queued"] + gw.status()["uploading"] == len(b), 30, "B to be queued")
     assert len(unconfirmed) == len(a) + len(b)
 
@@ -176,10 +190,7 @@ def test_disk_full_evicts_confirmed_cache_first_refuses_with_a700_and_recovers_b
     assert free_bytes(small_fs) >= min_free_mb * MIB
 
     # 2. The disk is full (ENOSPC): the rest of the cache goes, then the C-STORE gets 0xA700.
-    with open(filler, "r+b") as f:
-        size = f.seek(0, os.SEEK_END)
-        os.posix_fallocate(f.fileno(), size, free_bytes(small_fs))
-    assert free_bytes(small_fs) == 0
+    fill_up(filler)
     assert store(gw, [c2]) == [STATUS_OUT_OF_RESOURCES]
     s = gw.status()
     assert s["evicted"] == len(a), f"the whole confirmed cache should have been evicted first: {s}"
@@ -194,10 +205,7 @@ def test_disk_full_evicts_confirmed_cache_first_refuses_with_a700_and_recovers_b
 
     # 3. Nothing left to evict and not one free block, while the uplink keeps retrying (and writing its
     #    retries to the database): still 0xA700, no crash, and nothing lost.
-    with open(filler, "r+b") as f:
-        size = f.seek(0, os.SEEK_END)
-        os.posix_fallocate(f.fileno(), size, free_bytes(small_fs))
-    assert free_bytes(small_fs) == 0
+    fill_up(filler)
     log_lines = len(gw.log_path.read_text(errors="replace").splitlines())
     assert store(gw, [c2]) == [STATUS_OUT_OF_RESOURCES]
     wait_until(
