@@ -151,8 +151,34 @@ def small_fs(tmp_path: Path):
 # -- disk full ---------------------------------------------------------------------------------------
 
 
+def noise_instance(path: Path, mib: int) -> Instance:
+    """A single-frame 16-bit secondary capture of random pixels (`mib` MiB that zstd cannot shrink)."""
+    from pydicom.uid import MultiFrameGrayscaleWordSecondaryCaptureImageStorage as SC_WORD
+
+    side = 1024
+    rows = mib * MIB // (2 * side)
+    uid = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SC_WORD, uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = SC_WORD, uid
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientName, ds.PatientID, ds.Modality, ds.ConversionType = "Test^Noise", "PASS-TEST-NOISE", "OT", "WSD"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.NumberOfFrames = 1, "MONOCHROME2", 1
+    ds.Rows, ds.Columns = rows, side
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = np.random.default_rng(5).integers(0, 65535, rows * side, dtype=np.uint16).tobytes()
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return Instance(path=path, name=path.name, sop_class_uid=SC_WORD, sop_instance_uid=uid,
+                    study_instance_uid=str(ds.StudyInstanceUID), transfer_syntax_uid=ExplicitVRLittleEndian)  # fmt: skip
+
+
+
 def test_disk_full_evicts_confirmed_cache_first_refuses_with_a700_and_recovers_by_itself(
-    small_fs: Path, orthanc, make_gateway, ct_study: Study
+    small_fs: Path, orthanc, make_gateway, ct_study: Study, tmp_path: Path
 ) -> None:
     started = time.monotonic()
     a, b = ct_study.instances[:60], ct_study.instances[60:80]
@@ -220,9 +246,21 @@ def test_disk_full_evicts_confirmed_cache_first_refuses_with_a700_and_recovers_b
     filler.unlink()
     assert store(gw, [c2]) == [STATUS_SUCCESS]
 
+    # 5. The disk fills up during a reception: above min_free_mb when it starts, but the instance (random
+    #    pixels, which do not compress) does not fit: 0xA700, the partial file is removed, and the next
+    #    C-STORE succeeds.
+    noise = noise_instance(tmp_path / "noise.dcm", mib=8)
+    with open(filler, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, free_bytes(small_fs) - (min_free_mb + 2) * MIB)
+    assert store(gw, [noise]) == [STATUS_OUT_OF_RESOURCES]
+    assert not list((spool_dir / "tmp").iterdir()), "the partial file of the refused instance was left behind"
+    assert free_bytes(small_fs) >= min_free_mb * MIB
+    filler.unlink()
+    assert store(gw, [noise]) == [STATUS_SUCCESS]
+
     # Everything acknowledged arrives once the PACS is back, byte for byte.
     orthanc.start_orthanc()
-    everything = a + b + [c1, c2]
+    everything = a + b + [c1, c2, noise]
     wait_for_instances(orthanc, len(everything), timeout=120, what="everything after the disk was full")
     s = wait_until(lambda: (s := gw.status())["sent"] == len(everything) and s, 60, "all to be confirmed")
     assert s["lost"] == 0 and s["failed"] == 0 and s["quarantined"] == 0, s
@@ -233,7 +271,7 @@ def test_disk_full_evicts_confirmed_cache_first_refuses_with_a700_and_recovers_b
         disk_full_lost=len(everything) - len(set(orthanc.sop_instance_uids()) & {i.sop_instance_uid for i in everything}),
         disk_full_evicted_to_make_room=evicted_first,
         disk_full_evicted_total=s["evicted"],
-        disk_full_refused_a700=1,
+        disk_full_refused_a700=3,
         disk_full_seconds=round(time.monotonic() - started, 1),
     )
 
