@@ -381,6 +381,8 @@ def test_lost_spool_database_refuses_to_start_and_rebuild_index_delivers_everyth
     assert wait_exit(gw) != 0
     errors = error_lines(gw)
     assert any("rebuild-index" in ln for ln in errors), f"no ERROR line says to run rebuild-index:\n{errors}"
+    cp = gw.cli("status", "--config", str(gw.config_path))
+    assert cp.returncode != 0 and "rebuild-index" in cp.stdout + cp.stderr, cp
 
     cp = gw.cli("rebuild-index", "--config", str(gw.config_path))
     assert cp.returncode == 0, cp

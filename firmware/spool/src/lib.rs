@@ -419,9 +419,13 @@ impl Spool {
     pub fn attach(cfg: &passerelle_config::SpoolConfig) -> Result<Spool> {
         let db_path = cfg.dir.join("spool.db");
         if !db_path.is_file() {
+            // Files without their database: the operator must rebuild the index, not start afresh.
+            if rebuild::any_object_file(&cfg.dir.join("objects")).unwrap_or(false) {
+                return Err(SpoolError::IndexMissing { path: db_path });
+            }
             return Err(SpoolError::NotASpool { path: db_path });
         }
-        Spool::with_connection(cfg, None)
+        Spool::with_connection(cfg, None).map_err(|e| damaged(e, &db_path))
     }
 
     fn with_connection(

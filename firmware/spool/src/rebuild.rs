@@ -385,6 +385,13 @@ mod tests {
             Err(SpoolError::IndexMissing { .. })
         ));
 
+        // `passerelled status` says the same.
+        let attached = Spool::attach(&cfg).err().expect("attach must refuse");
+        assert!(
+            matches!(attached, SpoolError::IndexMissing { .. }),
+            "{attached}"
+        );
+
         let report = Spool::rebuild_index(&cfg).unwrap();
         assert_eq!(report.files, 3);
         assert_eq!(report.previous_database, None);
@@ -404,6 +411,11 @@ mod tests {
             "{refused}"
         );
         assert!(refused.to_string().contains("rebuild-index"), "{refused}");
+        let attached = Spool::attach(&cfg).err().expect("attach must refuse");
+        assert!(
+            matches!(attached, SpoolError::IndexDamaged { .. }),
+            "{attached}"
+        );
 
         let report = Spool::rebuild_index(&cfg).unwrap();
         let previous = report.previous_database.clone().unwrap();
