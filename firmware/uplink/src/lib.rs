@@ -19,6 +19,11 @@
 //!   the spool, POST it, record each instance's outcome (`mark_sent`, `mark_retry` with a persisted
 //!   next attempt time, `mark_failed`, or `release`). With nothing due it waits for a wake-up from
 //!   ingest, the next due time, a 2-second poll or shutdown.
+//! - A request the upstream as a whole does not take (no answer, 5xx, 429) holds *every* upload for
+//!   a backoff that grows with the failures in a row, so instances arriving during an outage wait
+//!   with the rest instead of each triggering a request. The first delivery after such a failure
+//!   (or after start) makes every waiting retry due at once (`Spool::expedite_retries`), so the
+//!   backlog goes out in full batches instead of trickling out over the backoff cap.
 //! - The body is streamed (module `body`): a blocking producer opens one instance at a time with
 //!   `Spool::open_verified` (an instance the spool quarantines or finds missing leaves the batch),
 //!   reads it in 256 KiB chunks and feeds them in 16 KiB pieces through a bounded channel into
@@ -147,6 +152,14 @@ pub struct Uplink {
     /// The backoff jitter of the current request, drawn once per request so that the instances
     /// of a batch become due together and are sent together again.
     jitter: f64,
+    /// Requests in a row that the upstream as a whole did not take (no answer, 5xx, 429).
+    upstream_failures: u32,
+    /// While the upstream is down, no request at all goes out before this instant: instances
+    /// arriving during an outage wait with the rest instead of each triggering a request.
+    hold_until: Option<Instant>,
+    /// Instances may be waiting on a retry schedule that a working upstream makes moot: at start
+    /// (schedules left by the previous run) and after any request the upstream did not take.
+    retries_may_wait: bool,
 }
 
 /// How one request went.
@@ -214,6 +227,9 @@ impl Uplink {
             state: UplinkState::default(),
             stranded: Vec::new(),
             jitter: 0.0,
+            upstream_failures: 0,
+            hold_until: None,
+            retries_may_wait: true,
         })
     }
 
@@ -273,6 +289,14 @@ impl Uplink {
                 self.state.paused_until = None;
                 self.save_state().await;
                 info!("The uplink pause is over; uploads resume.");
+            }
+
+            if let Some(until) = self.hold_until {
+                let left = until.saturating_duration_since(Instant::now());
+                if !left.is_zero() {
+                    wait_or_shutdown(left, &mut shutdown).await;
+                    continue;
+                }
             }
 
             let now = SystemTime::now();
@@ -407,11 +431,28 @@ impl Uplink {
                     );
                 }
                 Decision::PerInstance(actions) => {
-                    let status = match &exchange {
-                        Exchange::Answered(a) => Some(a.status),
-                        Exchange::Failed(_) => None,
+                    let (status, whole_request_failed, retry_after) = match &exchange {
+                        Exchange::Answered(a) => (
+                            Some(a.status),
+                            a.status >= 500 || a.status == 429,
+                            a.retry_after,
+                        ),
+                        Exchange::Failed(_) => (None, true, None),
                     };
-                    self.apply(&in_request, actions, status, elapsed, now, &mut marks);
+                    let delivered =
+                        self.apply(&in_request, actions, status, elapsed, now, &mut marks);
+                    if delivered > 0 {
+                        self.upstream_recovered().await;
+                    } else if whole_request_failed {
+                        self.upstream_failed(retry_after);
+                        // The other halves of a split batch wait for the upstream with the rest.
+                        for rest in work.drain(..) {
+                            marks.extend(
+                                rest.into_iter()
+                                    .map(|i| (i.id, i.sop_instance_uid, Mark::Release)),
+                            );
+                        }
+                    }
                 }
             }
         }
@@ -428,7 +469,7 @@ impl Uplink {
         elapsed: Duration,
         now: SystemTime,
         marks: &mut Vec<(InstanceId, String, Mark)>,
-    ) {
+    ) -> usize {
         let (mut delivered, mut bytes, mut redelivered) = (0usize, 0u64, 0usize);
         let mut retries: Vec<(String, usize, SystemTime)> = Vec::new();
         for (id, action) in actions {
@@ -489,6 +530,46 @@ impl Uplink {
                 study_of(instances),
                 httpdate::fmt_http_date(at)
             );
+        }
+        delivered
+    }
+
+    /// The upstream as a whole did not take a request: hold every request (not just this batch's)
+    /// for a backoff that grows with the failures in a row, so an outage is not hammered by the
+    /// instances that keep arriving.
+    fn upstream_failed(&mut self, retry_after: Option<Duration>) {
+        let delay = self.retry_delay(self.upstream_failures, retry_after);
+        self.upstream_failures = self.upstream_failures.saturating_add(1);
+        self.retries_may_wait = true;
+        self.hold_until = Some(Instant::now() + delay);
+        info!(
+            "Holding all uploads until the PACS answers again. failures_in_a_row={} next_try_in_secs={}",
+            self.upstream_failures,
+            delay.as_secs()
+        );
+    }
+
+    /// The upstream took a request again: lift the hold and bring forward everything that waited
+    /// on a retry schedule, so the backlog goes out in full batches now.
+    async fn upstream_recovered(&mut self) {
+        self.hold_until = None;
+        self.upstream_failures = 0;
+        if !std::mem::take(&mut self.retries_may_wait) {
+            return;
+        }
+        let now = SystemTime::now();
+        match self
+            .spool_call("bring retries forward", move |s| s.expedite_retries(now))
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => info!(
+                "The PACS takes uploads; the instances waiting for a retry are due now. instances={n}"
+            ),
+            Err(e) => warn!(
+                "Cannot bring waiting retries forward; they will go out on their own schedule. error=\"{}\"",
+                error_chain(&e)
+            ),
         }
     }
 

@@ -746,3 +746,101 @@ async fn a_retried_batch_becomes_due_together_and_is_sent_together_again() {
         "the retry is one request, not one per instance"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_an_outage_new_arrivals_wait_with_the_rest_and_all_go_out_once_it_answers() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let env = Env::new();
+    let spool = spool_in(env.dir.path());
+    let down = Arc::new(AtomicBool::new(true));
+    let failed_at = Arc::new(Mutex::new(Vec::<Instant>::new()));
+    let delivered_at = Arc::new(Mutex::new(Vec::<Instant>::new()));
+    let (is_down, log, ok_log) = (down.clone(), failed_at.clone(), delivered_at.clone());
+    let stub = env
+        .stub(move |seen| {
+            if is_down.load(Ordering::SeqCst) {
+                log.lock().unwrap().push(Instant::now());
+                Reply::status(503)
+            } else {
+                ok_log.lock().unwrap().push(Instant::now());
+                let uids: Vec<&str> = seen.uids.iter().map(String::as_str).collect();
+                Reply::json(200, stow_json(&uids, &[]))
+            }
+        })
+        .await;
+    store_study(&spool, &stub, 2, 100);
+    let mut cfg = uplink_config(&stub.url(), &env.ca);
+    cfg.retry_base_secs = 1;
+    cfg.retry_max_secs = 120;
+    let running = start(cfg, &spool);
+    wait_for("the first refused request", WAIT, || {
+        !failed_at.lock().unwrap().is_empty()
+    })
+    .await;
+
+    // Modalities keep sending during the outage: six new studies, each due at once.
+    for i in 1..=6 {
+        let (study, uid) = (format!("1.2.9.{i}"), format!("1.2.9.{i}.1"));
+        let raw = store(&spool, &study, &uid, 100);
+        stub.knows(&raw, &uid);
+        running.wake.notify_one();
+    }
+    wait_for("three refused requests", WAIT, || {
+        failed_at.lock().unwrap().len() >= 3
+    })
+    .await;
+    let times = failed_at.lock().unwrap().clone();
+    for pair in times.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= Duration::from_millis(700),
+            "a refused request holds every upload for the backoff (base 1 s, -20% jitter), got {gap:?} between requests: {times:?}"
+        );
+    }
+
+    // The PACS is back: the next request succeeds, and everything that waited on its own retry
+    // schedule (up to tens of seconds by now) goes out right after, not on that schedule.
+    down.store(false, Ordering::SeqCst);
+    wait_for("all 8 sent soon after the PACS is back", WAIT, || {
+        status(&spool).sent == 8
+    })
+    .await;
+    running.stop().await;
+    assert!(stub.seen().iter().all(|s| s.unknown_parts == 0));
+    let ok = delivered_at.lock().unwrap().clone();
+    let spread = *ok.last().unwrap() - ok[0];
+    assert!(
+        spread < Duration::from_millis(1500),
+        "once the PACS answered, the backlog went out at once, not on its retry schedules: {spread:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_schedules_left_by_a_previous_run_are_brought_forward_once_the_pacs_takes_uploads() {
+    let env = Env::new();
+    let spool = spool_in(env.dir.path());
+    let stub = env
+        .stub(|seen| {
+            let uids: Vec<&str> = seen.uids.iter().map(String::as_str).collect();
+            Reply::json(200, stow_json(&uids, &[]))
+        })
+        .await;
+    // A previous run saw an outage: these wait an hour on their own schedule.
+    store_study(&spool, &stub, 3, 100);
+    let far = SystemTime::now() + Duration::from_secs(3600);
+    for q in spool.claim_batch(10, u64::MAX, far).unwrap() {
+        spool.mark_retry(q.id, "HTTP 503", far).unwrap();
+    }
+    // A new study arrives and is due now.
+    let raw = store(&spool, "1.2.9.99", "1.2.9.99.1", 100);
+    stub.knows(&raw, "1.2.9.99.1");
+
+    let running = start(uplink_config(&stub.url(), &env.ca), &spool);
+    wait_for("all 4 sent, not in an hour", WAIT, || {
+        status(&spool).sent == 4
+    })
+    .await;
+    running.stop().await;
+    assert_eq!(stub.seen().len(), 2, "the new study, then the waiting one");
+}
