@@ -135,11 +135,12 @@ fn run(cli: Cli) -> Result<i32> {
             let cfg = Config::load(&cli.config)?;
             let r = Spool::rebuild_index(&cfg.spool)?;
             println!(
-                "Rebuilt the spool index: files={} queued={} without_index={} quarantined={} unreadable={} temp_files_removed={} previous_database={}",
+                "Rebuilt the spool index: files={} queued={} without_index={} quarantined={} previously_quarantined={} unreadable={} temp_files_removed={} previous_database={}",
                 r.files,
                 r.queued,
                 r.without_index,
                 r.quarantined.len(),
+                r.previously_quarantined,
                 r.unreadable.len(),
                 r.temp_files_removed,
                 r.previous_database

@@ -289,6 +289,8 @@ pub struct RebuildReport {
     pub without_index: u64,
     /// Files whose content is damaged, moved to `quarantine/` (never sent).
     pub quarantined: Vec<PathBuf>,
+    /// Files found in `quarantine/` from before, given back their `quarantined` rows.
+    pub previously_quarantined: u64,
     /// Files the disk could not read; left in place without a row (run the rebuild again once the
     /// disk is fixed).
     pub unreadable: Vec<PathBuf>,
@@ -516,6 +518,29 @@ impl Spool {
 
         let spool = Spool::with_connection(cfg, Some(lock))?;
         report.temp_files_removed = spool.recover()?.temp_files_removed;
+        // Files quarantined before: their rows come back as `quarantined`, so that the operator
+        // still sees them.
+        let quarantine_dir = spool.inner.quarantine_dir.clone();
+        let earlier =
+            rebuild::quarantine_files(&quarantine_dir).map_err(|source| SpoolError::Read {
+                path: quarantine_dir.clone(),
+                source,
+            })?;
+        for chunk in earlier.chunks(EVICT_PAGE as usize) {
+            let rows: Vec<_> = chunk
+                .iter()
+                .map(|path| rebuild::Rebuilt {
+                    path: path.clone(),
+                    scanned: rebuild::scan_file(path).ok(),
+                    sha256: rebuild::named_sha256(path),
+                    state: QUARANTINED,
+                    note: "quarantined before the index was rebuilt".to_owned(),
+                })
+                .collect();
+            report.previously_quarantined += rows.len() as u64;
+            spool.insert_rebuilt(&rows)?;
+        }
+
         let paths = rebuild::object_files(&objects_dir).map_err(|source| SpoolError::Read {
             path: objects_dir.clone(),
             source,
@@ -529,19 +554,27 @@ impl Spool {
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
                 let expected = name.trim_end_matches(".dcm.zst").to_owned();
-                let (uid, detail) = match rebuild::scan_file(path) {
-                    Ok(scanned) if scanned.sha256 == expected => {
-                        rows.push((path.clone(), scanned));
+                let (scanned, detail) = match rebuild::scan_file(path) {
+                    Ok(scanned) if scanned.damage.is_none() && scanned.sha256 == expected => {
+                        rows.push(rebuild::Rebuilt {
+                            path: path.clone(),
+                            sha256: expected,
+                            scanned: Some(scanned),
+                            state: QUEUED,
+                            note: "rebuilt from the spool file by rebuild-index".to_owned(),
+                        });
                         continue;
                     }
-                    Ok(scanned) => (
-                        scanned.sop_instance_uid,
-                        format!(
-                            "content mismatch: expected_sha256={expected} actual_sha256={}",
-                            scanned.sha256
-                        ),
-                    ),
-                    Err(rebuild::ScanError::Corrupt(detail)) => (String::new(), detail),
+                    Ok(scanned) => {
+                        let detail = scanned.damage.clone().unwrap_or_else(|| {
+                            format!(
+                                "content mismatch: expected_sha256={expected} actual_sha256={}",
+                                scanned.sha256
+                            )
+                        });
+                        (Some(scanned), detail)
+                    }
+                    Err(rebuild::ScanError::Corrupt(detail)) => (None, detail),
                     Err(rebuild::ScanError::Read(e)) => {
                         log::error!(
                             "Could not read a spool file while rebuilding the index; it has no row and will not be sent. Check the disk, then run rebuild-index again. path={} error={e}",
@@ -558,13 +591,22 @@ impl Spool {
                 };
                 log::error!(
                     "A spool file is corrupt; it was quarantined and will not be sent. Ask the modality to send the instance again and check the disk. sop_instance_uid={} path={} quarantine_path={} {detail}",
-                    if uid.is_empty() { "unknown" } else { uid.as_str() },
+                    scanned
+                        .as_ref()
+                        .map_or("unknown", |s| s.sop_instance_uid.as_str()),
                     path.display(),
                     kept.display()
                 );
-                report.quarantined.push(kept);
+                report.quarantined.push(kept.clone());
+                rows.push(rebuild::Rebuilt {
+                    path: kept,
+                    scanned,
+                    sha256: expected,
+                    state: QUARANTINED,
+                    note: detail,
+                });
             }
-            report.queued += rows.len() as u64;
+            report.queued += rows.iter().filter(|r| r.state == QUEUED).count() as u64;
             report.without_index += spool.insert_rebuilt(&rows)?;
         }
         if !report.quarantined.is_empty() {
@@ -580,8 +622,8 @@ impl Spool {
         Ok(report)
     }
 
-    /// Inserts rebuilt rows (one transaction); returns how many lack their index fields.
-    fn insert_rebuilt(&self, rows: &[(PathBuf, rebuild::Scanned)]) -> Result<u64> {
+    /// Inserts rebuilt rows (one transaction); returns how many queued ones lack their index fields.
+    fn insert_rebuilt(&self, rows: &[rebuild::Rebuilt]) -> Result<u64> {
         let now = to_ms(SystemTime::now());
         let mut without_index = 0;
         let mut conn = self.conn();
@@ -594,11 +636,14 @@ impl Spool {
                     "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid,
                         patient_id, modality, accession_number, calling_ae, transfer_syntax_uid, raw_size,
                         stored_size, sha256, path, received_at, state, attempts, next_attempt_at, last_error)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, 'queued', 1, ?15, ?16)",
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?17, 1, ?15, ?16)",
                 )
                 .ctx("insert a rebuilt row")?;
-            for (path, s) in rows {
-                if let Some(problem) = &s.index_problem {
+            let unknown = rebuild::Scanned::default();
+            for row in rows {
+                let path = &row.path;
+                let s = row.scanned.as_ref().unwrap_or(&unknown);
+                if let (QUEUED, Some(problem)) = (row.state, &s.index_problem) {
                     without_index += 1;
                     log::warn!(
                         "Rebuilt a row without its study and series: the dataset's leading elements are unreadable, the file is intact and will be sent as it is. sop_instance_uid={} path={} problem={problem}",
@@ -624,11 +669,12 @@ impl Spool {
                     s.transfer_syntax_uid,
                     to_i64(s.raw_size),
                     to_i64(stored),
-                    s.sha256,
+                    row.sha256,
                     rel,
                     to_ms(rebuild::modified(path)),
                     now,
-                    "rebuilt from the spool file by rebuild-index",
+                    row.note,
+                    row.state,
                 ])
                 .ctx("insert a rebuilt row")?;
             }

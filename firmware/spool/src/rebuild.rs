@@ -37,6 +37,21 @@ pub(crate) struct Scanned {
     pub index_problem: Option<String>,
     pub sha256: String,
     pub raw_size: u64,
+    /// The content after the file meta group could not be read to its end (the UIDs above are
+    /// still known, so the quarantined row can name the instance).
+    pub damage: Option<String>,
+}
+
+/// A row to rebuild: a spool file and what it says about itself (`None` when even its file meta
+/// group is unreadable).
+pub(crate) struct Rebuilt {
+    pub path: PathBuf,
+    pub scanned: Option<Scanned>,
+    pub sha256: String,
+    /// `queued` or `quarantined`.
+    pub state: &'static str,
+    /// Kept as the row's `last_error`.
+    pub note: String,
 }
 
 /// Hashes and counts every byte read through it.
@@ -108,8 +123,9 @@ fn scan_stream(file: impl Read) -> Result<Scanned, ScanError> {
         Err(problem) => scanned.index_problem = Some(problem),
     }
     // The rest of the content (pixel data) only goes through the hash.
-    io::copy(&mut stream, &mut io::sink())
-        .map_err(|e| ScanError::Corrupt(format!("zstd stream unreadable ({e})")))?;
+    if let Err(e) = io::copy(&mut stream, &mut io::sink()) {
+        scanned.damage = Some(format!("zstd stream unreadable ({e})"));
+    }
     scanned.sha256 = hex::encode(stream.hasher.finalize());
     scanned.raw_size = stream.len;
     Ok(scanned)
@@ -210,6 +226,31 @@ pub(crate) fn object_files(objects_dir: &Path) -> io::Result<Vec<PathBuf>> {
     }
     out.sort();
     Ok(out)
+}
+
+/// Every `quarantine/*.dcm.zst` file, sorted by path.
+pub(crate) fn quarantine_files(quarantine_dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(quarantine_dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() && entry.file_name().to_string_lossy().ends_with(".dcm.zst")
+        {
+            out.push(entry.path());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The SHA-256 a spool or quarantine file is named by (`<sha256>.dcm.zst`, `<id>-<sha256>.dcm.zst`,
+/// `rebuild-<sha256>.dcm.zst`).
+pub(crate) fn named_sha256(path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = name.trim_end_matches(".dcm.zst");
+    stem.rsplit('-').next().unwrap_or(stem).to_owned()
 }
 
 /// True when `objects/` holds at least one spool file (stops at the first one).
@@ -452,6 +493,21 @@ mod tests {
         assert!(!files[0].exists() && !files[1].exists());
         assert!(report.quarantined.iter().all(|p| p.exists()));
         check_rebuilt(&cfg, &report, 1);
+        let quarantined = |cfg: &SpoolConfig| {
+            let (spool, _) = Spool::open(cfg).unwrap();
+            spool.status(SystemTime::now()).unwrap().quarantined
+        };
+        assert_eq!(quarantined(&cfg), 2, "the operator sees the damaged files");
+
+        // A second rebuild finds them in quarantine/ and keeps them visible.
+        let again = Spool::rebuild_index(&cfg).unwrap();
+        assert_eq!(
+            (again.previously_quarantined, again.queued),
+            (2, 1),
+            "{again:?}"
+        );
+        assert!(again.quarantined.is_empty());
+        assert_eq!(quarantined(&cfg), 2);
     }
 
     #[test]
