@@ -23,7 +23,8 @@ cleanup() { if [ "$created_policy" = 1 ]; then rm -f "$policy"; fi; }
 trap cleanup EXIT
 
 # gcc/libc6-dev: C code in Rust dependencies (SQLite bundled by rusqlite, ring).
-packages=(dcmtk orthanc orthanc-dicomweb nginx openssl curl ca-certificates python3-pip gcc libc6-dev)
+# strace: the acknowledgement-order (power-cut precondition) test in test_crash_campaign.py.
+packages=(dcmtk orthanc orthanc-dicomweb nginx openssl curl ca-certificates python3-pip gcc libc6-dev strace)
 missing=()
 for p in "${packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then

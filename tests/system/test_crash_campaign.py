@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -205,3 +206,31 @@ def _count_posts(orthanc) -> int:
     if not log.exists():
         return 0
     return sum(1 for line in log.read_text(errors="replace").splitlines() if '"POST ' in line)
+
+
+def test_every_acknowledgement_follows_the_fsyncs_a_power_cut_needs(
+    orthanc, make_gateway, tmp_path: Path
+) -> None:
+    """A power cut loses the page cache, not just the process. Until a cuttable disk exists (the
+    appliance image, see the crash campaign's notes), prove the precondition at the system-call level:
+    every C-STORE success was written to the socket only after the instance's file was fsynced, renamed
+    into objects/, its directory fsynced and the queue row's WAL synced, in that order."""
+    from harness import send, syscalls
+
+    if shutil.which("strace") is None:
+        pytest.fail("strace is missing: run tests/setup.sh as root first")
+    study = campaign.small_studies(tmp_path / "studies", 1, 8)
+    gw = make_gateway(orthanc, extra_dicom={"max_pdu_length": 4096})
+    gw.start()
+    assert gw.proc is not None
+    tracer = syscalls.Tracer(gw.proc.pid, tmp_path / "strace.txt")
+    try:
+        statuses = send.pynetdicom_send(gw.port, study, gw.ae_title)
+    finally:
+        trace = tracer.stop()
+    assert statuses == [0] * len(study)
+    responses, problems = syscalls.acknowledgement_order_problems(syscalls.parse(trace), gw.port, gw.spool_dir)
+    assert responses == len(study), f"{responses} P-DATA responses in the trace for {len(study)} C-STOREs"
+    assert not problems, "\n".join(problems)
+    wait_until(lambda: gw.status()["sent"] == len(study), 60, "the study to be delivered")
+    gw.stop_ok()
