@@ -63,6 +63,9 @@
 //! - The rebuild cannot restore what only the database knew: `failed`/`lost`/`quarantined` states,
 //!   attempt counts, the uplink state and the counters start afresh; evicted instances are gone.
 //!   `PRAGMA quick_check` at start-up reads the whole database (seconds for millions of rows).
+//!   A database replaced by another *valid* one (say, an empty spool's) is not detected: only a
+//!   missing, empty or damaged file is (an empty queue beside spool files is also what a crash
+//!   between the first rename and its row leaves, so it cannot be refused).
 
 mod db;
 mod error;

@@ -465,6 +465,32 @@ mod tests {
     }
 
     #[test]
+    fn a_database_with_damaged_pages_is_refused_then_rebuilt() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = cfg(tmp.path());
+        spool_with_three(&cfg);
+        let db = cfg.dir.join("spool.db");
+        assert!(
+            !cfg.dir.join("spool.db-wal").exists(),
+            "closed cleanly, checkpointed"
+        );
+        let mut bytes = std::fs::read(&db).unwrap();
+        assert!(bytes.len() >= 3 * 4096, "{} bytes", bytes.len());
+        // Page 2 onwards (tables and indexes), the header and the schema page intact.
+        for b in &mut bytes[4096..3 * 4096] {
+            *b = 0xa5;
+        }
+        std::fs::write(&db, bytes).unwrap();
+        let refused = Spool::open(&cfg).err().expect("open must refuse");
+        assert!(
+            matches!(refused, SpoolError::IndexDamaged { .. }),
+            "{refused}"
+        );
+        let report = Spool::rebuild_index(&cfg).unwrap();
+        check_rebuilt(&cfg, &report, 3);
+    }
+
+    #[test]
     fn an_empty_spool_without_database_opens_normally() {
         let tmp = tempfile::tempdir().unwrap();
         let cfg = cfg(tmp.path());
