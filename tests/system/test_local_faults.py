@@ -506,6 +506,11 @@ def test_2gb_instance_is_forwarded_with_peak_rss_under_64_mib(orthanc, make_gate
     want = _sha256_after_meta(_file_chunks(huge.path))
     assert got == want, "the 2 GB instance's dataset differs from what was sent"
     gw.stop_ok()
+    # pytest keeps the last runs' directories: do not leave 5 GB behind each time.
+    huge.path.unlink()
+    shutil.rmtree(gw.spool_dir)
+    with orthanc.session() as s:
+        s.delete(f"{orthanc.base_url}/instances/{iid}", timeout=300).raise_for_status()
     total = time.monotonic() - started
     _figures.update(
         huge_bytes=size,
