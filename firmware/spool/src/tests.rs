@@ -674,7 +674,11 @@ fn expedite_retries_makes_waiting_retries_due_but_leaves_new_and_failed_rows_alo
     assert_eq!(spool.expedite_retries(now).unwrap(), 2);
     let batch = spool.claim_batch(10, u64::MAX, now).unwrap();
     assert_eq!(batch.len(), 2, "both retries are due now");
-    assert_eq!(state(&spool, ids[2]), "failed", "a failed row waits for the operator");
+    assert_eq!(
+        state(&spool, ids[2]),
+        "failed",
+        "a failed row waits for the operator"
+    );
     assert_eq!(spool.expedite_retries(now).unwrap(), 0);
 }
 
