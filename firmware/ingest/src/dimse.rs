@@ -1,7 +1,7 @@
 //! DIMSE messages over P-DATA: the PDV state machine that separates command fragments from data
 //! fragments, and command set parsing/building (implicit VR little endian, dicom-object).
 
-use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
+use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 use dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN;
@@ -118,15 +118,19 @@ pub(crate) struct Command {
     pub has_dataset: bool,
 }
 
-/// Walks the implicit VR LE element headers, so that no element claims more bytes than the buffer
-/// holds (dicom-object would otherwise allocate the claimed length before failing).
-fn check_command_framing(bytes: &[u8]) -> Result<(), String> {
+/// The elements of a command set (implicit VR little endian, group 0000 only), as
+/// `(element number, value)`. Our own walk, not dicom-object's reader: a peer-chosen length is
+/// never allocated, and no element can make the walk lose step with the bytes (dicom-parser reads
+/// some values in units of their VR and can then read a later length from the middle of a value).
+fn command_elements(bytes: &[u8]) -> Result<Vec<(u16, &[u8])>, String> {
+    let mut out = Vec::new();
     let mut pos = 0usize;
     while pos < bytes.len() {
         let Some(head) = bytes.get(pos..pos + 8) else {
             return Err(format!("truncated element header at byte {pos}"));
         };
         let group = u16::from_le_bytes([head[0], head[1]]);
+        let element = u16::from_le_bytes([head[2], head[3]]);
         let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
         if group != 0x0000 {
             return Err(format!("element of group {group:04X} in a command set"));
@@ -136,45 +140,72 @@ fn check_command_framing(bytes: &[u8]) -> Result<(), String> {
                 "element at byte {pos} claims {len} bytes, more than the command set holds"
             ));
         }
+        out.push((element, &bytes[pos + 8..pos + 8 + len]));
         pos += 8 + len;
     }
-    Ok(())
+    Ok(out)
 }
 
-fn text(obj: &InMemDicomObject, tag: Tag) -> String {
-    obj.get(tag)
-        .and_then(|e| e.to_str().ok())
-        .map(|s| {
-            s.trim_matches(|c: char| c == '\0' || c.is_ascii_whitespace())
+/// The value of element (0000,`element`): the last one if a peer repeats it.
+fn command_value<'a>(elements: &[(u16, &'a [u8])], element: u16) -> Option<&'a [u8]> {
+    elements
+        .iter()
+        .rev()
+        .find(|(e, _)| *e == element)
+        .map(|(_, v)| *v)
+}
+
+/// A US element (the first value if there are several).
+fn command_u16(elements: &[(u16, &[u8])], element: u16) -> Result<u16, String> {
+    match command_value(elements, element) {
+        None => Err(format!("missing (0000,{element:04X})")),
+        Some([lo, hi, ..]) => Ok(u16::from_le_bytes([*lo, *hi])),
+        Some(v) => Err(format!(
+            "bad (0000,{element:04X}): {} bytes for a US value",
+            v.len()
+        )),
+    }
+}
+
+/// A UI element without its padding (NUL or spaces); empty if missing.
+fn command_text(elements: &[(u16, &[u8])], element: u16) -> String {
+    command_value(elements, element)
+        .map(|v| {
+            String::from_utf8_lossy(v)
+                .trim_matches(|c: char| c == '\0' || c.is_ascii_whitespace())
                 .to_string()
         })
         .unwrap_or_default()
 }
 
-fn uint16(obj: &InMemDicomObject, tag: Tag) -> Result<u16, String> {
-    obj.get(tag)
-        .ok_or_else(|| format!("missing {tag}"))?
-        .to_int::<u16>()
-        .map_err(|e| format!("bad {tag}: {e}"))
-}
+/// (0000,0002) Affected SOP Class UID.
+const AFFECTED_SOP_CLASS_UID: u16 = 0x0002;
+/// (0000,0100) Command Field.
+const COMMAND_FIELD: u16 = 0x0100;
+/// (0000,0110) Message ID.
+const MESSAGE_ID: u16 = 0x0110;
+/// (0000,0120) Message ID Being Responded To.
+const MESSAGE_ID_BEING_RESPONDED_TO: u16 = 0x0120;
+/// (0000,0800) Command Data Set Type.
+const COMMAND_DATA_SET_TYPE: u16 = 0x0800;
+/// (0000,1000) Affected SOP Instance UID.
+const AFFECTED_SOP_INSTANCE_UID: u16 = 0x1000;
 
 /// Parses a command set (implicit VR little endian).
 pub(crate) fn parse_command(bytes: &[u8]) -> Result<Command, String> {
-    check_command_framing(bytes)?;
-    let ts = IMPLICIT_VR_LITTLE_ENDIAN.erased();
-    let obj = InMemDicomObject::read_dataset_with_ts(bytes, &ts).map_err(|e| e.to_string())?;
-    let field = uint16(&obj, tags::COMMAND_FIELD)?;
+    let elements = command_elements(bytes)?;
+    let field = command_u16(&elements, COMMAND_FIELD)?;
     let message_id = if field == C_CANCEL_RQ {
-        uint16(&obj, tags::MESSAGE_ID_BEING_RESPONDED_TO).unwrap_or(0)
+        command_u16(&elements, MESSAGE_ID_BEING_RESPONDED_TO).unwrap_or(0)
     } else {
-        uint16(&obj, tags::MESSAGE_ID)?
+        command_u16(&elements, MESSAGE_ID)?
     };
-    let has_dataset = uint16(&obj, tags::COMMAND_DATA_SET_TYPE)? != NO_DATASET;
+    let has_dataset = command_u16(&elements, COMMAND_DATA_SET_TYPE)? != NO_DATASET;
     Ok(Command {
         field,
         message_id,
-        sop_class_uid: text(&obj, tags::AFFECTED_SOP_CLASS_UID),
-        sop_instance_uid: text(&obj, tags::AFFECTED_SOP_INSTANCE_UID),
+        sop_class_uid: command_text(&elements, AFFECTED_SOP_CLASS_UID),
+        sop_instance_uid: command_text(&elements, AFFECTED_SOP_INSTANCE_UID),
         has_dataset,
     })
 }
@@ -261,6 +292,24 @@ pub(crate) fn command_pdvs(pc_id: u8, bytes: &[u8], peer_max_pdu: u32) -> Vec<Ve
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use dicom_core::Tag;
+
+    fn text(obj: &InMemDicomObject, tag: Tag) -> String {
+        obj.get(tag)
+            .and_then(|e| e.to_str().ok())
+            .map(|s| {
+                s.trim_matches(|c: char| c == '\0' || c.is_ascii_whitespace())
+                    .to_string()
+            })
+            .unwrap_or_default()
+    }
+
+    fn uint16(obj: &InMemDicomObject, tag: Tag) -> Result<u16, String> {
+        obj.get(tag)
+            .ok_or_else(|| format!("missing {tag}"))?
+            .to_int::<u16>()
+            .map_err(|e| format!("bad {tag}: {e}"))
+    }
 
     pub(crate) fn pdv(pc: u8, command: bool, last: bool, data: &[u8]) -> PDataValue {
         PDataValue {
@@ -439,6 +488,61 @@ pub(crate) mod tests {
         assert!(err.contains("claims"), "{err}");
         assert!(parse_command(&[1, 2, 3]).is_err());
         assert!(parse_command(b"\x08\x00\x18\x00\x02\x00\x00\x001.").is_err());
+    }
+
+    #[test]
+    fn a_command_set_that_desynchronised_dicom_parser_is_walked_without_allocating() {
+        // Found by the `command` fuzz target: every element length fits the 396 bytes, yet
+        // dicom-object's reader lost step inside a value, read 0xF6000000 as a later length and
+        // reserved 4 GiB. Our own walk answers from the bytes themselves.
+        let bytes = include_bytes!("../../fuzz/corpus/command/regression_oom_value_desync");
+        let started = std::time::Instant::now();
+        let parsed = parse_command(bytes);
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        assert_eq!(
+            parsed.map(|c| (c.field, c.message_id, c.has_dataset)),
+            Ok((C_STORE_RQ, 7, true))
+        );
+    }
+
+    #[test]
+    fn command_values_repeated_short_or_padded_are_handled() {
+        let el = |e: u16, v: &[u8]| {
+            let mut out = vec![0, 0];
+            out.extend_from_slice(&e.to_le_bytes());
+            out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+            out.extend_from_slice(v);
+            out
+        };
+        let check = |bytes: Vec<u8>, expect: Result<(u16, u16, bool, &str), &str>| {
+            let got = parse_command(&bytes).map(|c| (c.field, c.message_id, c.has_dataset));
+            match expect {
+                Ok((f, m, d, uid)) => {
+                    assert_eq!(got, Ok((f, m, d)));
+                    assert_eq!(parse_command(&bytes).unwrap().sop_instance_uid, uid);
+                }
+                Err(e) => assert!(got.unwrap_err().contains(e)),
+            }
+        };
+        let echo = [
+            el(0x0100, &[0x30, 0]),
+            el(0x0110, &[5, 0]),
+            el(0x0800, &[1, 1]),
+        ]
+        .concat();
+        check(echo.clone(), Ok((C_ECHO_RQ, 5, false, "")));
+        // The last of a repeated element wins; a UID loses its padding.
+        let again = [echo.clone(), el(0x0110, &[6, 0]), el(0x1000, b" 1.2.3\0")].concat();
+        check(again, Ok((C_ECHO_RQ, 6, false, "1.2.3")));
+        check(
+            [echo.clone(), el(0x0110, &[6])].concat(),
+            Err("1 bytes for a US"),
+        );
+        check(
+            [el(0x0100, &[0x30, 0]), el(0x0800, &[1, 1])].concat(),
+            Err("missing (0000,0110)"),
+        );
+        check(echo[..echo.len() - 1].to_vec(), Err("claims 2 bytes"));
     }
 
     #[test]

@@ -25,6 +25,10 @@
 //!   any of its body is buffered. The body is then decoded by dicom-ul's `read_pdu`.
 //! - PDVs go through a small state machine (`dimse::PdvAssembler`) that joins command fragments
 //!   (capped at 64 KiB) and hands data fragments on, using the message control header bits.
+//!   Command sets are read by our own walk over their group 0000 elements, which never allocates
+//!   a peer-chosen length (dicom-object's reader could be made to reserve 4 GiB; found by fuzzing).
+//! - Every parser that sees peer bytes has a fuzz target in `firmware/fuzz` (run by
+//!   `tests/fuzz.sh`), reached through the hidden `fuzzing` module.
 //! - A C-STORE starts a blocking store task (`store::receive`) fed through a bounded channel: it
 //!   checks free space, writes the Part-10 header (preamble, `DICM`, group 0002 with our
 //!   implementation UID and the calling AE as Source AE) and then the data PDVs as they arrive,
