@@ -165,6 +165,11 @@ impl Shared {
         })
     }
 
+    /// True once the producer sent the closing delimiter: the whole body went out.
+    pub(crate) fn body_complete(&self) -> bool {
+        self.completed.load(Ordering::Acquire)
+    }
+
     /// The local error that stopped the producer, if any.
     pub(crate) fn failure(&self) -> Option<String> {
         self.failure

@@ -166,8 +166,12 @@ pub struct Uplink {
 enum Sent {
     /// No instance of the batch could be read: nothing was sent.
     Nothing,
-    /// Shutdown interrupted the request: nothing is known, the rows are released.
-    Aborted,
+    /// Shutdown interrupted the request: nothing is known. If the whole body had gone out, the PACS
+    /// may have stored the instances, so the attempt counts (a re-delivery is then counted as a
+    /// duplicate); otherwise the rows are released.
+    Aborted {
+        body_complete: bool,
+    },
     Done(Exchange),
 }
 
@@ -386,17 +390,23 @@ impl Uplink {
             }
             let exchange = match sent {
                 Sent::Nothing => continue,
-                Sent::Aborted => {
+                Sent::Aborted { body_complete } => {
                     info!(
-                        "Stopped an upload for shutdown; its instances stay queued. study_instance_uid={} instances={}",
+                        "Stopped an upload for shutdown; its instances stay queued. study_instance_uid={} instances={} body_complete={body_complete}",
                         study_of(&in_request),
                         in_request.len()
                     );
-                    marks.extend(
-                        in_request
-                            .into_iter()
-                            .map(|i| (i.id, i.sop_instance_uid, Mark::Release)),
-                    );
+                    marks.extend(in_request.into_iter().map(|i| {
+                        let mark = if body_complete {
+                            Mark::Retry {
+                                error: "The upload was stopped by a shutdown after its body was sent; the PACS may hold these instances already.".into(),
+                                at: now,
+                            }
+                        } else {
+                            Mark::Release
+                        };
+                        (i.id, i.sop_instance_uid, mark)
+                    }));
                     continue;
                 }
                 Sent::Done(exchange) => exchange,
@@ -668,7 +678,9 @@ impl Uplink {
             }
         }
         let sent = match result {
-            None => Sent::Aborted,
+            None => Sent::Aborted {
+                body_complete: shared.body_complete(),
+            },
             Some(Ok(answer)) => Sent::Done(Exchange::Answered(answer)),
             Some(Err(failure)) => match shared.failure() {
                 Some(local) => Sent::Done(Exchange::Failed(TransportFailure::LocalRead(local))),

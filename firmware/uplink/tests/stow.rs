@@ -394,7 +394,7 @@ async fn a_pacs_that_never_answers_is_given_up_after_the_idle_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_during_an_upload_releases_the_rows_without_an_attempt() {
+async fn shutdown_while_the_pacs_holds_a_complete_body_counts_the_attempt_and_keeps_the_rows() {
     let env = Env::new();
     let spool = spool_in(env.dir.path());
     let stub = env.stub(|_| Reply::hang()).await;
@@ -405,7 +405,12 @@ async fn shutdown_during_an_upload_releases_the_rows_without_an_attempt() {
     assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
     let s = status(&spool);
     assert_eq!((s.queued, s.uploading, s.sent), (3, 0, 0));
-    assert!(queued_rows(&spool).iter().all(|r| r.attempts == 0));
+    // The PACS got the whole body and may have stored it: the next confirmation is a re-delivery.
+    assert!(queued_rows(&spool).iter().all(|r| r.attempts == 1));
+    assert!(
+        spool.next_due().unwrap().unwrap() <= SystemTime::now(),
+        "due again at once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
