@@ -405,12 +405,12 @@ async fn shutdown_while_the_pacs_holds_a_complete_body_counts_the_attempt_and_ke
     assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
     let s = status(&spool);
     assert_eq!((s.queued, s.uploading, s.sent), (3, 0, 0));
-    // The PACS got the whole body and may have stored it: the next confirmation is a re-delivery.
-    assert!(queued_rows(&spool).iter().all(|r| r.attempts == 1));
     assert!(
         spool.next_due().unwrap().unwrap() <= SystemTime::now(),
         "due again at once"
     );
+    // The PACS got the whole body and may have stored it: the next confirmation is a re-delivery.
+    assert!(queued_rows(&spool).iter().all(|r| r.attempts == 1));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
