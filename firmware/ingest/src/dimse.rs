@@ -167,11 +167,15 @@ fn command_u16(elements: &[(u16, &[u8])], element: u16) -> Result<u16, String> {
     }
 }
 
-/// A UI element without its padding (NUL or spaces); empty if missing.
+/// A UI element without its padding (NUL or spaces); empty if missing. Bytes outside ASCII become
+/// `?`: the UID is echoed in our response, which must stay encodable (found by fuzzing), and such a
+/// UID is refused anyway.
 fn command_text(elements: &[(u16, &[u8])], element: u16) -> String {
     command_value(elements, element)
         .map(|v| {
-            String::from_utf8_lossy(v)
+            v.iter()
+                .map(|&b| if b.is_ascii() { char::from(b) } else { '?' })
+                .collect::<String>()
                 .trim_matches(|c: char| c == '\0' || c.is_ascii_whitespace())
                 .to_string()
         })
@@ -543,6 +547,11 @@ pub(crate) mod tests {
             Err("missing (0000,0110)"),
         );
         check(echo[..echo.len() - 1].to_vec(), Err("claims 2 bytes"));
+        // Found by fuzzing: a non-ASCII byte in a UID made the response unencodable.
+        let odd = [echo.clone(), el(0x1000, b"1.2.\xff.3")].concat();
+        check(odd.clone(), Ok((C_ECHO_RQ, 5, false, "1.2.?.3")));
+        let rq = parse_command(&odd).unwrap();
+        assert!(build_response(C_ECHO_RSP, &rq, 0xC000).is_ok());
     }
 
     #[test]

@@ -179,11 +179,15 @@ pub(crate) fn negotiate(rq: &AssociationRQ, cfg: &DicomConfig, have_slot: bool) 
     let mut results = Vec::with_capacity(rq.presentation_contexts.len());
     for pc in &rq.presentation_contexts {
         let abstract_syntax = trim_uid(&pc.abstract_syntax).to_string();
+        // A refused context's transfer syntax is not significant: echo the peer's first one only if
+        // it is a well-formed UID, never peer bytes that do not survive encoding (found by fuzzing).
         let fallback = pc
             .transfer_syntaxes
             .first()
-            .map(|t| trim_uid(t).to_string())
-            .unwrap_or_else(|| uids::IMPLICIT_VR_LITTLE_ENDIAN.to_string());
+            .map(|t| trim_uid(t))
+            .filter(|t| passerelle_config::is_valid_uid(t))
+            .unwrap_or(uids::IMPLICIT_VR_LITTLE_ENDIAN)
+            .to_string();
         let (reason, transfer_syntax) = match service_for(&abstract_syntax, cfg) {
             None => (
                 PresentationContextResultReason::AbstractSyntaxNotSupported,
@@ -279,6 +283,28 @@ mod tests {
                 .collect(),
             user_variables: vec![UserVariableItem::MaxLength(16384)],
         }
+    }
+
+    #[test]
+    fn a_refused_context_echoes_only_a_well_formed_transfer_syntax() {
+        // Found by the pdu fuzz target: a non-ASCII transfer syntax echoed in the A-ASSOCIATE-AC
+        // did not survive encoding.
+        let check = |ts: &str, echoed: &str| {
+            let Negotiation::Accept { ac, .. } = negotiate(
+                &rq("CT1", "PASSERELLE", vec![("1.2.840.1.99", vec![ts])]),
+                &cfg(),
+                true,
+            ) else {
+                panic!("rejected")
+            };
+            assert_eq!(
+                ac.presentation_contexts[0].transfer_syntax, echoed,
+                "{ts:?}"
+            );
+        };
+        check("1.2.840.10008.1.2.1\0", "1.2.840.10008.1.2.1");
+        check("1.2.840.8t0.101.2.\u{85}", uids::IMPLICIT_VR_LITTLE_ENDIAN);
+        check("", uids::IMPLICIT_VR_LITTLE_ENDIAN);
     }
 
     fn check_service(uid: &str, expect: Option<Service>) {
