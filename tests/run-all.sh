@@ -33,5 +33,7 @@ rm -rf tests/.work/figures
 export PASSERELLED="${PASSERELLED:-$repo/target/release/passerelled}"
 export PASSERELLED_FAILPOINTS="${PASSERELLED_FAILPOINTS:-$repo/target/failpoints/release/passerelled}"
 python3 -m pytest -v tests/system
+step "fuzzing (tests/fuzz.sh: every parser that sees peer bytes, 20 s each; figures to fuzz.json)"
+bash tests/fuzz.sh
 step "reliability figures (tests/RELIABILITY.md; fails if any figure reports a lost instance)"
 python3 tests/reliability_report.py
