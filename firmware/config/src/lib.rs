@@ -509,9 +509,28 @@ pub fn is_valid_uid(uid: &str) -> bool {
         })
 }
 
+/// PEM files are small: anything that is not a regular file of at most 1 MiB (a device, a FIFO, a
+/// wrong path to a large file) is refused before it is read.
+const MAX_PEM_BYTES: u64 = 1024 * 1024;
+
+fn read_pem_file(path: &Path) -> std::result::Result<Vec<u8>, String> {
+    let meta = std::fs::metadata(path)
+        .map_err(|e| format!("\"{}\" cannot be read ({e}).", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("\"{}\" is not a regular file.", path.display()));
+    }
+    if meta.len() > MAX_PEM_BYTES {
+        return Err(format!(
+            "\"{}\" is {} bytes, too large for a PEM file (at most {MAX_PEM_BYTES}).",
+            path.display(),
+            meta.len()
+        ));
+    }
+    std::fs::read(path).map_err(|e| format!("\"{}\" cannot be read ({e}).", path.display()))
+}
+
 fn check_pem_certs(path: &Path) -> std::result::Result<(), String> {
-    let data =
-        std::fs::read(path).map_err(|e| format!("\"{}\" cannot be read ({e}).", path.display()))?;
+    let data = read_pem_file(path)?;
     let certs: Vec<_> = rustls_pemfile::certs(&mut data.as_slice())
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| format!("\"{}\" is not valid PEM ({e}).", path.display()))?;
@@ -522,8 +541,7 @@ fn check_pem_certs(path: &Path) -> std::result::Result<(), String> {
 }
 
 fn check_pem_key(path: &Path) -> std::result::Result<(), String> {
-    let data =
-        std::fs::read(path).map_err(|e| format!("\"{}\" cannot be read ({e}).", path.display()))?;
+    let data = read_pem_file(path)?;
     match rustls_pemfile::private_key(&mut data.as_slice()) {
         Ok(Some(_)) => Ok(()),
         Ok(None) => Err(format!("\"{}\" holds no PEM private key.", path.display())),

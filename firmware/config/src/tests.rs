@@ -165,3 +165,18 @@ fn uid_validation() {
         assert!(!is_valid_uid(bad), "{bad}");
     }
 }
+
+#[test]
+fn a_device_or_huge_file_as_ca_file_is_refused_without_reading_it() {
+    for path in ["/dev/zero", "/dev/null"] {
+        let text = minimal(Path::new(path));
+        let problems = Config::parse(&text).unwrap().validate();
+        assert_eq!(problems.len(), 1, "{path}: {problems:?}");
+        assert_eq!(problems[0].key, "uplink.ca_file");
+        assert!(
+            problems[0].problem.contains("not a regular file"),
+            "{}",
+            problems[0]
+        );
+    }
+}
