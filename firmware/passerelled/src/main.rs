@@ -273,8 +273,8 @@ async fn wait_for_signal() -> Result<()> {
 /// Eviction of the confirmed cache, and the systemd watchdog: the watchdog is only fed while the spool
 /// database answers, so a wedged daemon gets restarted by systemd.
 async fn housekeeping(spool: Spool, mut shutdown: watch::Receiver<bool>) {
-    let mut watchdog_usec = 0u64;
-    let watchdog = sd_notify::watchdog_enabled(false, &mut watchdog_usec);
+    let watchdog_usec = watchdog_usec();
+    let watchdog = watchdog_usec > 0;
     let tick = if watchdog {
         Duration::from_micros(watchdog_usec / 2).max(Duration::from_millis(100))
     } else {
@@ -313,6 +313,21 @@ async fn housekeeping(spool: Spool, mut shutdown: watch::Receiver<bool>) {
             _ = tokio::time::sleep(tick) => {}
             _ = shutdown.changed() => return,
         }
+    }
+}
+
+/// The watchdog interval systemd asks for (0 = none), with libsystemd's `sd_watchdog_enabled`
+/// semantics: `WATCHDOG_USEC` applies to us unless `WATCHDOG_PID` names another process. (The
+/// sd-notify crate also requires `WATCHDOG_PID` to be present.)
+fn watchdog_usec() -> u64 {
+    let usec = std::env::var("WATCHDOG_USEC")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(0);
+    match std::env::var("WATCHDOG_PID").ok().map(|p| p.parse::<u32>()) {
+        Some(Ok(pid)) if pid != std::process::id() => 0,
+        Some(Err(_)) => 0,
+        _ => usec,
     }
 }
 
