@@ -304,6 +304,21 @@ pub struct RebuildReport {
 }
 
 /// The spool. Cheap to clone; safe to share between threads.
+/// Opens (creating if needed) `spool.lock`, whose exclusive flock marks the process that owns the
+/// spool: the daemon, or `rebuild-index`.
+fn open_lock_file(lock_path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(lock_path)
+        .map_err(|source| SpoolError::Write {
+            path: lock_path.to_path_buf(),
+            source,
+        })
+}
+
 #[derive(Clone)]
 pub struct Spool {
     inner: Arc<Inner>,
@@ -369,16 +384,7 @@ impl Spool {
         }
 
         let lock_path = dir.join("spool.lock");
-        let lock_file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(|source| SpoolError::Write {
-                path: lock_path.clone(),
-                source,
-            })?;
+        let lock_file = open_lock_file(&lock_path)?;
         let owner_lock = match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
             Ok(lock) => Some(lock),
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
@@ -472,16 +478,7 @@ impl Spool {
             return Err(SpoolError::NotASpool { path: objects_dir });
         }
         let lock_path = dir.join("spool.lock");
-        let lock_file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(|source| SpoolError::Write {
-                path: lock_path.clone(),
-                source,
-            })?;
+        let lock_file = open_lock_file(&lock_path)?;
         let lock = match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
             Ok(lock) => lock,
             Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
