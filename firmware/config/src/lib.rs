@@ -227,6 +227,43 @@ impl fmt::Display for Problem {
     }
 }
 
+/// Writes an ignored key's path as TOML would (`spool.min_fre_mb`, `"".x`, `spool."a.b"`), so that
+/// an empty or dotted key is still named in the problem line.
+fn toml_key(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    fn segments(path: &Path<'_>, out: &mut Vec<String>) {
+        match path {
+            Path::Root => {}
+            Path::Seq { parent, index } => {
+                segments(parent, out);
+                out.push(index.to_string());
+            }
+            Path::Map { parent, key } => {
+                segments(parent, out);
+                let bare = !key.is_empty()
+                    && key
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+                out.push(if bare {
+                    key.clone()
+                } else {
+                    format!("{key:?}")
+                });
+            }
+            Path::Some { parent }
+            | Path::NewtypeStruct { parent }
+            | Path::NewtypeVariant { parent } => segments(parent, out),
+        }
+    }
+    let mut out = Vec::new();
+    segments(path, &mut out);
+    if out.is_empty() {
+        "(file)".into()
+    } else {
+        out.join(".")
+    }
+}
+
 impl Config {
     /// Reads and parses `path`. Unknown keys and type errors are returned as problems; semantic
     /// checks are done by [`Config::validate`].
@@ -246,7 +283,7 @@ impl Config {
         let de = toml::Deserializer::new(text);
         let mut unknown = Vec::new();
         let parsed: std::result::Result<Config, _> =
-            serde_ignored::deserialize(de, |path| unknown.push(path.to_string()));
+            serde_ignored::deserialize(de, |path| unknown.push(toml_key(&path)));
         match parsed {
             Err(e) => Err(vec![Problem {
                 key: "(file)".into(),

@@ -180,3 +180,10 @@ fn a_device_or_huge_file_as_ca_file_is_refused_without_reading_it() {
         );
     }
 }
+
+#[test]
+fn an_empty_or_dotted_unknown_key_is_still_named() {
+    let problems = Config::parse("''=7\n[spool]\n\"a.b\" = 1\n").unwrap_err();
+    let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(keys, ["\"\"", "spool.\"a.b\""]);
+}
