@@ -35,6 +35,7 @@ pub struct Config {
     pub spool: SpoolConfig,
     pub uplink: UplinkConfig,
     pub admin: AdminConfig,
+    pub daemon: DaemonConfig,
 }
 
 /// `[dicom]`: the Storage SCP that modalities send to.
@@ -209,6 +210,23 @@ impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:8443".into(),
+        }
+    }
+}
+
+/// `[daemon]`: how the process itself runs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct DaemonConfig {
+    /// The unprivileged account the daemon runs as. Started as root, it binds its ports and then
+    /// switches to this user before it touches the spool; it never keeps running as root.
+    pub user: String,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            user: "passerelle".into(),
         }
     }
 }
@@ -515,8 +533,41 @@ impl Config {
                 "Write it as IP:PORT, e.g. \"127.0.0.1:8443\".",
             );
         }
+
+        // [daemon]
+        if let Err(why) = check_user_name(&self.daemon.user) {
+            bad(
+                "daemon.user",
+                why,
+                "Name the unprivileged system account the daemon runs as, e.g. \"passerelle\".",
+            );
+        }
         p
     }
+}
+
+/// A system account name as `useradd` accepts it, and never the superuser: the daemon does not run
+/// as root.
+pub fn check_user_name(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty() {
+        return Err("The user name is empty.".into());
+    }
+    if name.len() > 32 {
+        return Err(format!("\"{name}\" is longer than 32 characters."));
+    }
+    if name.starts_with('-')
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    {
+        return Err(format!(
+            "\"{name}\" is not a valid user name (letters, digits, '_', '-' and '.' only)."
+        ));
+    }
+    if name == "root" {
+        return Err("\"root\" is the superuser; Passerelle never runs as root.".into());
+    }
+    Ok(())
 }
 
 /// AE titles: 1..=16 characters of the Default Character Repertoire, no backslash, not all spaces.

@@ -187,3 +187,24 @@ fn an_empty_or_dotted_unknown_key_is_still_named() {
     let keys: Vec<_> = problems.iter().map(|p| p.key.as_str()).collect();
     assert_eq!(keys, ["\"\"", "spool.\"a.b\""]);
 }
+
+#[test]
+fn the_daemon_user_defaults_to_passerelle_and_is_never_root() {
+    let ca = ca_pem();
+    let cfg = Config::parse(&minimal(ca.path())).unwrap();
+    assert_eq!(cfg.daemon.user, "passerelle");
+    check(|s| s + "[daemon]\nuser = \"pacsgw\"\n", &[]);
+    for bad in ["", "root", "-x", "a b", "a:b", &"u".repeat(33)] {
+        check(
+            |s| s + &format!("[daemon]\nuser = {bad:?}\n"),
+            &["daemon.user"],
+        );
+    }
+    let problems = Config::parse(&(minimal(ca.path()) + "[daemon]\nuser = \"root\"\n"))
+        .unwrap()
+        .validate();
+    assert!(
+        problems[0].problem.contains("never runs as root"),
+        "{problems:?}"
+    );
+}
