@@ -140,6 +140,8 @@ pub struct UplinkConfig {
     pub retry_max_secs: u64,
     /// After an authentication or certificate failure, the uplink pauses this long before trying again.
     pub auth_pause_secs: u64,
+    /// Requests in flight at once (1..=8), each on its own connection.
+    pub connections: usize,
 }
 
 impl Default for UplinkConfig {
@@ -160,6 +162,7 @@ impl Default for UplinkConfig {
             retry_base_secs: 2,
             retry_max_secs: 600,
             auth_pause_secs: 600,
+            connections: 2,
         }
     }
 }
@@ -506,6 +509,13 @@ impl Config {
                 "uplink.batch_max_instances / uplink.batch_max_mb",
                 "A batch limit of 0 would never send anything.".into(),
                 "Use at least 1 (defaults: 50 instances, 256 MB).",
+            );
+        }
+        if !(1..=8).contains(&self.uplink.connections) {
+            bad(
+                "uplink.connections",
+                format!("{} requests in flight at once is out of range.", self.uplink.connections),
+                "Use 1 to 8 (default 2): more than one keeps the link busy while the PACS stores a batch.",
             );
         }
         if self.uplink.idle_timeout_secs == 0 || self.uplink.connect_timeout_secs == 0 {

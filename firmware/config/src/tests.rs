@@ -208,3 +208,23 @@ fn the_daemon_user_defaults_to_passerelle_and_is_never_root() {
         "{problems:?}"
     );
 }
+
+#[test]
+fn uplink_connections_default_to_2_and_stay_within_1_to_8() {
+    let ca = ca_pem();
+    let cfg = Config::parse(&minimal(ca.path())).unwrap();
+    assert_eq!(cfg.uplink.connections, 2);
+    for good in [1, 4, 8] {
+        let text =
+            minimal(ca.path()).replace("[uplink]\n", &format!("[uplink]\nconnections = {good}\n"));
+        let cfg = Config::parse(&text).unwrap();
+        assert_eq!(cfg.uplink.connections, good);
+        assert!(cfg.validate().is_empty(), "connections = {good}");
+    }
+    for bad in [0, 9, 64] {
+        check(
+            |s| s.replace("[uplink]\n", &format!("[uplink]\nconnections = {bad}\n")),
+            &["uplink.connections"],
+        );
+    }
+}
