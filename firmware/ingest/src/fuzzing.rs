@@ -11,7 +11,6 @@ pub use dicom_ul::pdu::{PDataValue, PDataValueType, Pdu};
 use crate::dimse::{self, Event, PdvAssembler};
 use crate::negotiate::{self, Negotiation};
 use crate::pdu_io;
-use crate::store;
 
 fn peer() -> SocketAddr {
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 104))
@@ -134,27 +133,5 @@ impl PdvReceiver {
     }
 }
 
-/// The leading elements ingest indexes an instance by.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LeadingElements {
-    pub sop_class_uid: Option<String>,
-    pub sop_instance_uid: Option<String>,
-    pub study_instance_uid: String,
-    pub series_instance_uid: String,
-    pub patient_id: String,
-    pub modality: String,
-    pub accession_number: String,
-}
-
-/// Parses the leading elements of a data set encoded in `ts_uid`, as a C-STORE does.
-pub fn parse_leading(dataset: &[u8], ts_uid: &str) -> Result<LeadingElements, String> {
-    store::parse_leading(dataset, ts_uid).map(|l| LeadingElements {
-        sop_class_uid: l.sop_class_uid,
-        sop_instance_uid: l.sop_instance_uid,
-        study_instance_uid: l.index.study_instance_uid,
-        series_instance_uid: l.index.series_instance_uid,
-        patient_id: l.index.patient_id,
-        modality: l.index.modality,
-        accession_number: l.index.accession_number,
-    })
-}
+/// The leading-element parser a C-STORE (and `rebuild-index`) reads a data set with: the spool's.
+pub use passerelle_spool::leading::{parse_leading, Leading};

@@ -1,24 +1,14 @@
 //! Storing one instance: the blocking side of a C-STORE. It runs on a blocking thread, fed with
 //! the data PDVs through a bounded channel, so at most a few PDUs of an instance are ever in RAM.
 
-use std::io::{BufReader, Read};
-
-use dicom_core::Tag;
-use dicom_dictionary_std::tags;
-use dicom_encoding::transfer_syntax::{Codec, TransferSyntaxIndex};
 use dicom_object::meta::FileMetaTableBuilder;
-use dicom_parser::dataset::{DataSetReader, DataToken};
-use dicom_transfer_syntax_registry::{entries, TransferSyntaxRegistry};
+use passerelle_spool::leading::{parse_leading, Leading};
 use passerelle_spool::{IncomingMeta, InstanceIndex, Spool, StoreOutcome};
 use tokio::sync::mpsc;
 
 use crate::error::{IngestError, Result};
 use crate::negotiate::trim_uid;
 use crate::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME};
-
-/// A leading element whose value claims more than this stops the parsing there (the value would be
-/// allocated in full). Real identifiers are tiny.
-pub(crate) const MAX_LEADING_VALUE: u32 = 1024 * 1024;
 
 /// What the association task sends to the store task.
 #[derive(Debug)]
@@ -56,110 +46,6 @@ pub(crate) fn part10_header(meta: &IncomingMeta) -> Result<Vec<u8>> {
     out.extend_from_slice(b"DICM");
     table.write(&mut out).map_err(|e| err(e.to_string()))?;
     Ok(out)
-}
-
-/// The leading elements of a data set.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub(crate) struct Leading {
-    pub sop_class_uid: Option<String>,
-    pub sop_instance_uid: Option<String>,
-    pub index: InstanceIndex,
-}
-
-fn clean(s: &str) -> String {
-    s.trim_matches(|c: char| c == '\0' || c == ' ').to_string()
-}
-
-/// Parses the data set's leading elements, stopping at the first top-level element after
-/// (0020,000E) Series Instance UID: pixel data is never read. Deflated transfer syntaxes are
-/// inflated on the fly.
-pub(crate) fn parse_leading(
-    dataset: impl Read,
-    ts_uid: &str,
-) -> std::result::Result<Leading, String> {
-    let ts = TransferSyntaxRegistry
-        .get(trim_uid(ts_uid))
-        .ok_or_else(|| format!("unknown transfer syntax {ts_uid}"))?;
-    if matches!(ts.codec(), Codec::Dataset(_)) {
-        let inflated = BufReader::new(flate2::read::DeflateDecoder::new(BufReader::new(dataset)));
-        scan(inflated, &entries::EXPLICIT_VR_LITTLE_ENDIAN.erased())
-    } else {
-        scan(BufReader::new(dataset), ts)
-    }
-}
-
-fn scan(
-    source: impl Read,
-    ts: &dicom_encoding::TransferSyntax,
-) -> std::result::Result<Leading, String> {
-    const LAST: Tag = tags::SERIES_INSTANCE_UID;
-    let mut tokens = DataSetReader::new_with_ts(source, ts).map_err(|e| e.to_string())?;
-    let mut leading = Leading::default();
-    let mut depth = 0usize;
-    while let Some(token) = tokens.next() {
-        match token.map_err(|e| e.to_string())? {
-            DataToken::ElementHeader(h) => {
-                if depth == 0 && h.tag > LAST {
-                    break;
-                }
-                if h.len.get().is_some_and(|l| l > MAX_LEADING_VALUE) {
-                    log::debug!(
-                        "Stopped parsing leading elements at {} (value of {} bytes).",
-                        h.tag,
-                        h.len.0
-                    );
-                    break;
-                }
-                let slot = match (depth, h.tag) {
-                    (0, tags::SOP_CLASS_UID) => Some(&mut leading.sop_class_uid),
-                    (0, tags::SOP_INSTANCE_UID) => Some(&mut leading.sop_instance_uid),
-                    _ => None,
-                };
-                let field = match (depth, h.tag) {
-                    (0, tags::STUDY_INSTANCE_UID) => Some(&mut leading.index.study_instance_uid),
-                    (0, tags::SERIES_INSTANCE_UID) => Some(&mut leading.index.series_instance_uid),
-                    (0, tags::PATIENT_ID) => Some(&mut leading.index.patient_id),
-                    (0, tags::MODALITY) => Some(&mut leading.index.modality),
-                    (0, tags::ACCESSION_NUMBER) => Some(&mut leading.index.accession_number),
-                    _ => None,
-                };
-                if slot.is_some() || field.is_some() {
-                    let value = match tokens.next() {
-                        Some(Ok(DataToken::PrimitiveValue(v))) => clean(&v.to_str()),
-                        Some(Err(e)) => return Err(e.to_string()),
-                        Some(Ok(other)) => {
-                            return Err(format!("expected the value of {}, got {other}", h.tag))
-                        }
-                        None => return Err(format!("the data set ends inside {}", h.tag)),
-                    };
-                    if let Some(slot) = slot {
-                        *slot = Some(value);
-                    } else if let Some(field) = field {
-                        *field = value;
-                    }
-                }
-            }
-            DataToken::SequenceStart { tag, .. } => {
-                if depth == 0 && tag > LAST {
-                    break;
-                }
-                depth += 1;
-            }
-            DataToken::PixelSequenceStart => {
-                if depth == 0 {
-                    break;
-                }
-                depth += 1;
-            }
-            DataToken::SequenceEnd => depth = depth.saturating_sub(1),
-            DataToken::ItemStart { .. }
-            | DataToken::ItemEnd
-            | DataToken::PrimitiveValue(_)
-            | DataToken::ItemValue(_)
-            | DataToken::OffsetTable(_) => {}
-        }
-    }
-    Ok(leading)
 }
 
 /// Checks the parsed elements against the command and returns the spool index.
@@ -258,49 +144,7 @@ pub(crate) fn receive(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dicom_core::{DataElement, PrimitiveValue, VR};
     use dicom_dictionary_std::uids;
-    use dicom_object::InMemDicomObject;
-    use std::io::Write;
-
-    fn dataset(ts: &str, sop_instance: &str) -> Vec<u8> {
-        let mut obj = InMemDicomObject::new_empty();
-        let put = |obj: &mut InMemDicomObject, tag, vr, v: &str| {
-            obj.put(DataElement::new(tag, vr, PrimitiveValue::from(v)))
-        };
-        put(
-            &mut obj,
-            tags::SOP_CLASS_UID,
-            VR::UI,
-            uids::CT_IMAGE_STORAGE,
-        );
-        put(&mut obj, tags::SOP_INSTANCE_UID, VR::UI, sop_instance);
-        put(&mut obj, tags::ACCESSION_NUMBER, VR::SH, "ACC1");
-        put(&mut obj, tags::MODALITY, VR::CS, "CT");
-        put(&mut obj, tags::PATIENT_ID, VR::LO, "PAT-7");
-        put(&mut obj, tags::STUDY_INSTANCE_UID, VR::UI, "1.2.3.10");
-        put(&mut obj, tags::SERIES_INSTANCE_UID, VR::UI, "1.2.3.10.1");
-        put(&mut obj, tags::SERIES_NUMBER, VR::IS, "1");
-        obj.put(DataElement::new(
-            tags::PIXEL_DATA,
-            VR::OW,
-            PrimitiveValue::from(vec![0u8; 64]),
-        ));
-        let write_ts = TransferSyntaxRegistry.get(ts).unwrap();
-        let mut out = Vec::new();
-        if matches!(write_ts.codec(), Codec::Dataset(_)) {
-            let mut plain = Vec::new();
-            obj.write_dataset_with_ts(&mut plain, &entries::EXPLICIT_VR_LITTLE_ENDIAN.erased())
-                .unwrap();
-            let mut enc =
-                flate2::write::DeflateEncoder::new(&mut out, flate2::Compression::default());
-            enc.write_all(&plain).unwrap();
-            enc.finish().unwrap();
-        } else {
-            obj.write_dataset_with_ts(&mut out, write_ts).unwrap();
-        }
-        out
-    }
 
     fn expected(uid: &str) -> Leading {
         Leading {
@@ -314,44 +158,6 @@ mod tests {
                 accession_number: "ACC1".into(),
             },
         }
-    }
-
-    #[test]
-    #[allow(deprecated)] // explicit VR big endian is retired, yet still sent
-    fn leading_elements_are_found_in_every_native_and_deflated_encoding() {
-        for ts in [
-            uids::IMPLICIT_VR_LITTLE_ENDIAN,
-            uids::EXPLICIT_VR_LITTLE_ENDIAN,
-            uids::EXPLICIT_VR_BIG_ENDIAN,
-            uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
-        ] {
-            let bytes = dataset(ts, "1.2.3.4.5");
-            assert_eq!(
-                parse_leading(&bytes[..], ts),
-                Ok(expected("1.2.3.4.5")),
-                "{ts}"
-            );
-        }
-    }
-
-    #[test]
-    fn parsing_stops_before_pixel_data_even_when_pixel_data_is_truncated() {
-        let mut bytes = dataset(uids::EXPLICIT_VR_LITTLE_ENDIAN, "1.2.3.4.5");
-        bytes.truncate(bytes.len() - 30);
-        assert_eq!(
-            parse_leading(&bytes[..], uids::EXPLICIT_VR_LITTLE_ENDIAN),
-            Ok(expected("1.2.3.4.5"))
-        );
-    }
-
-    #[test]
-    fn a_leading_value_claiming_gigabytes_stops_parsing_without_allocating_it() {
-        // (0008,0016) UI with a 4-byte length field of 0xFFFFFFF0 in implicit VR LE.
-        let mut bytes = vec![0x08, 0x00, 0x16, 0x00];
-        bytes.extend_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
-        bytes.extend_from_slice(b"1.2");
-        let leading = parse_leading(&bytes[..], uids::IMPLICIT_VR_LITTLE_ENDIAN).unwrap();
-        assert_eq!(leading, Leading::default());
     }
 
     fn meta(class: &str, uid: &str) -> IncomingMeta {
@@ -386,28 +192,6 @@ mod tests {
         let mut no_class = expected("1.2.3");
         no_class.sop_class_uid = None;
         check(no_class, meta(ct, "1.2.3"), 0xC000);
-    }
-
-    #[test]
-    fn garbage_is_not_understood_but_out_of_order_elements_are_tolerated() {
-        let garbage = b"this is certainly not a DICOM data set, just text".to_vec();
-        let leading =
-            parse_leading(&garbage[..], uids::EXPLICIT_VR_LITTLE_ENDIAN).unwrap_or_default();
-        assert_eq!(leading.sop_instance_uid, None);
-
-        // (0010,0020) before group 0008 is invalid DICOM, yet passed through: what matters is
-        // that the identifiers are found.
-        let mut swapped = vec![0x10, 0x00, 0x20, 0x00, 2, 0, 0, 0, b'P', b'1'];
-        swapped.extend(dataset(uids::IMPLICIT_VR_LITTLE_ENDIAN, "1.2.3.4.5"));
-        assert_eq!(
-            parse_leading(&swapped[..], uids::IMPLICIT_VR_LITTLE_ENDIAN),
-            Ok(expected("1.2.3.4.5"))
-        );
-
-        // A data set cut inside its leading elements cannot be understood.
-        let whole = dataset(uids::EXPLICIT_VR_LITTLE_ENDIAN, "1.2.3.4.5");
-        assert!(parse_leading(&whole[..40], uids::EXPLICIT_VR_LITTLE_ENDIAN).is_err());
-        assert!(parse_leading(&b""[..], "1.2.3.999").is_err());
     }
 
     #[test]

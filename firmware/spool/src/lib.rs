@@ -70,6 +70,7 @@
 mod db;
 mod error;
 mod files;
+pub mod leading;
 mod rebuild;
 
 pub use error::{Result, SpoolError};

@@ -3,26 +3,20 @@
 //! Every spool file is a zstd stream of the raw Part-10 bytes, named by their SHA-256. Its file
 //! meta group carries the SOP Class and Instance UIDs, the transfer syntax and the calling AE title
 //! (Source AE, 0002,0016); the leading elements of the dataset carry the study, series, patient,
-//! modality and accession number. Parsing stops at the first top-level element after (0020,000E),
-//! so pixel data is never read into memory; the rest of the stream only goes through the hash.
+//! modality and accession number ([`crate::leading`], the parser ingest uses). Parsing stops at the
+//! first top-level element after (0020,000E), so pixel data is never read into memory; the rest of
+//! the stream only goes through the hash.
 
 use std::fs::{self, File};
-use std::io::{self, BufReader, Read};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use dicom_core::Tag;
-use dicom_dictionary_std::tags;
-use dicom_encoding::transfer_syntax::{Codec, TransferSyntaxIndex};
 use dicom_object::meta::FileMetaTable;
-use dicom_parser::dataset::{DataSetReader, DataToken};
-use dicom_transfer_syntax_registry::{entries, TransferSyntaxRegistry};
 use sha2::{Digest, Sha256};
 
+use crate::leading::parse_leading_caught;
 use crate::InstanceIndex;
-
-/// A leading element whose value claims more than this ends the parsing (as in ingest).
-const MAX_LEADING_VALUE: u32 = 1024 * 1024;
 
 /// What one spool file says about itself.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -118,8 +112,9 @@ fn scan_stream(file: impl Read) -> Result<Scanned, ScanError> {
             .to_owned(),
         ..Scanned::default()
     };
-    match parse_leading(&mut stream, &scanned.transfer_syntax_uid) {
-        Ok(index) => scanned.index = index,
+    // Whatever the parser reads ahead has gone through the hash; the rest is hashed below.
+    match parse_leading_caught(&mut stream, &scanned.transfer_syntax_uid) {
+        Ok(leading) => scanned.index = leading.index,
         Err(problem) => scanned.index_problem = Some(problem),
     }
     // The rest of the content (pixel data) only goes through the hash.
@@ -129,83 +124,6 @@ fn scan_stream(file: impl Read) -> Result<Scanned, ScanError> {
     scanned.sha256 = hex::encode(stream.hasher.finalize());
     scanned.raw_size = stream.len;
     Ok(scanned)
-}
-
-fn clean(s: &str) -> String {
-    s.trim_matches(|c: char| c == '\0' || c == ' ').to_string()
-}
-
-/// The index fields among the leading elements of a dataset (deflated syntaxes inflated on the fly).
-fn parse_leading(dataset: impl Read, ts_uid: &str) -> Result<InstanceIndex, String> {
-    let ts = TransferSyntaxRegistry
-        .get(ts_uid)
-        .ok_or_else(|| format!("unknown transfer syntax {ts_uid}"))?;
-    if matches!(ts.codec(), Codec::Dataset(_)) {
-        let inflated = BufReader::new(flate2::read::DeflateDecoder::new(dataset));
-        scan_leading(inflated, &entries::EXPLICIT_VR_LITTLE_ENDIAN.erased())
-    } else {
-        // Whatever the parser reads ahead has gone through the hash; the caller hashes the rest.
-        scan_leading(dataset, ts)
-    }
-}
-
-fn scan_leading(
-    source: impl Read,
-    ts: &dicom_encoding::TransferSyntax,
-) -> Result<InstanceIndex, String> {
-    const LAST: Tag = tags::SERIES_INSTANCE_UID;
-    let mut tokens = DataSetReader::new_with_ts(source, ts).map_err(|e| e.to_string())?;
-    let mut index = InstanceIndex::default();
-    let mut depth = 0usize;
-    while let Some(token) = tokens.next() {
-        match token.map_err(|e| e.to_string())? {
-            DataToken::ElementHeader(h) => {
-                if depth == 0 && h.tag > LAST {
-                    break;
-                }
-                if h.len.get().is_some_and(|l| l > MAX_LEADING_VALUE) {
-                    break;
-                }
-                let field = match (depth, h.tag) {
-                    (0, tags::STUDY_INSTANCE_UID) => Some(&mut index.study_instance_uid),
-                    (0, tags::SERIES_INSTANCE_UID) => Some(&mut index.series_instance_uid),
-                    (0, tags::PATIENT_ID) => Some(&mut index.patient_id),
-                    (0, tags::MODALITY) => Some(&mut index.modality),
-                    (0, tags::ACCESSION_NUMBER) => Some(&mut index.accession_number),
-                    _ => None,
-                };
-                if let Some(field) = field {
-                    match tokens.next() {
-                        Some(Ok(DataToken::PrimitiveValue(v))) => *field = clean(&v.to_str()),
-                        Some(Err(e)) => return Err(e.to_string()),
-                        Some(Ok(other)) => {
-                            return Err(format!("expected the value of {}, got {other}", h.tag))
-                        }
-                        None => return Err(format!("the data set ends inside {}", h.tag)),
-                    }
-                }
-            }
-            DataToken::SequenceStart { tag, .. } => {
-                if depth == 0 && tag > LAST {
-                    break;
-                }
-                depth += 1;
-            }
-            DataToken::PixelSequenceStart => {
-                if depth == 0 {
-                    break;
-                }
-                depth += 1;
-            }
-            DataToken::SequenceEnd => depth = depth.saturating_sub(1),
-            DataToken::ItemStart { .. }
-            | DataToken::ItemEnd
-            | DataToken::PrimitiveValue(_)
-            | DataToken::ItemValue(_)
-            | DataToken::OffsetTable(_) => {}
-        }
-    }
-    Ok(index)
 }
 
 /// Every `objects/<xx>/<sha256>.dcm.zst` file, sorted by path (deterministic rebuilds).
@@ -284,8 +202,9 @@ mod tests {
     use super::*;
     use crate::{IncomingMeta, InstanceState, RebuildReport, Spool, SpoolError, StoreOutcome};
     use dicom_core::{DataElement, PrimitiveValue, VR};
-    use dicom_dictionary_std::uids;
+    use dicom_dictionary_std::{tags, uids};
     use dicom_object::{meta::FileMetaTableBuilder, InMemDicomObject};
+    use dicom_transfer_syntax_registry::entries;
     use passerelle_config::SpoolConfig;
 
     const TS: &str = uids::EXPLICIT_VR_LITTLE_ENDIAN;
@@ -349,7 +268,9 @@ mod tests {
         let mut incoming = spool.begin(meta, &header).unwrap();
         incoming.write_all(&dataset).unwrap();
         let written = incoming.finish().unwrap();
-        let index = parse_leading(written.dataset_reader().unwrap(), TS).unwrap();
+        let index = crate::leading::parse_leading(written.dataset_reader().unwrap(), TS)
+            .unwrap()
+            .index;
         match written.commit(index).unwrap() {
             StoreOutcome::Stored { id } => id,
             other => panic!("expected Stored, got {other:?}"),
