@@ -24,7 +24,9 @@ trap cleanup EXIT
 
 # gcc/libc6-dev: C code in Rust dependencies (SQLite bundled by rusqlite, ring).
 # strace: the acknowledgement-order (power-cut precondition) test in test_crash_campaign.py.
-packages=(dcmtk orthanc orthanc-dicomweb nginx openssl curl ca-certificates python3-pip gcc libc6-dev strace)
+# qemu-system-x86, busybox-static, sqlite3 (read in the guest): the power-cut test's VM (tests/vm/build.py).
+packages=(dcmtk orthanc orthanc-dicomweb nginx openssl curl ca-certificates python3-pip gcc libc6-dev strace
+          qemu-system-x86 busybox-static sqlite3)
 missing=()
 for p in "${packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
@@ -62,5 +64,9 @@ if ! "$py" -m pip install --disable-pip-version-check -q -r "$here/requirements.
         cat /tmp/passerelle-pip.err >&2
         exit 1
     fi
+fi
+# The daemon's account: started as root, passerelled switches to it (daemon.user), as on the box.
+if ! id -u passerelle >/dev/null 2>&1; then
+    useradd --system --no-create-home --shell /usr/sbin/nologin passerelle
 fi
 echo "Test prerequisites are installed."

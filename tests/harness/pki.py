@@ -1,4 +1,5 @@
-"""Test PKI made with the openssl CLI: a CA, a server certificate for localhost/127.0.0.1, a client
+"""Test PKI made with the openssl CLI: a CA, a server certificate for localhost/127.0.0.1 (and 10.0.2.2,
+the host as the power-cut test's QEMU guest reaches it), a client
 certificate for mutual TLS, and a second, unrelated CA for negative tests."""
 
 from __future__ import annotations
@@ -58,10 +59,10 @@ def _make_leaf(d: Path, name: str, cn: str, ca_cert: Path, ca_key: Path, ext: st
 SERVER_EXT = """basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=serverAuth
-subjectAltName=DNS:localhost,IP:127.0.0.1
+subjectAltName=DNS:localhost,IP:127.0.0.1,IP:10.0.2.2
 """
 
-WRONG_NAME_EXT = SERVER_EXT.replace("DNS:localhost,IP:127.0.0.1", "DNS:pacs.example.org")
+WRONG_NAME_EXT = SERVER_EXT.replace("DNS:localhost,IP:127.0.0.1,IP:10.0.2.2", "DNS:pacs.example.org")
 
 CLIENT_EXT = """basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
