@@ -309,7 +309,7 @@ class VmGateway:
         def ready() -> str:
             if not self.running:
                 return "stopped"
-            return "ready" if echoscu(self.port, self.ae_title, timeout=15).returncode == 0 else ""
+            return "ready" if self.answers_echo() else ""
 
         try:
             state = wait_until(ready, timeout, f"passerelled in the VM to answer C-ECHO on 127.0.0.1:{self.port}",
@@ -320,6 +320,13 @@ class VmGateway:
             code = self.proc.returncode if self.proc is not None else None
             raise AssertionError(f"the VM stopped during start-up (QEMU exit code {code}, passerelled exit "
                                  f"code {self.daemon_exit_code()})\n{self.log_excerpt()}")
+
+    def answers_echo(self) -> bool:
+        """C-ECHO through the forward, once /init has started passerelled (before that, slirp accepts the
+        host connection and holds it while the guest boots, and echoscu would wait for its timeout)."""
+        if "starting passerelled" not in self.boot_log():
+            return False
+        return echoscu(self.port, self.ae_title, timeout=15).returncode == 0
 
     @property
     def running(self) -> bool:
