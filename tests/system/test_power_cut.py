@@ -28,7 +28,8 @@ import pytest
 from harness import campaign
 from harness.campaign import Modality
 from harness.part10 import dataset_bytes, file_dataset_bytes
-from harness.util import wait_until
+from harness.send import pynetdicom_send
+from harness.util import free_port, wait_until
 from harness.vm import VmGateway, vm_gateway_for
 
 ROUNDS = int(os.environ.get("POWER_CUT_ROUNDS", "10"))
@@ -88,14 +89,14 @@ def _boot(gw: VmGateway, r: int) -> float:
     return time.monotonic() - t0
 
 
-def _check_acknowledged_survived(gw: VmGateway, orthanc, acked: set[str], r: int) -> dict[str, int]:
-    """Every instance acknowledged before the cut has a good row in the spool or is in Orthanc."""
+def _check_acknowledged_survived(gw: VmGateway, held: set[str], acked: set[str], r: int) -> dict[str, int]:
+    """Every instance acknowledged before the cut has a good row in the spool or is in Orthanc (`held`,
+    read after the reboot: an instance delivered before the cut is there)."""
     status = gw.status()
     assert status["lost"] == 0 and status["quarantined"] == 0, f"boot {r}: {status}\n{gw.log_excerpt()}"
     rows = gw.spool_rows()
     bad = {uid: states for uid, states in rows.items() if uid in acked and not states & GOOD_STATES}
     assert not bad, f"boot {r}: acknowledged instances with only bad rows after the cut: {list(bad.items())[:5]}"
-    held = campaign.orthanc_uids(orthanc)
     missing = sorted(uid for uid in acked if uid not in rows and uid not in held)
     assert not missing, (
         f"boot {r}: {len(missing)} instance(s) acknowledged before the power cut are neither in the spool nor "
@@ -148,7 +149,7 @@ def test_power_cuts_lose_no_acknowledged_instance(orthanc_recording, vm_gateway,
             cut_after.append(round(delay, 2))
             acked_at_cut.append(len(acked))
             boot_secs.append(_boot(gw, r))
-            checked.append(_check_acknowledged_survived(gw, orthanc, acked, r))
+            checked.append(_check_acknowledged_survived(gw, campaign.orthanc_uids(orthanc), acked, r))
     finally:
         for m in modalities:
             m.stop()
@@ -230,3 +231,28 @@ def test_power_cuts_lose_no_acknowledged_instance(orthanc_recording, vm_gateway,
     assert not differ, f"{len(differ)} of {len(sample)} sampled instances differ from what was sent: {differ[:5]}"
     assert status["duplicates_upstream"] >= figures["duplicates_upstream"], figures
     assert fsck.returncode == 0, f"e2fsck -fn found problems on the spool disk:\n{fsck.stdout}\n{fsck.stderr}"
+
+
+def test_the_check_catches_a_daemon_that_skips_fsync(orthanc, vm_gateway, tmp_path: Path) -> None:
+    """The instrument works: with every fsync turned into a no-op (`LD_PRELOAD=/lib/nofsync.so` in the
+    VM, see tests/vm/build.py), instances acknowledged a moment before a power cut only lived in the
+    guest's page cache, and the checks above fail after the reboot (the daemon refuses its spool, or
+    finds rows lost, or the acknowledged instances have no row). Nothing is delivered (the uplink points
+    at a closed port), so the spool is the only place they can be."""
+    gw = vm_gateway(orthanc, name="vm-nofsync")
+    gw.stow_url = f"https://localhost:{free_port()}/dicom-web/studies"  # nothing listens there
+    gw.env["LD_PRELOAD"] = "/lib/nofsync.so"
+    _boot(gw, 0)
+    study = campaign.small_studies(tmp_path / "studies", 1, 12)
+    assert pynetdicom_send(gw.port, study, gw.ae_title) == [0] * len(study)
+    acked = {i.sop_instance_uid for i in study}
+    rows = gw.spool_rows()
+    assert acked <= rows.keys(), "before the cut, the running daemon shows every acknowledged row"
+    gw.kill()  # well within ext4's 5 s journal commit and the 30 s writeback of dirty data
+    with pytest.raises(AssertionError) as caught:
+        _boot(gw, 1)
+        _check_acknowledged_survived(gw, set(), acked, 1)
+    message = str(caught.value)
+    print(f"as expected, the power-cut check failed without fsync: {message[:400]}")
+    assert re.search(r"passerelled exited with code|neither in the spool nor in Orthanc|only bad rows|'lost': [1-9]",
+                     message), message

@@ -88,6 +88,20 @@ say "powering off"
 poweroff -f
 """
 
+# A negative control for the power-cut test: preloaded (LD_PRELOAD=/lib/nofsync.so in the VM's env), it
+# turns every fsync family call into a no-op, so the daemon acknowledges instances that only live in the
+# guest's page cache. The power-cut check must catch that (test_power_cut.py). Never preloaded otherwise.
+NOFSYNC_C = r"""
+#define _GNU_SOURCE
+#include <sys/types.h>
+int fsync(int fd) { (void)fd; return 0; }
+int fdatasync(int fd) { (void)fd; return 0; }
+int syncfs(int fd) { (void)fd; return 0; }
+void sync(void) {}
+int sync_file_range(int fd, off_t o, off_t n, unsigned int f) { (void)fd; (void)o; (void)n; (void)f; return 0; }
+int msync(void *a, size_t l, int f) { (void)a; (void)l; (void)f; return 0; }
+"""
+
 # CGI scripts, run by busybox httpd as root; queries run as the spool's owner (the daemon drops to
 # `passerelle` after binding) so that SQLite never creates a -wal/-shm the daemon cannot open.
 CGI_COMMON = r"""#!/bin/sh
@@ -250,6 +264,16 @@ def busybox() -> Path:
     return cached
 
 
+def nofsync() -> Path:
+    """The fsync no-op shim (cached), compiled with the host's gcc."""
+    so = CACHE / "nofsync.so"
+    src = CACHE / "nofsync.c"
+    if not so.exists() or not src.exists() or src.read_text() != NOFSYNC_C:
+        src.write_text(NOFSYNC_C)
+        run(["gcc", "-O2", "-shared", "-fPIC", "-o", str(so), str(src)])
+    return so
+
+
 def applets(bb: Path) -> list[str]:
     return run([str(bb), "--list"]).split()
 
@@ -317,6 +341,7 @@ def build(passerelled: Path | None = None) -> tuple[Path, Path]:
             shutil.copy2(passerelled, stripped)
         a.file("usr/bin/passerelled", stripped.read_bytes(), 0o755)
     a.file("usr/bin/sqlite3", sqlite3.read_bytes(), 0o755)
+    a.file("lib/nofsync.so", nofsync().read_bytes(), 0o755)
     libs: dict[str, Path] = {}
     for b in (passerelled, sqlite3):
         for lib in ldd_libs(b):
