@@ -10,6 +10,7 @@ Each figures file is a flat JSON object written by one campaign:
 | local.json    | tests/system/test_local_faults.py            |
 | fuzz.json     | the bounded cargo-fuzz run                   |
 | abuse.json    | the network abuse test                       |
+| power_cut.json| tests/system/test_power_cut.py (QEMU VM)     |
 
 A missing file is shown as "not run". The exit status is 1 if any figure reports a lost instance (a key
 `lost`, or ending in `_lost` / `.lost`, with a value above 0): a run that loses an instance fails CI. It is
@@ -35,6 +36,7 @@ SOURCES = {
     "local": "local faults (disk full, corruption, index rebuild, 2 GB instance)",
     "fuzz": "cargo-fuzz, bounded run",
     "abuse": "network abuse against the DICOM port",
+    "power_cut": "power cuts (QEMU VM, spool on a virtual disk, SIGKILL of QEMU)",
 }
 NOT_RUN = "not run"
 
@@ -179,6 +181,9 @@ def render(figures: dict[str, dict], broken: dict[str, str], lost: list[str]) ->
         f"| delivered to the PACS | {fmt(pick(crash, 'delivered'))} |",
         f"| lost | {fmt(pick(crash, 'lost'))} |",
         f"| duplicates upstream | {fmt(pick(crash, 'duplicates_upstream', 'duplicates'))} |",
+        f"| power cuts (VM) | {fmt(pick(figures.get('power_cut'), 'power_cuts'))} |",
+        f"| power cuts: acknowledged / lost / duplicates upstream | {fmt(pick(figures.get('power_cut'), 'acknowledged'))}"
+        f" / {fmt(pick(figures.get('power_cut'), 'lost'))} / {fmt(pick(figures.get('power_cut'), 'duplicates_upstream'))} |",
         f"| upstream fault cases | {cases(upstream, 'upstream')} |",
         f"| local fault cases | {cases(local, 'local')} |",
         f"| abuse cases survived | {cases(abuse, 'abuse')} |",

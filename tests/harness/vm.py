@@ -255,7 +255,7 @@ class VmGateway:
         """What QEMU boots; the appliance image replaces this (see the module docstring)."""
         return [
             "-kernel", str(kernel), "-initrd", str(initrd),
-            "-append", "console=ttyS0 quiet panic=-1 rdinit=/init",
+            "-append", "console=ttyS0 quiet panic=-1 rdinit=/init mitigations=off",
             "-drive", f"file={self.spool_image},if=virtio,format=raw,cache=none,aio=threads",
         ]  # fmt: skip
 
