@@ -15,10 +15,21 @@
 //! several GB over a few Mbit/s takes hours.
 //!
 //! # Design
-//! - [`Uplink::run`] loops: claim a batch (instances of one study, bounded in count and bytes) from
-//!   the spool, POST it, record each instance's outcome (`mark_sent`, `mark_retry` with a persisted
-//!   next attempt time, `mark_failed`, or `release`). With nothing due it waits for a wake-up from
-//!   ingest, the next due time, a 2-second poll or shutdown.
+//! - [`Uplink::run`] starts `uplink.connections` workers. Each loops: claim a batch (instances of
+//!   one study, bounded in count and bytes) from the spool, POST it, record each instance's outcome
+//!   (`mark_sent`, `mark_retry` with a persisted next attempt time, `mark_failed`, or `release`).
+//!   With nothing due it waits for a wake-up from ingest, the next due time, a 2-second poll or
+//!   shutdown.
+//! - Several workers keep the link busy while the PACS stores a batch: one streams its body while
+//!   another waits for its answer, and a worker that claimed a batch wakes an idle one to claim the
+//!   next. Measured on the benchmark's CT study (tests/bench), a single connection spent about
+//!   half of each request waiting for Orthanc to store what it had received, plus the time to
+//!   record the outcomes. The workers share one health (`Health`): a pause or a hold stops every
+//!   one of them, and until the upstream has delivered a request (since start, a pause or a
+//!   failure) only the first worker sends, so a wrong password or a PACS that is down sees one
+//!   request at a time, never one per connection. A claimed row is `uploading`, so no other worker
+//!   claims it; and a worker leaves out (releases) a version of a SOP Instance UID that another
+//!   request carries, so that no UID is in two requests at once.
 //! - A request the upstream as a whole does not take (no answer, 5xx, 429) holds *every* upload for
 //!   a backoff that grows with the failures in a row, so instances arriving during an outage wait
 //!   with the rest instead of each triggering a request. The first delivery after such a failure
@@ -63,7 +74,7 @@
 //!   are released (no attempt counted).
 //!
 //! # Limitations
-//! - One request at a time; HTTP/1.1 only. The body goes out with chunked transfer encoding (its
+//! - HTTP/1.1 only: one request per connection, `uplink.connections` of them. The body goes out with chunked transfer encoding (its
 //!   length is not known before every instance was opened and verified); a front end that refuses
 //!   chunked request bodies needs request buffering (nginx does this by default).
 //! - A PACS that takes the whole body and then never answers holds the uplink for the idle
@@ -90,7 +101,7 @@ pub use error::{Result, UplinkError};
 
 use std::collections::{HashSet, VecDeque};
 use std::error::Error as StdError;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use log::{error, info, warn};
@@ -141,25 +152,58 @@ enum Mark {
 
 /// The STOW-RS uplink. Build it with [`Uplink::new`], run it with [`Uplink::run`].
 pub struct Uplink {
+    link: Link,
+}
+
+/// What every upload worker shares: the settings, the HTTPS client and the uplink's health.
+struct Link {
     cfg: UplinkConfig,
     spool: Spool,
     client: reqwest::Client,
     url: reqwest::Url,
     auth: Auth,
+    health: Mutex<Health>,
+    /// Bumped whenever a waiting worker may be able to go on: a request finished, the upstream
+    /// took a request, a pause ended.
+    changed: watch::Sender<u64>,
+    /// The uplink state is saved by one worker at a time, each time with the newest state.
+    saving: tokio::sync::Mutex<()>,
+}
+
+/// How the upstream is doing, as every worker sees it. Locked briefly, never across an await.
+struct Health {
+    /// Pause, last error, last success: persisted in the spool for `passerelled status`.
     state: UplinkState,
-    /// Outcomes the spool failed to record; recorded again before the next batch.
-    stranded: Vec<(InstanceId, String, Mark)>,
-    /// The backoff jitter of the current request, drawn once per request so that the instances
-    /// of a batch become due together and are sent together again.
-    jitter: f64,
     /// Requests in a row that the upstream as a whole did not take (no answer, 5xx, 429).
     upstream_failures: u32,
     /// While the upstream is down, no request at all goes out before this instant: instances
     /// arriving during an outage wait with the rest instead of each triggering a request.
     hold_until: Option<Instant>,
+    /// When the last of those failures was counted. A request that was already in flight then and
+    /// fails too saw the same outage: it does not count again (nor lengthen the hold).
+    failure_counted_at: Option<Instant>,
     /// Instances may be waiting on a retry schedule that a working upstream makes moot: at start
     /// (schedules left by the previous run) and after any request the upstream did not take.
     retries_may_wait: bool,
+    /// The upstream delivered a request since start, the last pause or the last failure. Until it
+    /// did, only the first worker sends: a wrong password, a wrong certificate or a PACS that is
+    /// down sees one request, not one per connection.
+    proven: bool,
+    /// The SOP Instance UIDs in a request right now: another version of one of them waits for the
+    /// request to finish, so that two requests never carry the same UID at once.
+    in_flight: HashSet<String>,
+}
+
+/// One upload loop; `uplink.connections` of them run side by side.
+struct Worker {
+    link: Arc<Link>,
+    /// Worker 0 is the one that sends while the upstream is not proven.
+    index: usize,
+    /// Outcomes the spool failed to record; recorded again before the next batch.
+    stranded: Vec<(InstanceId, String, Mark)>,
+    /// The backoff jitter of the current request, drawn once per request so that the instances
+    /// of a batch become due together and are sent together again.
+    jitter: f64,
 }
 
 /// How one request went.
@@ -222,365 +266,136 @@ impl Uplink {
         } else {
             Auth::None
         };
+        let (changed, _) = watch::channel(0);
         Ok(Uplink {
-            cfg,
-            spool,
-            client,
-            url,
-            auth,
-            state: UplinkState::default(),
-            stranded: Vec::new(),
-            jitter: 0.0,
-            upstream_failures: 0,
-            hold_until: None,
-            retries_may_wait: true,
+            link: Link {
+                cfg,
+                spool,
+                client,
+                url,
+                auth,
+                health: Mutex::new(Health {
+                    state: UplinkState::default(),
+                    upstream_failures: 0,
+                    hold_until: None,
+                    failure_counted_at: None,
+                    retries_may_wait: true,
+                    proven: false,
+                    in_flight: HashSet::new(),
+                }),
+                changed,
+                saving: tokio::sync::Mutex::new(()),
+            },
         })
     }
 
-    /// Runs until `*shutdown` becomes true: claims batches, posts them, records outcomes.
+    /// Runs until `*shutdown` becomes true: `uplink.connections` workers claim batches, post them
+    /// and record outcomes, side by side.
     ///
     /// Upload failures are outcomes recorded in the spool, and spool errors are logged and retried:
-    /// this returns only at shutdown.
-    pub async fn run(
-        mut self,
-        wake: Arc<Notify>,
-        mut shutdown: watch::Receiver<bool>,
-    ) -> Result<()> {
-        match self
+    /// this returns only at shutdown, once every worker has finished its request.
+    pub async fn run(self, wake: Arc<Notify>, shutdown: watch::Receiver<bool>) -> Result<()> {
+        let link = Arc::new(self.link);
+        match link
             .spool_call("read the uplink state", |s| s.uplink_state())
             .await
         {
-            Ok(state) => self.state = state,
+            Ok(state) => link.health().state = state,
             Err(e) => error!(
                 "Cannot read the persisted uplink state; starting from a clean state. error=\"{}\"",
                 error_chain(&e)
             ),
         }
-        if let Some(until) = self.state.paused_until.take() {
+        let left_paused = link.health().state.paused_until.take();
+        if let Some(until) = left_paused {
             info!(
                 "Cleared the uplink pause left by the previous run: a restart applies the current configuration. paused_until=\"{}\"",
                 httpdate::fmt_http_date(until)
             );
-            self.save_state().await;
+            link.save_state().await;
         }
+        let connections = link.cfg.connections.max(1);
         info!(
-            "Uplink started. stow_url={} proxy={} ca_file={} client_cert={} batch_max_instances={} batch_max_mb={} idle_timeout_secs={}",
-            self.cfg.stow_url,
-            if self.cfg.proxy.is_empty() { "none".to_string() } else { redact_url(&self.cfg.proxy) },
-            self.cfg.ca_file.display(),
-            if self.cfg.client_cert.as_os_str().is_empty() { "none".into() } else { self.cfg.client_cert.display().to_string() },
-            self.cfg.batch_max_instances,
-            self.cfg.batch_max_mb,
-            self.cfg.idle_timeout_secs,
+            "Uplink started. stow_url={} proxy={} ca_file={} client_cert={} batch_max_instances={} batch_max_mb={} idle_timeout_secs={} connections={connections}",
+            link.cfg.stow_url,
+            if link.cfg.proxy.is_empty() { "none".to_string() } else { redact_url(&link.cfg.proxy) },
+            link.cfg.ca_file.display(),
+            if link.cfg.client_cert.as_os_str().is_empty() { "none".into() } else { link.cfg.client_cert.display().to_string() },
+            link.cfg.batch_max_instances,
+            link.cfg.batch_max_mb,
+            link.cfg.idle_timeout_secs,
         );
 
-        while !stop_requested(&shutdown) {
-            if !self.stranded.is_empty() {
-                let marks = std::mem::take(&mut self.stranded);
-                self.record(marks).await;
-                if !self.stranded.is_empty() {
-                    wait_or_shutdown(SPOOL_ERROR_WAIT, &mut shutdown).await;
-                    continue;
-                }
-            }
-            if let Some(until) = self.state.paused_until {
-                if let Ok(left) = until.duration_since(SystemTime::now()) {
-                    if !left.is_zero() {
-                        wait_or_shutdown(left, &mut shutdown).await;
-                        continue;
-                    }
-                }
-                self.state.paused_until = None;
-                self.save_state().await;
-                info!("The uplink pause is over; uploads resume.");
-            }
-
-            if let Some(until) = self.hold_until {
-                let left = until.saturating_duration_since(Instant::now());
-                if !left.is_zero() {
-                    wait_or_shutdown(left, &mut shutdown).await;
-                    continue;
-                }
-            }
-
-            let now = SystemTime::now();
-            let (max_count, max_bytes) = (self.cfg.batch_max_instances, self.cfg.batch_max_bytes());
-            let batch = match self
-                .spool_call("claim a batch", move |s| {
-                    s.claim_batch(max_count, max_bytes, now)
-                })
-                .await
-            {
-                Ok(batch) => batch,
-                Err(e) => {
-                    error!(
-                        "Cannot claim instances to upload from the spool; trying again in {} s. Check the spool disk. error=\"{}\"",
-                        SPOOL_ERROR_WAIT.as_secs(),
-                        error_chain(&e)
-                    );
-                    wait_or_shutdown(SPOOL_ERROR_WAIT, &mut shutdown).await;
-                    continue;
-                }
+        let mut workers = tokio::task::JoinSet::new();
+        for index in 0..connections {
+            let worker = Worker {
+                link: link.clone(),
+                index,
+                stranded: Vec::new(),
+                jitter: 0.0,
             };
-            if batch.is_empty() {
-                let next_due = self
-                    .spool_call("find the next due time", |s| s.next_due())
-                    .await;
-                let wait = match next_due {
-                    Ok(Some(due)) => due
-                        .duration_since(SystemTime::now())
-                        .unwrap_or(Duration::ZERO)
-                        .clamp(Duration::from_millis(100), POLL_INTERVAL),
-                    Ok(None) | Err(_) => POLL_INTERVAL,
-                };
-                tokio::select! {
-                    _ = wake.notified() => {}
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = shutdown_requested(&mut shutdown) => {}
-                }
-                continue;
-            }
-            self.process(batch, &mut shutdown).await;
+            workers.spawn(worker.run(wake.clone(), shutdown.clone()));
         }
-        if !self.stranded.is_empty() {
-            let marks = std::mem::take(&mut self.stranded);
-            self.record(marks).await;
+        while let Some(done) = workers.join_next().await {
+            if let Err(e) = done {
+                error!(
+                    "An upload worker stopped unexpectedly; the others go on. Restart passerelled to re-queue the instances it held. error=\"{e}\""
+                );
+            }
         }
         info!("Uplink stopped.");
         Ok(())
     }
+}
 
-    /// Uploads one claimed batch (in halves after a 413) and records every outcome.
-    async fn process(&mut self, batch: Vec<QueuedInstance>, shutdown: &mut watch::Receiver<bool>) {
-        let mut seen = HashSet::new();
-        let (batch, later): (Vec<_>, Vec<_>) = batch
-            .into_iter()
-            .partition(|i| seen.insert(i.sop_instance_uid.clone()));
-        let mut marks: Vec<(InstanceId, String, Mark)> = later
-            .into_iter()
-            .map(|i| (i.id, i.sop_instance_uid, Mark::Release))
-            .collect();
-
-        let mut work = vec![batch];
-        while let Some(part) = work.pop() {
-            if part.is_empty() {
-                continue;
-            }
-            if stop_requested(shutdown) || self.state.paused_until.is_some() {
-                marks.extend(
-                    part.into_iter()
-                        .map(|i| (i.id, i.sop_instance_uid, Mark::Release)),
-                );
-                continue;
-            }
-            let started = Instant::now();
-            let (sent, report) = self.exchange(&part, shutdown).await;
-            let elapsed = started.elapsed();
-            let now = SystemTime::now();
-            self.jitter = rand::thread_rng().gen_range(-0.2..=0.2);
-            let (mut in_request, left_out): (Vec<_>, Vec<_>) =
-                part.into_iter().partition(|i| !report.left_out(i.id));
-            for inst in left_out {
-                if let Some((_, why)) = report.unreadable.iter().find(|(id, _)| *id == inst.id) {
-                    let error = format!("The spool file could not be read: {why}");
-                    let at = now + self.retry_delay(inst.attempts, None);
-                    self.note_error(&error, now);
-                    marks.push((inst.id, inst.sop_instance_uid, Mark::Retry { error, at }));
-                }
-            }
-            let exchange = match sent {
-                Sent::Nothing => continue,
-                Sent::Aborted { body_complete } => {
-                    info!(
-                        "Stopped an upload for shutdown; its instances stay queued. study_instance_uid={} instances={} body_complete={body_complete}",
-                        study_of(&in_request),
-                        in_request.len()
-                    );
-                    marks.extend(in_request.into_iter().map(|i| {
-                        let mark = if body_complete {
-                            Mark::Retry {
-                                error: "The upload was stopped by a shutdown after its body was sent; the PACS may hold these instances already.".into(),
-                                at: now,
-                            }
-                        } else {
-                            Mark::Release
-                        };
-                        (i.id, i.sop_instance_uid, mark)
-                    }));
-                    continue;
-                }
-                Sent::Done(exchange) => exchange,
-            };
-            match outcome::decide(&in_request, &exchange) {
-                Decision::Split => {
-                    let second = in_request.split_off(in_request.len().div_ceil(2));
-                    info!(
-                        "The PACS found the request too large (HTTP 413); sending the batch again in two halves. study_instance_uid={} instances={} first_half={} second_half={}",
-                        study_of(&in_request),
-                        in_request.len() + second.len(),
-                        in_request.len(),
-                        second.len()
-                    );
-                    work.push(second);
-                    work.push(in_request);
-                }
-                Decision::Pause { error } => {
-                    let until = now + Duration::from_secs(self.cfg.auth_pause_secs);
-                    error!(
-                        "Paused the uplink: {error} Nothing is lost: the instances stay queued. paused_until=\"{}\" study_instance_uid={} instances={}",
-                        httpdate::fmt_http_date(until),
-                        study_of(&in_request),
-                        in_request.len()
-                    );
-                    self.state.paused_until = Some(until);
-                    self.note_error(&error, now);
-                    marks.extend(
-                        in_request
-                            .into_iter()
-                            .map(|i| (i.id, i.sop_instance_uid, Mark::Release)),
-                    );
-                }
-                Decision::PerInstance(actions) => {
-                    let (status, whole_request_failed, retry_after) = match &exchange {
-                        Exchange::Answered(a) => (
-                            Some(a.status),
-                            a.status >= 500 || a.status == 429,
-                            a.retry_after,
-                        ),
-                        Exchange::Failed(_) => (None, true, None),
-                    };
-                    let delivered =
-                        self.apply(&in_request, actions, status, elapsed, now, &mut marks);
-                    if delivered > 0 {
-                        self.upstream_recovered().await;
-                    } else if whole_request_failed {
-                        self.upstream_failed(retry_after);
-                        // The other halves of a split batch wait for the upstream with the rest.
-                        for rest in work.drain(..) {
-                            marks.extend(
-                                rest.into_iter()
-                                    .map(|i| (i.id, i.sop_instance_uid, Mark::Release)),
-                            );
-                        }
-                    }
-                }
-            }
-        }
-        self.record(marks).await;
-        self.save_state().await;
+impl Link {
+    /// The shared health (a worker that panicked while holding it left nothing half-written that
+    /// matters more than going on).
+    fn health(&self) -> MutexGuard<'_, Health> {
+        self.health
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Turns per-instance actions into marks, with log lines.
-    fn apply(
-        &mut self,
-        instances: &[QueuedInstance],
-        actions: Vec<(InstanceId, Action)>,
-        status: Option<u16>,
-        elapsed: Duration,
-        now: SystemTime,
-        marks: &mut Vec<(InstanceId, String, Mark)>,
-    ) -> usize {
-        let (mut delivered, mut bytes, mut redelivered) = (0usize, 0u64, 0usize);
-        let mut retries: Vec<(String, usize, SystemTime)> = Vec::new();
-        for (id, action) in actions {
-            let Some(inst) = instances.iter().find(|i| i.id == id) else {
-                continue;
-            };
-            let uid = inst.sop_instance_uid.clone();
-            match action {
-                Action::Sent {
-                    redelivery,
-                    warning_reason,
-                } => {
-                    delivered += 1;
-                    bytes += inst.raw_size;
-                    redelivered += usize::from(redelivery);
-                    if let Some(code) = warning_reason {
-                        warn!(
-                            "The PACS stored an instance with a warning. sop_instance_uid={uid} warning_reason={code:#06X} meaning=\"{}\"",
-                            outcome::describe_status(code)
-                        );
-                    }
-                    marks.push((id, uid, Mark::Sent { redelivery }));
-                }
-                Action::Retry { error, not_before } => {
-                    let at = now + self.retry_delay(inst.attempts, not_before);
-                    match retries.iter_mut().find(|(e, _, _)| *e == error) {
-                        Some((_, n, first_at)) => {
-                            *n += 1;
-                            *first_at = (*first_at).min(at);
-                        }
-                        None => retries.push((error.clone(), 1, at)),
-                    }
-                    self.note_error(&error, now);
-                    marks.push((id, uid, Mark::Retry { error, at }));
-                }
-                Action::Failed { reason } => {
-                    error!(
-                        "The PACS refused an instance for good; it stays in the spool as failed. Fix the cause, then re-queue it with `passerelled requeue`. sop_instance_uid={uid} study_instance_uid={} reason=\"{reason}\"",
-                        inst.study_instance_uid
-                    );
-                    self.note_error(&reason, now);
-                    marks.push((id, uid, Mark::Failed { reason }));
-                }
-            }
-        }
-        if delivered > 0 {
-            info!(
-                "Delivered batch. study_instance_uid={} instances={delivered} bytes={bytes} elapsed_ms={} redelivered={redelivered} http_status={}",
-                study_of(instances),
-                elapsed.as_millis(),
-                status.map_or_else(|| "none".into(), |s| s.to_string())
-            );
-            self.state.last_success_at = Some(now);
-        }
-        for (error, n, at) in retries {
-            warn!(
-                "Upload not confirmed; it will be retried. study_instance_uid={} instances={n} next_attempt_at=\"{}\" error=\"{error}\"",
-                study_of(instances),
-                httpdate::fmt_http_date(at)
-            );
-        }
-        delivered
+    /// Tells waiting workers to look again.
+    fn bump(&self) {
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
     }
 
-    /// The upstream as a whole did not take a request: hold every request (not just this batch's)
-    /// for a backoff that grows with the failures in a row, so an outage is not hammered by the
-    /// instances that keep arriving.
-    fn upstream_failed(&mut self, retry_after: Option<Duration>) {
-        let delay = self.retry_delay(self.upstream_failures, retry_after);
-        self.upstream_failures = self.upstream_failures.saturating_add(1);
-        self.retries_may_wait = true;
-        self.hold_until = Some(Instant::now() + delay);
-        info!(
-            "Holding all uploads until the PACS answers again. failures_in_a_row={} next_try_in_secs={}",
-            self.upstream_failures,
-            delay.as_secs()
-        );
+    fn paused(&self) -> bool {
+        self.health().state.paused_until.is_some()
     }
 
-    /// The upstream took a request again: lift the hold and bring forward everything that waited
-    /// on a retry schedule, so the backlog goes out in full batches now.
-    async fn upstream_recovered(&mut self) {
-        self.hold_until = None;
-        self.upstream_failures = 0;
-        if !std::mem::take(&mut self.retries_may_wait) {
-            return;
-        }
-        let now = SystemTime::now();
-        match self
-            .spool_call("bring retries forward", move |s| s.expedite_retries(now))
+    fn note_error(&self, error: &str, now: SystemTime) {
+        let mut h = self.health();
+        h.state.last_error = Some(error.to_string());
+        h.state.last_error_at = Some(now);
+    }
+
+    async fn save_state(&self) {
+        let _one_at_a_time = self.saving.lock().await;
+        let state = self.health().state.clone();
+        if let Err(e) = self
+            .spool_call("save the uplink state", move |s| s.set_uplink_state(&state))
             .await
         {
-            Ok(0) => {}
-            Ok(n) => info!(
-                "The PACS takes uploads; the instances waiting for a retry are due now. instances={n}"
-            ),
-            Err(e) => warn!(
-                "Cannot bring waiting retries forward; they will go out on their own schedule. error=\"{}\"",
+            error!(
+                "Cannot save the uplink state in the spool; `passerelled status` may show an old state. error=\"{}\"",
                 error_chain(&e)
-            ),
+            );
         }
+    }
+
+    async fn spool_call<T, F>(&self, action: &'static str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Spool) -> passerelle_spool::Result<T> + Send + 'static,
+    {
+        let spool = self.spool.clone();
+        tokio::task::spawn_blocking(move || f(&spool))
+            .await
+            .map_err(|source| UplinkError::JoinSpoolTask { action, source })?
+            .map_err(|source| UplinkError::Spool { action, source })
     }
 
     /// Sends one request for `instances` and waits for its answer, the idle watchdog or shutdown.
@@ -689,20 +504,430 @@ impl Uplink {
         };
         (sent, report)
     }
+}
+
+impl Worker {
+    /// Claims batches, posts them and records their outcomes until shutdown.
+    async fn run(mut self, wake: Arc<Notify>, mut shutdown: watch::Receiver<bool>) {
+        let link = self.link.clone();
+        let mut changed = link.changed.subscribe();
+        while !stop_requested(&shutdown) {
+            if !self.stranded.is_empty() {
+                let marks = std::mem::take(&mut self.stranded);
+                self.record(marks).await;
+                if !self.stranded.is_empty() {
+                    wait_or_shutdown(SPOOL_ERROR_WAIT, &mut shutdown).await;
+                    continue;
+                }
+            }
+            // Seen before looking at the health: a change made after this wakes the waits below.
+            changed.borrow_and_update();
+            let (paused_until, hold_until, proven) = {
+                let h = link.health();
+                (h.state.paused_until, h.hold_until, h.proven)
+            };
+            if let Some(until) = paused_until {
+                if let Ok(left) = until.duration_since(SystemTime::now()) {
+                    if !left.is_zero() {
+                        wait_or_shutdown(left, &mut shutdown).await;
+                        continue;
+                    }
+                }
+                let over = {
+                    let mut h = link.health();
+                    let same = h.state.paused_until == Some(until);
+                    if same {
+                        h.state.paused_until = None;
+                    }
+                    same
+                };
+                if over {
+                    link.save_state().await;
+                    info!("The uplink pause is over; uploads resume.");
+                    link.bump();
+                }
+                continue;
+            }
+
+            if let Some(until) = hold_until {
+                let left = until.saturating_duration_since(Instant::now());
+                if !left.is_zero() {
+                    wait_or_shutdown(left, &mut shutdown).await;
+                    continue;
+                }
+            }
+
+            if self.index > 0 && !proven {
+                // Until the upstream takes a request, the first worker alone sends.
+                wait_for_change(&mut changed, POLL_INTERVAL, &mut shutdown).await;
+                continue;
+            }
+
+            let now = SystemTime::now();
+            let (max_count, max_bytes) = (link.cfg.batch_max_instances, link.cfg.batch_max_bytes());
+            let batch = match link
+                .spool_call("claim a batch", move |s| {
+                    s.claim_batch(max_count, max_bytes, now)
+                })
+                .await
+            {
+                Ok(batch) => batch,
+                Err(e) => {
+                    error!(
+                        "Cannot claim instances to upload from the spool; trying again in {} s. Check the spool disk. error=\"{}\"",
+                        SPOOL_ERROR_WAIT.as_secs(),
+                        error_chain(&e)
+                    );
+                    wait_or_shutdown(SPOOL_ERROR_WAIT, &mut shutdown).await;
+                    continue;
+                }
+            };
+            if batch.is_empty() {
+                let next_due = link
+                    .spool_call("find the next due time", |s| s.next_due())
+                    .await;
+                let wait = match next_due {
+                    Ok(Some(due)) => due
+                        .duration_since(SystemTime::now())
+                        .unwrap_or(Duration::ZERO)
+                        .clamp(Duration::from_millis(100), POLL_INTERVAL),
+                    Ok(None) | Err(_) => POLL_INTERVAL,
+                };
+                tokio::select! {
+                    _ = wake.notified() => {}
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown_requested(&mut shutdown) => {}
+                }
+                continue;
+            }
+            if proven && link.cfg.connections > 1 {
+                // More may be due: an idle worker looks while this batch goes out.
+                wake.notify_one();
+            }
+
+            let (batch, busy): (Vec<_>, Vec<_>) = {
+                let mut h = link.health();
+                let (batch, busy): (Vec<_>, Vec<_>) = batch
+                    .into_iter()
+                    .partition(|i| !h.in_flight.contains(&i.sop_instance_uid));
+                h.in_flight
+                    .extend(batch.iter().map(|i| i.sop_instance_uid.clone()));
+                (batch, busy)
+            };
+            if !busy.is_empty() {
+                info!(
+                    "Left instances for a later request: another request in flight carries the same SOP Instance UID. instances={}",
+                    busy.len()
+                );
+                self.record(
+                    busy.into_iter()
+                        .map(|i| (i.id, i.sop_instance_uid, Mark::Release))
+                        .collect(),
+                )
+                .await;
+            }
+            if batch.is_empty() {
+                // Everything due is in another request: wait for one to finish.
+                wait_for_change(&mut changed, POLL_INTERVAL, &mut shutdown).await;
+                continue;
+            }
+            let uids: Vec<String> = batch.iter().map(|i| i.sop_instance_uid.clone()).collect();
+            self.process(batch, &mut shutdown).await;
+            {
+                let mut h = link.health();
+                for uid in &uids {
+                    h.in_flight.remove(uid);
+                }
+            }
+            link.bump();
+        }
+        if !self.stranded.is_empty() {
+            let marks = std::mem::take(&mut self.stranded);
+            self.record(marks).await;
+        }
+    }
+
+    /// Uploads one claimed batch (in halves after a 413) and records every outcome.
+    async fn process(&mut self, batch: Vec<QueuedInstance>, shutdown: &mut watch::Receiver<bool>) {
+        let link = self.link.clone();
+        let mut seen = HashSet::new();
+        let (batch, later): (Vec<_>, Vec<_>) = batch
+            .into_iter()
+            .partition(|i| seen.insert(i.sop_instance_uid.clone()));
+        let mut marks: Vec<(InstanceId, String, Mark)> = later
+            .into_iter()
+            .map(|i| (i.id, i.sop_instance_uid, Mark::Release))
+            .collect();
+
+        let mut work = vec![batch];
+        while let Some(part) = work.pop() {
+            if part.is_empty() {
+                continue;
+            }
+            if stop_requested(shutdown) || link.paused() {
+                marks.extend(
+                    part.into_iter()
+                        .map(|i| (i.id, i.sop_instance_uid, Mark::Release)),
+                );
+                continue;
+            }
+            let started = Instant::now();
+            let (sent, report) = link.exchange(&part, shutdown).await;
+            let elapsed = started.elapsed();
+            let now = SystemTime::now();
+            self.jitter = rand::thread_rng().gen_range(-0.2..=0.2);
+            let (mut in_request, left_out): (Vec<_>, Vec<_>) =
+                part.into_iter().partition(|i| !report.left_out(i.id));
+            for inst in left_out {
+                if let Some((_, why)) = report.unreadable.iter().find(|(id, _)| *id == inst.id) {
+                    let error = format!("The spool file could not be read: {why}");
+                    let at = now + self.retry_delay(inst.attempts, None);
+                    link.note_error(&error, now);
+                    marks.push((inst.id, inst.sop_instance_uid, Mark::Retry { error, at }));
+                }
+            }
+            let exchange = match sent {
+                Sent::Nothing => continue,
+                Sent::Aborted { body_complete } => {
+                    info!(
+                        "Stopped an upload for shutdown; its instances stay queued. study_instance_uid={} instances={} body_complete={body_complete}",
+                        study_of(&in_request),
+                        in_request.len()
+                    );
+                    marks.extend(in_request.into_iter().map(|i| {
+                        let mark = if body_complete {
+                            Mark::Retry {
+                                error: "The upload was stopped by a shutdown after its body was sent; the PACS may hold these instances already.".into(),
+                                at: now,
+                            }
+                        } else {
+                            Mark::Release
+                        };
+                        (i.id, i.sop_instance_uid, mark)
+                    }));
+                    continue;
+                }
+                Sent::Done(exchange) => exchange,
+            };
+            match outcome::decide(&in_request, &exchange) {
+                Decision::Split => {
+                    let second = in_request.split_off(in_request.len().div_ceil(2));
+                    info!(
+                        "The PACS found the request too large (HTTP 413); sending the batch again in two halves. study_instance_uid={} instances={} first_half={} second_half={}",
+                        study_of(&in_request),
+                        in_request.len() + second.len(),
+                        in_request.len(),
+                        second.len()
+                    );
+                    work.push(second);
+                    work.push(in_request);
+                }
+                Decision::Pause { error } => {
+                    let until = now + Duration::from_secs(link.cfg.auth_pause_secs);
+                    let already_paused = {
+                        let mut h = link.health();
+                        h.proven = false;
+                        h.state.last_error = Some(error.clone());
+                        h.state.last_error_at = Some(now);
+                        match h.state.paused_until {
+                            Some(at) if at > now => true,
+                            _ => {
+                                h.state.paused_until = Some(until);
+                                false
+                            }
+                        }
+                    };
+                    if already_paused {
+                        warn!(
+                            "A request that was in flight when the uplink paused was refused too: {error} Its instances stay queued. study_instance_uid={} instances={}",
+                            study_of(&in_request),
+                            in_request.len()
+                        );
+                    } else {
+                        error!(
+                            "Paused the uplink: {error} Nothing is lost: the instances stay queued. paused_until=\"{}\" study_instance_uid={} instances={}",
+                            httpdate::fmt_http_date(until),
+                            study_of(&in_request),
+                            in_request.len()
+                        );
+                    }
+                    marks.extend(
+                        in_request
+                            .into_iter()
+                            .map(|i| (i.id, i.sop_instance_uid, Mark::Release)),
+                    );
+                }
+                Decision::PerInstance(actions) => {
+                    let (status, whole_request_failed, retry_after) = match &exchange {
+                        Exchange::Answered(a) => (
+                            Some(a.status),
+                            a.status >= 500 || a.status == 429,
+                            a.retry_after,
+                        ),
+                        Exchange::Failed(_) => (None, true, None),
+                    };
+                    let delivered =
+                        self.apply(&in_request, actions, status, elapsed, now, &mut marks);
+                    if delivered > 0 {
+                        self.upstream_recovered().await;
+                    } else if whole_request_failed {
+                        self.upstream_failed(retry_after, started);
+                        // The other halves of a split batch wait for the upstream with the rest.
+                        for rest in work.drain(..) {
+                            marks.extend(
+                                rest.into_iter()
+                                    .map(|i| (i.id, i.sop_instance_uid, Mark::Release)),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        self.record(marks).await;
+        link.save_state().await;
+    }
+
+    /// Turns per-instance actions into marks, with log lines.
+    fn apply(
+        &mut self,
+        instances: &[QueuedInstance],
+        actions: Vec<(InstanceId, Action)>,
+        status: Option<u16>,
+        elapsed: Duration,
+        now: SystemTime,
+        marks: &mut Vec<(InstanceId, String, Mark)>,
+    ) -> usize {
+        let (mut delivered, mut bytes, mut redelivered) = (0usize, 0u64, 0usize);
+        let mut retries: Vec<(String, usize, SystemTime)> = Vec::new();
+        for (id, action) in actions {
+            let Some(inst) = instances.iter().find(|i| i.id == id) else {
+                continue;
+            };
+            let uid = inst.sop_instance_uid.clone();
+            match action {
+                Action::Sent {
+                    redelivery,
+                    warning_reason,
+                } => {
+                    delivered += 1;
+                    bytes += inst.raw_size;
+                    redelivered += usize::from(redelivery);
+                    if let Some(code) = warning_reason {
+                        warn!(
+                            "The PACS stored an instance with a warning. sop_instance_uid={uid} warning_reason={code:#06X} meaning=\"{}\"",
+                            outcome::describe_status(code)
+                        );
+                    }
+                    marks.push((id, uid, Mark::Sent { redelivery }));
+                }
+                Action::Retry { error, not_before } => {
+                    let at = now + self.retry_delay(inst.attempts, not_before);
+                    match retries.iter_mut().find(|(e, _, _)| *e == error) {
+                        Some((_, n, first_at)) => {
+                            *n += 1;
+                            *first_at = (*first_at).min(at);
+                        }
+                        None => retries.push((error.clone(), 1, at)),
+                    }
+                    self.link.note_error(&error, now);
+                    marks.push((id, uid, Mark::Retry { error, at }));
+                }
+                Action::Failed { reason } => {
+                    error!(
+                        "The PACS refused an instance for good; it stays in the spool as failed. Fix the cause, then re-queue it with `passerelled requeue`. sop_instance_uid={uid} study_instance_uid={} reason=\"{reason}\"",
+                        inst.study_instance_uid
+                    );
+                    self.link.note_error(&reason, now);
+                    marks.push((id, uid, Mark::Failed { reason }));
+                }
+            }
+        }
+        if delivered > 0 {
+            info!(
+                "Delivered batch. study_instance_uid={} instances={delivered} bytes={bytes} elapsed_ms={} redelivered={redelivered} http_status={}",
+                study_of(instances),
+                elapsed.as_millis(),
+                status.map_or_else(|| "none".into(), |s| s.to_string())
+            );
+            self.link.health().state.last_success_at = Some(now);
+        }
+        for (error, n, at) in retries {
+            warn!(
+                "Upload not confirmed; it will be retried. study_instance_uid={} instances={n} next_attempt_at=\"{}\" error=\"{error}\"",
+                study_of(instances),
+                httpdate::fmt_http_date(at)
+            );
+        }
+        delivered
+    }
+
+    /// The upstream as a whole did not take a request: hold every request (not just this batch's,
+    /// and every worker's) for a backoff that grows with the failures in a row, so an outage is not
+    /// hammered by the instances that keep arriving. A request that was already in flight when
+    /// another one's failure was counted saw the same outage and does not count again.
+    fn upstream_failed(&mut self, retry_after: Option<Duration>, started: Instant) {
+        let (failures, delay) = {
+            let mut h = self.link.health();
+            h.proven = false;
+            h.retries_may_wait = true;
+            if h.failure_counted_at.is_some_and(|at| started <= at) {
+                return;
+            }
+            let delay = self.retry_delay(h.upstream_failures, retry_after);
+            h.upstream_failures = h.upstream_failures.saturating_add(1);
+            let now = Instant::now();
+            h.failure_counted_at = Some(now);
+            h.hold_until = Some(now + delay);
+            (h.upstream_failures, delay)
+        };
+        info!(
+            "Holding all uploads until the PACS answers again. failures_in_a_row={failures} next_try_in_secs={}",
+            delay.as_secs()
+        );
+    }
+
+    /// The upstream took a request again: lift the hold, let every worker send, and bring forward
+    /// everything that waited on a retry schedule, so the backlog goes out in full batches now.
+    async fn upstream_recovered(&mut self) {
+        let (expedite, newly_proven) = {
+            let mut h = self.link.health();
+            h.hold_until = None;
+            h.upstream_failures = 0;
+            h.failure_counted_at = None;
+            let newly_proven = !std::mem::replace(&mut h.proven, true);
+            (std::mem::take(&mut h.retries_may_wait), newly_proven)
+        };
+        if newly_proven {
+            self.link.bump();
+        }
+        if !expedite {
+            return;
+        }
+        let now = SystemTime::now();
+        match self
+            .link
+            .spool_call("bring retries forward", move |s| s.expedite_retries(now))
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => info!(
+                "The PACS takes uploads; the instances waiting for a retry are due now. instances={n}"
+            ),
+            Err(e) => warn!(
+                "Cannot bring waiting retries forward; they will go out on their own schedule. error=\"{}\"",
+                error_chain(&e)
+            ),
+        }
+    }
 
     fn retry_delay(&self, attempts: u32, not_before: Option<Duration>) -> Duration {
         outcome::retry_delay(
-            self.cfg.retry_base_secs,
-            self.cfg.retry_max_secs,
+            self.link.cfg.retry_base_secs,
+            self.link.cfg.retry_max_secs,
             attempts,
             not_before,
             self.jitter,
         )
-    }
-
-    fn note_error(&mut self, error: &str, now: SystemTime) {
-        self.state.last_error = Some(error.to_string());
-        self.state.last_error_at = Some(now);
     }
 
     /// Records outcomes in the spool; the ones that fail are kept for later.
@@ -714,7 +939,7 @@ impl Uplink {
             // The PACS confirmed these instances; the spool does not know yet.
             passerelle_spool::crash_point!("uplink::record::before_mark_sent");
         }
-        let spool = self.spool.clone();
+        let spool = self.link.spool.clone();
         let done = tokio::task::spawn_blocking(move || {
             let mut failed = Vec::new();
             for (id, uid, mark) in marks {
@@ -748,31 +973,6 @@ impl Uplink {
                 "The task recording upload outcomes failed; restarting passerelled re-queues the affected instances. error=\"{e}\""
             ),
         }
-    }
-
-    async fn save_state(&mut self) {
-        let state = self.state.clone();
-        if let Err(e) = self
-            .spool_call("save the uplink state", move |s| s.set_uplink_state(&state))
-            .await
-        {
-            error!(
-                "Cannot save the uplink state in the spool; `passerelled status` may show an old state. error=\"{}\"",
-                error_chain(&e)
-            );
-        }
-    }
-
-    async fn spool_call<T, F>(&self, action: &'static str, f: F) -> Result<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Spool) -> passerelle_spool::Result<T> + Send + 'static,
-    {
-        let spool = self.spool.clone();
-        tokio::task::spawn_blocking(move || f(&spool))
-            .await
-            .map_err(|source| UplinkError::JoinSpoolTask { action, source })?
-            .map_err(|source| UplinkError::Spool { action, source })
     }
 }
 
@@ -829,6 +1029,20 @@ async fn shutdown_requested(shutdown: &mut watch::Receiver<bool>) {
 async fn wait_or_shutdown(wait: Duration, shutdown: &mut watch::Receiver<bool>) {
     tokio::select! {
         _ = tokio::time::sleep(wait) => {}
+        _ = shutdown_requested(shutdown) => {}
+    }
+}
+
+/// Completes when a waiting worker may go on (see [`Link::changed`]), after `poll` at the latest,
+/// or at shutdown.
+async fn wait_for_change(
+    changed: &mut watch::Receiver<u64>,
+    poll: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+) {
+    tokio::select! {
+        _ = changed.changed() => {}
+        _ = tokio::time::sleep(poll) => {}
         _ = shutdown_requested(shutdown) => {}
     }
 }

@@ -211,6 +211,14 @@ struct StubState {
     seen: Mutex<Vec<Seen>>,
     tls_failures: AtomicUsize,
     read_rate: Option<u64>,
+    /// While not 0: answers wait until this many requests wait for theirs at once.
+    gate: AtomicUsize,
+    /// Requests whose body was read and whose answer is not sent yet.
+    pending: watch::Sender<usize>,
+    max_pending: AtomicUsize,
+    /// The SOP Instance UIDs of those requests, and every UID seen in two of them at once.
+    pending_uids: Mutex<Vec<String>>,
+    overlapping_uids: Mutex<Vec<String>>,
 }
 
 pub struct Stub {
@@ -260,6 +268,11 @@ impl Stub {
             seen: Mutex::new(Vec::new()),
             tls_failures: AtomicUsize::new(0),
             read_rate: options.read_rate,
+            gate: AtomicUsize::new(0),
+            pending: watch::channel(0).0,
+            max_pending: AtomicUsize::new(0),
+            pending_uids: Mutex::new(Vec::new()),
+            overlapping_uids: Mutex::new(Vec::new()),
         });
         let st = state.clone();
         tokio::spawn(async move {
@@ -309,6 +322,23 @@ impl Stub {
 
     pub fn tls_failures(&self) -> usize {
         self.state.tls_failures.load(Ordering::SeqCst)
+    }
+
+    /// From now on, answers wait until `n` requests wait for theirs at once; then the gate stays
+    /// open. A request waits at most 10 s, so that an uplink sending one request at a time is
+    /// answered and the test fails on its assertions instead of hanging.
+    pub fn hold_answers_until_concurrent(&self, n: usize) {
+        self.state.gate.store(n, Ordering::SeqCst);
+    }
+
+    /// The most requests that were waiting for their answers at the same time.
+    pub fn max_concurrent(&self) -> usize {
+        self.state.max_pending.load(Ordering::SeqCst)
+    }
+
+    /// SOP Instance UIDs that were in two requests waiting for their answers at the same time.
+    pub fn overlapping_uids(&self) -> Vec<String> {
+        self.state.overlapping_uids.lock().unwrap().clone()
     }
 }
 
@@ -384,15 +414,46 @@ async fn handle(
             }
         }
     }
+    {
+        let mut pending = st.pending_uids.lock().unwrap();
+        for uid in &seen.uids {
+            if pending.contains(uid) {
+                st.overlapping_uids.lock().unwrap().push(uid.clone());
+            }
+        }
+        pending.extend(seen.uids.iter().cloned());
+    }
+    st.pending.send_modify(|n| {
+        *n += 1;
+        st.max_pending.fetch_max(*n, Ordering::SeqCst);
+    });
+    let want = st.gate.load(Ordering::SeqCst);
+    if want > 0 {
+        let mut pending = st.pending.subscribe();
+        // Once one request saw enough company, the gate is open for the others too.
+        let open = |n: &usize| *n >= want || st.gate.load(Ordering::SeqCst) == 0;
+        let _ = tokio::time::timeout(Duration::from_secs(10), pending.wait_for(open)).await;
+        st.gate.store(0, Ordering::SeqCst);
+    }
     let reply = if seen.malformed.is_some() {
         Reply::status(400)
     } else {
         (st.handler)(&seen)
     };
+    let uids = seen.uids.clone();
     st.seen.lock().unwrap().push(seen);
     if reply.hang {
         std::future::pending::<()>().await;
     }
+    {
+        let mut pending = st.pending_uids.lock().unwrap();
+        for uid in &uids {
+            if let Some(at) = pending.iter().position(|u| u == uid) {
+                pending.remove(at);
+            }
+        }
+    }
+    st.pending.send_modify(|n| *n -= 1);
     let mut response = hyper::Response::builder().status(reply.status);
     for (name, value) in &reply.headers {
         response = response.header(name, value);
@@ -450,8 +511,8 @@ pub fn store(spool: &Spool, study: &str, uid: &str, dataset_len: usize) -> Vec<u
         accession_number: "A1".into(),
     };
     match written.commit(index).unwrap() {
-        StoreOutcome::Stored { .. } => {}
-        other => panic!("expected a new instance, got {other:?}"),
+        StoreOutcome::Stored { .. } | StoreOutcome::NewVersion { .. } => {}
+        other => panic!("expected a new instance or a new version, got {other:?}"),
     }
     [header, dataset].concat()
 }
