@@ -3,8 +3,11 @@ including when the test fails."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,41 @@ from harness.orthanc import Orthanc, start_orthanc, tools_present  # noqa: E402
 from harness.pki import Pki, make_pki  # noqa: E402
 
 CT_SLICES = 200
+
+
+KEEP_RUNS = 3
+
+
+def _alive(pid_file: Path) -> bool:
+    try:
+        os.kill(int(pid_file.read_text()), 0)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Temporary directories live under /tmp/passerelle-pytest/run-*/ instead of /tmp/pytest-of-root: the
+    daemon runs as `passerelle` and must traverse them, and pytest resets /tmp/pytest-of-root to 0700
+    whenever another session starts. Each session gets its own run directory (the last 3 are kept, as
+    pytest does; one whose session still runs is never removed)."""
+    if config.option.basetemp is not None:
+        return
+    root = Path(tempfile.gettempdir()) / "passerelle-pytest"
+    root.mkdir(mode=0o755, exist_ok=True)
+    st = root.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise pytest.UsageError(f"{root} is not a directory owned by this user and writable only by it.")
+    os.chmod(root, 0o755)
+    run = Path(tempfile.mkdtemp(prefix="run-", dir=root))
+    os.chmod(run, 0o755)
+    (run / "pid").write_text(str(os.getpid()))
+    runs = sorted((d for d in root.glob("run-*") if d != run), key=lambda d: d.stat().st_mtime, reverse=True)
+    for old in runs[KEEP_RUNS - 1:]:
+        if not _alive(old / "pid"):
+            shutil.rmtree(old, ignore_errors=True)
+    config.option.basetemp = run / "t"
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

@@ -67,6 +67,7 @@ class NsGateway(Gateway):
     def start(self, wait_ready: bool = True) -> None:
         if not self.config_path.exists():
             self.write_config()
+        self.prepare_for_daemon()
         self.starts += 1
         self.proc = start_process(["ip", "netns", "exec", NS, str(passerelled_bin()), "--config",
                                    str(self.config_path)], self.log_path, env=self._env())

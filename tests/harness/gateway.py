@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import grp
 import json
 import os
+import pwd
 import signal
+import stat
 import subprocess
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +20,56 @@ from .util import free_port, run, start_process, tail, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 AE_TITLE = "PASSERELLE"
+# The account the daemon switches to when started as root (daemon.user's default), as on the box.
+DAEMON_USER = "passerelle"
+
+
+def ensure_daemon_user(name: str = DAEMON_USER) -> pwd.struct_passwd:
+    """The daemon's system account, created as tests/setup.sh does if it is missing (tests run as root)."""
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name], timeout=30)
+        return pwd.getpwnam(name)
+
+
+def make_traversable(path: Path) -> None:
+    """Lets every user traverse (not list) each directory from `path` up to /: pytest makes its temporary
+    directories 0700, and the daemon runs as `passerelle`."""
+    for d in [path, *path.parents]:
+        try:
+            st = d.stat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and not st.st_mode & stat.S_IXOTH:
+            os.chmod(d, stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
+
+
+def share_with_daemon(path: Path, user: pwd.struct_passwd) -> None:
+    """Makes a file the daemon reads (CA, client certificate and key) readable by `user`: its group
+    becomes the user's group when others may not read it (a private key is 0600)."""
+    make_traversable(path.parent)
+    st = path.stat()
+    if not st.st_mode & stat.S_IROTH and st.st_uid != user.pw_uid:
+        if st.st_gid != user.pw_gid:
+            os.chown(path, -1, user.pw_gid)
+        os.chmod(path, stat.S_IMODE(st.st_mode) | stat.S_IRGRP)
+
+
+def give_to_daemon(path: Path, user: pwd.struct_passwd) -> None:
+    """Creates `path` if needed and gives it, and everything in it the test process wrote as root, to
+    `user` (files vanishing meanwhile under a running daemon are fine)."""
+    make_traversable(path.parent)
+    path.mkdir(parents=True, exist_ok=True)
+    for root, dirs, files in os.walk(path):
+        for name in [".", *dirs, *files]:
+            p = os.path.join(root, name)
+            try:
+                st = os.lstat(p)
+                if st.st_uid != user.pw_uid or st.st_gid != user.pw_gid:
+                    os.lchown(p, user.pw_uid, user.pw_gid)
+            except FileNotFoundError:
+                pass
 
 
 def passerelled_bin() -> Path:
@@ -101,6 +155,24 @@ class Gateway:
         self.config_path.write_text("\n".join(lines))
         return self.config_path
 
+    def prepare_for_daemon(self) -> None:
+        """What a box's installer does: the spool belongs to the daemon user, and the files the daemon reads
+        (and the notification socket it writes to) are reachable by it. The daemon starts as root and
+        switches to that user; the config stays root's (it is read before the switch)."""
+        if os.geteuid() != 0:
+            return
+        user = ensure_daemon_user()
+        cfg = tomllib.loads(self.config_path.read_text())
+        give_to_daemon(Path(cfg.get("spool", {}).get("dir", self.spool_dir)), user)
+        uplink = cfg.get("uplink", {})
+        for key in ("ca_file", "client_cert", "client_key"):
+            if uplink.get(key) and Path(uplink[key]).is_file():
+                share_with_daemon(Path(uplink[key]), user)
+        notify = self._env().get("NOTIFY_SOCKET", "")
+        if notify.startswith("/") and Path(notify).exists():
+            make_traversable(Path(notify).parent)
+            os.chmod(notify, 0o777)
+
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
         env.setdefault("RUST_LOG", "info")
@@ -119,6 +191,7 @@ class Gateway:
         assert not self.running, "passerelled already runs"
         if not self.config_path.exists():
             self.write_config()
+        self.prepare_for_daemon()
         self.starts += 1
         with open(self.log_path, "a") as log:
             log.write(f"\n===== start #{self.starts}: {binary} --config {self.config_path} =====\n")
@@ -186,6 +259,8 @@ class Gateway:
     # -- commands ------------------------------------------------------------------------------------
 
     def cli(self, *args: str, check: bool = False, timeout: float = 60) -> subprocess.CompletedProcess:
+        if self.config_path.exists():
+            self.prepare_for_daemon()  # rebuild-index or status after the test damaged the spool as root
         return run([str(passerelled_bin()), *args], timeout=timeout, check=check, env=self._env())
 
     def status(self) -> dict:

@@ -22,7 +22,9 @@ with TLS verification on (the test PKI's server certificate carries IP:10.0.2.2)
 guest through two forwards on 127.0.0.1: `port` → the DICOM port, `admin_port` → busybox httpd, whose CGI
 scripts answer `passerelled status --json` (`status()`), the spool's `(SOP Instance UID, state)` rows
 read with sqlite3 (`spool_rows()`), and send SIGTERM to passerelled (`stop()`); the daemon has no admin
-HTTP API yet. When passerelled exits the guest syncs, unmounts the spool, prints
+HTTP API yet. The DICOM forward is added through QEMU's monitor (`hostfwd_add`) only when /init prints
+`starting passerelled`: while the guest boots, an existing forward would accept a modality's connection
+and hold it for seconds, where a refused connection lets the modality retry at once. When passerelled exits the guest syncs, unmounts the spool, prints
 `vm-init: passerelled exited with code N` and powers off, so QEMU exits too: `running` is false once the
 daemon is gone, as with `Gateway`.
 
@@ -39,7 +41,7 @@ The appliance image: when the image issue lands, it plugs in by overriding `boot
 (`-drive file=appliance.img,...` with its own kernel and init, the spool on its data partition or on a
 second disk made like this one) instead of `-kernel vmlinuz -initrd initrd.cpio`, and keep the three
 things this class relies on: the guest's log on ttyS0, the two port forwards (DICOM and the status/stop
-HTTP endpoints), and the `vm-init: passerelled exited with code N` line when the daemon ends. Everything
+HTTP endpoints), and the `starting passerelled` and `vm-init: passerelled exited with code N` lines. Everything
 else (`kill()` as power cut, the campaign, the test) stays as it is.
 
 When /dev/kvm cannot be opened, QEMU runs with TCG (much slower boots and I/O); the log says so.
@@ -52,7 +54,9 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -157,8 +161,11 @@ class VmGateway:
     disk_mb: int = 1024
     memory_mb: int = 512
     cpus: int = 2
+    monitor_port: int = field(default_factory=free_port)  # QEMU's HMP monitor on 127.0.0.1
     accel: str = ""  # "kvm" or "tcg", chosen at the first start (choose_accel)
     accel_why: str = ""
+    forwarded: bool = False  # the DICOM forward exists for the current boot
+    _forwarder: threading.Thread | None = None
 
     @property
     def config_path(self) -> Path:
@@ -262,12 +269,15 @@ class VmGateway:
     def qemu_argv(self, kernel: Path, initrd: Path) -> list[str]:
         # -cpu max: "host" trips over MSRs (0x10a) that nested KVM does not let QEMU set.
         accel = ["-accel", "kvm", "-cpu", "max,-arch-capabilities"] if self.accel == "kvm" else ["-accel", "tcg"]
-        fwd = (f"hostfwd=tcp:127.0.0.1:{self.port}-:{build.GUEST_DICOM_PORT},"
-               f"hostfwd=tcp:127.0.0.1:{self.admin_port}-:{build.GUEST_STATUS_PORT}")
+        # The DICOM forward is added through the monitor once /init starts passerelled (_forward_dicom):
+        # a forward that exists while the guest boots accepts the modality's connection and holds it
+        # until the guest's network answers, seconds later; without it the modality is refused at once.
+        fwd = f"hostfwd=tcp:127.0.0.1:{self.admin_port}-:{build.GUEST_STATUS_PORT}"
         return [
             QEMU, "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none",
             *accel, "-m", str(self.memory_mb), "-smp", str(self.cpus),
             "-chardev", f"file,id=console,path={self.log_path},append=on", "-serial", "chardev:console",
+            "-monitor", f"tcp:127.0.0.1:{self.monitor_port},server=on,wait=off",
             "-netdev", f"user,id=net0,{fwd}", "-device", "virtio-net-pci,netdev=net0",
             *self.boot_args(kernel, initrd),
         ]  # fmt: skip
@@ -285,14 +295,53 @@ class VmGateway:
         if not self.accel:
             self.accel, self.accel_why = choose_accel(kernel)
         self.starts += 1
+        self.forwarded = False
         argv = self.qemu_argv(kernel, initrd)
         with open(self.log_path, "a") as log:
             log.write(f"\n===== start #{self.starts}: {' '.join(argv)} =====\n")
             if self.accel != "kvm":
                 log.write(f"QEMU runs with TCG (emulation; boots and I/O are slower): {self.accel_why}\n")
         self.proc = start_process(argv, self.log_path)
+        self._forwarder = threading.Thread(target=self._forward_dicom, args=(self.proc,), daemon=True,
+                                           name=f"vm-forward-{self.port}")
+        self._forwarder.start()
         if wait_ready:
             self.wait_ready()
+
+    def _monitor(self, command: str) -> str:
+        """One HMP command on QEMU's monitor; returns what QEMU answered."""
+        with socket.create_connection(("127.0.0.1", self.monitor_port), timeout=10) as s:
+            f = s.makefile("rwb")
+            buf = b""
+            while not buf.endswith(b"(qemu) "):
+                chunk = f.read1(4096)
+                if not chunk:
+                    raise ConnectionError(f"QEMU's monitor closed: {buf!r}")
+                buf += chunk
+            f.write(command.encode() + b"\n")
+            f.flush()
+            buf = b""
+            while not buf.endswith(b"(qemu) "):
+                chunk = f.read1(4096)
+                if not chunk:
+                    break
+                buf += chunk
+            return buf.decode(errors="replace")
+
+    def _forward_dicom(self, proc: subprocess.Popen) -> None:
+        """Adds the DICOM port forward once /init starts passerelled (runs in a thread per boot)."""
+        while proc.poll() is None:
+            if "starting passerelled" in self.boot_log():
+                try:
+                    answer = self._monitor(f"hostfwd_add net0 tcp:127.0.0.1:{self.port}-:{build.GUEST_DICOM_PORT}")
+                except OSError as e:
+                    answer = f"monitor error: {e!r}"
+                if "rror" in answer or "fail" in answer:
+                    with open(self.log_path, "a") as log:
+                        log.write(f"harness: could not forward 127.0.0.1:{self.port} to the guest: {answer}\n")
+                self.forwarded = True
+                return
+            time.sleep(0.05)  # polling the log file for /init's line (no event to wait on)
 
     def boot_log(self) -> str:
         """The log of the current (or last) boot."""
@@ -324,7 +373,7 @@ class VmGateway:
     def answers_echo(self) -> bool:
         """C-ECHO through the forward, once /init has started passerelled (before that, slirp accepts the
         host connection and holds it while the guest boots, and echoscu would wait for its timeout)."""
-        if "starting passerelled" not in self.boot_log():
+        if not self.forwarded:
             return False
         return echoscu(self.port, self.ae_title, timeout=15).returncode == 0
 

@@ -104,6 +104,7 @@ def test_the_daemon_logs_structured_records_to_journald_under_systemd(
 ) -> None:
     gw = make_gateway(orthanc, allowed_calling_ae_titles=["CT01"])
     config = gw.write_config()
+    gw.prepare_for_daemon()  # the spool is the daemon user's, as gw.start() does
     stderr_path = tmp_path / "stderr.log"
     with open(stderr_path, "wb") as stderr:
         st = os.fstat(stderr.fileno())

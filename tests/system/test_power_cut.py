@@ -141,7 +141,12 @@ def test_power_cuts_lose_no_acknowledged_instance(orthanc_recording, vm_gateway,
         for m in modalities:
             m.start()
         for r in range(1, ROUNDS + 1):
-            delay = rng.uniform(0.3, 3.0)
+            # The cut must fall while instances flow: wait for this boot's first acknowledgement (a
+            # modality may still be inside an association attempt that QEMU accepted while the guest booted).
+            n0 = sum(len(m.acked) for m in modalities)
+            wait_until(lambda: sum(len(m.acked) for m in modalities) > n0, 60,
+                       f"round {r}: the modalities to store again after the reboot", interval=0.05)
+            delay = rng.uniform(0.0, 2.5)
             time.sleep(delay)  # the experiment: the plug is pulled at a random moment
             assert gw.running, f"round {r}: the VM stopped before the cut\n{gw.log_excerpt()}"
             gw.kill()
@@ -161,8 +166,6 @@ def test_power_cuts_lose_no_acknowledged_instance(orthanc_recording, vm_gateway,
         assert not m.is_alive(), f"{m.name} did not stop"
     acked = set().union(*(m.acked for m in modalities))
     assert len(acked) > 2 * ROUNDS, f"only {len(acked)} instances acknowledged during {ROUNDS} power cuts"
-    grew = sum(1 for a, b in zip(acked_at_cut, acked_at_cut[1:]) if b > a)
-    assert grew >= ROUNDS // 2, f"the modalities stored between too few cuts: {acked_at_cut}"
 
     status = wait_until(
         lambda: (s := gw.status())["queued"] + s["uploading"] == 0 and s,
@@ -214,7 +217,8 @@ def test_power_cuts_lose_no_acknowledged_instance(orthanc_recording, vm_gateway,
         "byte_identical_sample_size": len(sample),
         "e2fsck_exit_code": fsck.returncode,
         "boot_to_c_echo_seconds_median": round(sorted(boot_secs)[len(boot_secs) // 2], 1),
-        "cut_after_seconds": cut_after,
+        "cut_after_first_ack_seconds": cut_after,
+        "acknowledged_at_each_cut": acked_at_cut,
         "campaign_seconds": round(rounds_done - started, 1),
         "drain_seconds": round(drained - rounds_done, 1),
         "test_seconds": round(finished - started, 1),

@@ -9,12 +9,12 @@
 //! - `main` wraps [`run`], which returns a `Result`; the error chain is printed once, exit code non-zero.
 //! - `status` and `requeue` open the spool database *without* recovery, so they are safe to run while the
 //!   daemon runs.
-//!
-//! # Limitations
-//! The daemon must be started unprivileged (systemd `User=`); it refuses to handle studies as root only
-//! by warning today.
+//! - The daemon never runs as root (`privileges`): started as root, it binds its listener, then switches
+//!   to `daemon.user` before it opens the spool or starts any thread. The commands that open the spool
+//!   (`status`, `requeue`, `rebuild-index`) switch too, so the spool only ever holds that user's files.
 
 mod error;
+mod privileges;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -113,6 +113,7 @@ fn run(cli: Cli) -> Result<i32> {
         Some(Command::CheckConfig) => Ok(check_config(&cli.config)),
         Some(Command::Status { json }) => {
             let cfg = Config::load(&cli.config)?;
+            unprivileged_for_spool(&cfg, false)?;
             let spool = Spool::attach(&cfg.spool)?;
             let report = spool.status(SystemTime::now())?;
             if json {
@@ -124,6 +125,7 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Some(Command::Requeue { sop_instance_uid }) => {
             let cfg = Config::load(&cli.config)?;
+            unprivileged_for_spool(&cfg, false)?;
             let spool = Spool::attach(&cfg.spool)?;
             let n = spool.requeue_failed(sop_instance_uid.as_deref())?;
             println!(
@@ -133,6 +135,7 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Some(Command::RebuildIndex) => {
             let cfg = Config::load(&cli.config)?;
+            unprivileged_for_spool(&cfg, false)?;
             let r = Spool::rebuild_index(&cfg.spool)?;
             println!(
                 "Rebuilt the spool index: files={} queued={} without_index={} quarantined={} previously_quarantined={} unreadable={} temp_files_removed={} previous_database={}",
@@ -158,6 +161,14 @@ fn run(cli: Cli) -> Result<i32> {
     }
 }
 
+/// Before a command touches the spool: drop root (to `daemon.user`) if we are root, and check that
+/// whoever we are now can write the spool.
+fn unprivileged_for_spool(cfg: &Config, create: bool) -> Result<privileges::Identity> {
+    let me = privileges::become_daemon_user(&cfg.daemon.user)?;
+    privileges::check_spool_access(&cfg.spool.dir, &me, &cfg.daemon.user, create)?;
+    Ok(me)
+}
+
 fn check_config(path: &Path) -> i32 {
     let problems = match Config::load(path) {
         Ok(cfg) => cfg.validate(),
@@ -180,17 +191,25 @@ fn check_config(path: &Path) -> i32 {
 }
 
 fn daemon(cfg: Config) -> Result<()> {
+    // Still single-threaded, possibly root: raise the file limit, bind the (possibly privileged)
+    // port, then drop root for good before the spool is opened and before any thread exists.
+    privileges::raise_open_file_limit();
+    let listener = privileges::bind_listener(&cfg.dicom.listen)?;
+    let me = unprivileged_for_spool(&cfg, true)?;
+    if me.name != cfg.daemon.user {
+        info!(
+            "Started as a user other than daemon.user; running as that user. user={} uid={} gid={} daemon_user={}",
+            me.name, me.uid, me.gid, cfg.daemon.user
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|source| DaemonError::Runtime { source })?;
-    runtime.block_on(daemon_async(cfg))
+    runtime.block_on(daemon_async(cfg, listener))
 }
 
-async fn daemon_async(cfg: Config) -> Result<()> {
-    if nix::unistd::geteuid().is_root() {
-        warn!("Passerelle is running as root. Run it as an unprivileged user (systemd User=passerelle); root is only tolerated for development.");
-    }
+async fn daemon_async(cfg: Config, listener: std::net::TcpListener) -> Result<()> {
     let spool_cfg = cfg.spool.clone();
     let (spool, recovery) = tokio::task::spawn_blocking(move || Spool::open(&spool_cfg))
         .await
@@ -205,9 +224,8 @@ async fn daemon_async(cfg: Config) -> Result<()> {
 
     let uplink = passerelle_uplink::Uplink::new(cfg.uplink.clone(), spool.clone())?;
 
-    let listener = tokio::net::TcpListener::bind(&cfg.dicom.listen)
-        .await
-        .map_err(|source| DaemonError::Bind {
+    let listener =
+        tokio::net::TcpListener::from_std(listener).map_err(|source| DaemonError::Bind {
             addr: cfg.dicom.listen.clone(),
             source,
         })?;
