@@ -1,5 +1,7 @@
-//! The leading-element data set parser of a C-STORE (it reads the spooled data set up to (0020,000E)
-//! for the index). The first byte picks the transfer syntax the data set is parsed in.
+//! The leading-element data set parser of a C-STORE and of rebuild-index (the spool's; it reads a data
+//! set up to (0020,000E) for the index), and the scan that runs it on the bytes as they stream in:
+//! cut into PDV-like chunks, the streamed scan must say what a parse of the whole data set says. The
+//! first byte picks the transfer syntax (low bits) and the chunk size (high bits).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -18,7 +20,18 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let ts = SYNTAXES[usize::from(*pick) % SYNTAXES.len()];
-    if let Ok(leading) = fuzzing::parse_leading(dataset, ts) {
+    let whole = fuzzing::parse_leading(dataset, ts);
+    let chunk = 1 + usize::from(*pick / 8) * 13;
+    let mut scan = fuzzing::StreamScan::new(ts);
+    for piece in dataset.chunks(chunk) {
+        scan.feed(piece);
+    }
+    match scan.finish() {
+        Some(streamed) => assert_eq!(streamed, whole, "streamed in chunks of {chunk}"),
+        // Only leading elements longer than the kept prefix are left to a re-read of the file.
+        None => assert!(dataset.len() > fuzzing::PREFIX_CAP, "no answer for {} bytes", dataset.len()),
+    }
+    if let Ok(leading) = whole {
         for uid in [&leading.sop_class_uid, &leading.sop_instance_uid]
             .into_iter()
             .flatten()

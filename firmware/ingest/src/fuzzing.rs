@@ -133,5 +133,6 @@ impl PdvReceiver {
     }
 }
 
-/// The leading-element parser a C-STORE (and `rebuild-index`) reads a data set with: the spool's.
-pub use passerelle_spool::leading::{parse_leading, Leading};
+/// The leading-element parser a C-STORE (and `rebuild-index`) reads a data set with, the spool's,
+/// and the scan that runs it on the data set's first bytes as they stream in.
+pub use passerelle_spool::leading::{parse_leading, Leading, StreamScan, PREFIX_CAP};

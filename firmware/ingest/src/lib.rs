@@ -32,8 +32,9 @@
 //! - A C-STORE starts a blocking store task (`store::receive`) fed through a bounded channel: it
 //!   checks free space, writes the Part-10 header (preamble, `DICM`, group 0002 with our
 //!   implementation UID and the calling AE as Source AE) and then the data PDVs as they arrive,
-//!   parses the leading elements back from the spool file (stopping after (0020,000E), never
-//!   reading pixel data), checks the UIDs against the command, and commits. The response goes out
+//!   has the spool scan the leading elements as they stream in (stopping after (0020,000E), never
+//!   reading pixel data; read back from the file only when they exceed 1 MiB), checks the UIDs
+//!   against the command, and commits. The response goes out
 //!   after the commit. If the task fails early, the rest of the data set is read and discarded and
 //!   the association stays usable.
 //! - A C-STORE whose command UIDs are not 1 to 64 digits and dots is refused (0xC000) without

@@ -2,7 +2,7 @@
 //! the data PDVs through a bounded channel, so at most a few PDUs of an instance are ever in RAM.
 
 use dicom_object::meta::FileMetaTableBuilder;
-use passerelle_spool::leading::{parse_leading, Leading};
+use passerelle_spool::leading::Leading;
 use passerelle_spool::{IncomingMeta, InstanceIndex, Spool, StoreOutcome};
 use tokio::sync::mpsc;
 
@@ -116,21 +116,17 @@ pub(crate) fn receive(
         }
     }
     drop(rx);
-    let written = incoming.finish().map_err(write_err)?;
-    let index = {
-        let reader = written.dataset_reader().map_err(write_err)?;
-        // The parser sees peer bytes: should it ever panic, that is a data set we cannot
-        // understand, not a crash.
-        let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            parse_leading(reader, &meta.transfer_syntax_uid)
-        }))
-        .unwrap_or_else(|_| Err("the DICOM parser failed on this data set".into()));
-        let leading = parsed.map_err(|detail| IngestError::ParseDataset {
-            sop_instance_uid: uid.clone(),
-            detail,
-        })?;
-        check_leading(leading, &meta)?
-    };
+    let mut written = incoming.finish().map_err(write_err)?;
+    // Found as the bytes streamed in (the file is read back only for leading elements over 1 MiB).
+    let leading =
+        written
+            .leading()
+            .map_err(write_err)?
+            .map_err(|detail| IngestError::ParseDataset {
+                sop_instance_uid: uid.clone(),
+                detail,
+            })?;
+    let index = check_leading(leading, &meta)?;
     let raw_bytes = written.raw_len();
     let outcome = written
         .commit(index)

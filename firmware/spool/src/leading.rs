@@ -134,8 +134,122 @@ fn scan(source: impl Read, ts: &dicom_encoding::TransferSyntax) -> Result<Leadin
     Ok(leading)
 }
 
+/// The most dataset bytes [`StreamScan`] keeps while waiting for the leading elements to complete.
+pub const PREFIX_CAP: usize = 1024 * 1024;
+
+/// The leading elements of a data set found as its bytes stream in, so that they need not be read
+/// back from the spool file afterwards.
+///
+/// It keeps the first bytes of the data set (at most [`PREFIX_CAP`]) and parses them again each time
+/// they have doubled, until a parse ends without having asked for more bytes than there were: that
+/// parse saw everything it needed, so its answer is final (more bytes would not change it) and the
+/// kept bytes are dropped. For a typical image the leading elements are in the first data PDV and
+/// the parse is done once. Should the cap be reached first (leading elements over a megabyte), the
+/// scan gives up and [`StreamScan::finish`] returns `None`: the caller parses the stored file.
+///
+/// A deflated data set is parsed only once whole (if it fits in the prefix): how far a damaged
+/// deflate stream inflates before failing depends on how much of it is at hand, so the parse of a
+/// prefix could answer otherwise than the parse of the whole.
+#[derive(Debug)]
+pub struct StreamScan {
+    ts_uid: String,
+    /// Parse prefixes as they grow (not for deflated syntaxes).
+    early: bool,
+    prefix: Vec<u8>,
+    /// The data set is longer than the kept prefix.
+    capped: bool,
+    /// Parse again once the prefix holds this many bytes.
+    next_try: usize,
+    outcome: Option<Result<Leading, String>>,
+}
+
+impl StreamScan {
+    /// A scan of a data set encoded in `ts_uid`.
+    pub fn new(ts_uid: &str) -> Self {
+        let deflated = TransferSyntaxRegistry
+            .get(ts_uid.trim_matches(|c: char| c == '\0' || c.is_ascii_whitespace()))
+            .is_some_and(|ts| matches!(ts.codec(), Codec::Dataset(_)));
+        StreamScan {
+            ts_uid: ts_uid.to_owned(),
+            early: !deflated,
+            prefix: Vec::new(),
+            capped: false,
+            next_try: 1,
+            outcome: None,
+        }
+    }
+
+    /// The next bytes of the data set, in order.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        if self.outcome.is_some() || self.capped || bytes.is_empty() {
+            return;
+        }
+        let room = PREFIX_CAP - self.prefix.len();
+        let take = bytes.len().min(room);
+        // Grow by doubling, never past the cap.
+        let want = self.prefix.len() + take;
+        if want > self.prefix.capacity() {
+            let target = (self.prefix.capacity() * 2).clamp(want, PREFIX_CAP.max(want));
+            self.prefix.reserve_exact(target - self.prefix.len());
+        }
+        self.prefix.extend_from_slice(&bytes[..take]);
+        if take < bytes.len() {
+            self.capped = true;
+        }
+        if self.early && (self.prefix.len() >= self.next_try || self.capped) {
+            self.attempt(false);
+        }
+    }
+
+    /// Parses the kept prefix; `complete` says it is the whole data set.
+    fn attempt(&mut self, complete: bool) {
+        let mut source = Prefix {
+            bytes: &self.prefix,
+            pos: 0,
+            exhausted: false,
+        };
+        let parsed = parse_leading_caught(&mut source, &self.ts_uid);
+        if complete || !source.exhausted {
+            self.outcome = Some(parsed);
+            self.prefix = Vec::new();
+        } else {
+            self.next_try = self.prefix.len().saturating_mul(2);
+        }
+    }
+
+    /// The data set has ended. `Some` is what [`parse_leading`] says of the whole data set; `None`
+    /// means the leading elements did not fit in [`PREFIX_CAP`] bytes: parse the stored file.
+    pub fn finish(mut self) -> Option<Result<Leading, String>> {
+        if self.outcome.is_none() && !self.capped {
+            self.attempt(true);
+        }
+        self.outcome
+    }
+}
+
+/// The kept prefix as a reader that notes whether the parser asked for more than it holds.
+struct Prefix<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    exhausted: bool,
+}
+
+impl Read for Prefix<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let rest = self.bytes.get(self.pos..).unwrap_or_default();
+        if rest.is_empty() && !buf.is_empty() {
+            self.exhausted = true;
+            return Ok(0);
+        }
+        let n = rest.len().min(buf.len());
+        buf[..n].copy_from_slice(&rest[..n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use dicom_core::{DataElement, PrimitiveValue, VR};
     use dicom_dictionary_std::uids;
@@ -259,5 +373,99 @@ mod tests {
         let whole = dataset(uids::EXPLICIT_VR_LITTLE_ENDIAN, "1.2.3.4.5");
         assert!(parse_leading(&whole[..40], uids::EXPLICIT_VR_LITTLE_ENDIAN).is_err());
         assert!(parse_leading(&b""[..], "1.2.3.999").is_err());
+    }
+
+    fn streamed(bytes: &[u8], ts: &str, chunk: usize) -> Option<Result<Leading, String>> {
+        let mut scan = StreamScan::new(ts);
+        for piece in bytes.chunks(chunk) {
+            scan.feed(piece);
+            assert!(scan.prefix.capacity() <= PREFIX_CAP);
+        }
+        scan.finish()
+    }
+
+    #[test]
+    #[allow(deprecated)] // explicit VR big endian is retired, yet still sent
+    fn the_streamed_scan_says_what_a_parse_of_the_whole_data_set_says_however_it_is_cut() {
+        let whole = dataset(uids::EXPLICIT_VR_LITTLE_ENDIAN, "1.2.3.4.5");
+        let mut samples = vec![
+            (whole[..40].to_vec(), uids::EXPLICIT_VR_LITTLE_ENDIAN),
+            (
+                whole[..whole.len() - 30].to_vec(),
+                uids::EXPLICIT_VR_LITTLE_ENDIAN,
+            ),
+            (
+                b"not DICOM at all, only text".to_vec(),
+                uids::IMPLICIT_VR_LITTLE_ENDIAN,
+            ),
+            (Vec::new(), uids::EXPLICIT_VR_LITTLE_ENDIAN),
+            (whole.clone(), "1.2.3.999"),
+        ];
+        for ts in [
+            uids::IMPLICIT_VR_LITTLE_ENDIAN,
+            uids::EXPLICIT_VR_LITTLE_ENDIAN,
+            uids::EXPLICIT_VR_BIG_ENDIAN,
+            uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN,
+        ] {
+            samples.push((dataset(ts, "1.2.3.4.5"), ts));
+        }
+        for (bytes, ts) in samples {
+            let once = parse_leading(&bytes[..], ts);
+            for chunk in [1, 3, 7, 64, 100, 4096, bytes.len().max(1)] {
+                assert_eq!(
+                    streamed(&bytes, ts, chunk),
+                    Some(once.clone()),
+                    "{ts}, {} bytes in chunks of {chunk}",
+                    bytes.len()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_scan_keeps_no_bytes_once_the_leading_elements_are_complete() {
+        // The header in the first chunk, then megabytes of pixel data.
+        let header = dataset(uids::EXPLICIT_VR_LITTLE_ENDIAN, "1.2.3.4.5");
+        let mut scan = StreamScan::new(uids::EXPLICIT_VR_LITTLE_ENDIAN);
+        scan.feed(&header);
+        assert_eq!(scan.outcome, Some(Ok(expected("1.2.3.4.5"))));
+        assert_eq!(scan.prefix.capacity(), 0);
+        for _ in 0..64 {
+            scan.feed(&[0x5a; 64 * 1024]);
+        }
+        assert_eq!(scan.prefix.capacity(), 0);
+        assert_eq!(scan.finish(), Some(Ok(expected("1.2.3.4.5"))));
+    }
+
+    /// Leading elements longer than the kept prefix: two private values of 600 KB before the study.
+    pub(crate) fn dataset_with_long_leading_elements() -> Vec<u8> {
+        let plain = dataset(uids::EXPLICIT_VR_LITTLE_ENDIAN, "1.2.3.4.5");
+        let mut obj = InMemDicomObject::read_dataset_with_ts(
+            &plain[..],
+            &entries::EXPLICIT_VR_LITTLE_ENDIAN.erased(),
+        )
+        .unwrap();
+        for group in [0x0009, 0x0011] {
+            obj.put(DataElement::new(
+                Tag(group, 0x1000),
+                VR::OB,
+                PrimitiveValue::from(vec![7u8; 600 * 1024]),
+            ));
+        }
+        let mut out = Vec::new();
+        obj.write_dataset_with_ts(&mut out, &entries::EXPLICIT_VR_LITTLE_ENDIAN.erased())
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn leading_elements_longer_than_the_prefix_cap_leave_the_answer_to_the_stored_file() {
+        let bytes = dataset_with_long_leading_elements();
+        assert!(bytes.len() > PREFIX_CAP);
+        let ts = uids::EXPLICIT_VR_LITTLE_ENDIAN;
+        assert_eq!(parse_leading(&bytes[..], ts), Ok(expected("1.2.3.4.5")));
+        for chunk in [16 * 1024, 256 * 1024, bytes.len()] {
+            assert_eq!(streamed(&bytes, ts, chunk), None, "chunks of {chunk}");
+        }
     }
 }

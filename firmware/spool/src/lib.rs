@@ -899,11 +899,12 @@ impl Spool {
             hasher: Sha256::new(),
             raw_len: 0,
             header_len: part10_header.len() as u64,
+            scan: leading::StreamScan::new(&meta.transfer_syntax_uid),
             meta,
             spool: self.clone(),
             guard,
         };
-        incoming.write_all(part10_header)?;
+        incoming.write_raw(part10_header)?;
         Ok(incoming)
     }
 
@@ -1605,22 +1606,32 @@ pub struct Incoming {
     hasher: Sha256,
     raw_len: u64,
     header_len: u64,
+    /// The leading elements, found as the dataset streams in.
+    scan: leading::StreamScan,
     meta: IncomingMeta,
     spool: Spool,
     guard: TempGuard,
 }
 
 impl Incoming {
-    /// Appends dataset bytes (as received in the data PDVs) to the zstd stream and the hash.
+    /// Appends dataset bytes (as received in the data PDVs) to the zstd stream and the hash, and
+    /// scans them for the leading elements.
     pub fn write_all(&mut self, dataset_bytes: &[u8]) -> Result<()> {
+        self.write_raw(dataset_bytes)?;
+        self.scan.feed(dataset_bytes);
+        Ok(())
+    }
+
+    /// Appends bytes to the zstd stream and the hash.
+    fn write_raw(&mut self, bytes: &[u8]) -> Result<()> {
         self.encoder
-            .write_all(dataset_bytes)
+            .write_all(bytes)
             .map_err(|source| SpoolError::Write {
                 path: self.guard.path.clone(),
                 source,
             })?;
-        self.hasher.update(dataset_bytes);
-        self.raw_len += dataset_bytes.len() as u64;
+        self.hasher.update(bytes);
+        self.raw_len += bytes.len() as u64;
         Ok(())
     }
 
@@ -1636,6 +1647,7 @@ impl Incoming {
             hasher,
             raw_len,
             header_len,
+            scan,
             meta,
             spool,
             guard,
@@ -1655,6 +1667,7 @@ impl Incoming {
             sha256: hex::encode(hasher.finalize()),
             raw_len,
             header_len,
+            leading: scan.finish(),
             stored_len,
             meta,
             spool,
@@ -1669,6 +1682,8 @@ pub struct Written {
     sha256: String,
     raw_len: u64,
     header_len: u64,
+    /// What the streaming scan found (`None`: the leading elements did not fit its prefix).
+    leading: Option<std::result::Result<leading::Leading, String>>,
     stored_len: u64,
     meta: IncomingMeta,
     spool: Spool,
@@ -1676,6 +1691,25 @@ pub struct Written {
 }
 
 impl Written {
+    /// The dataset's leading elements (the inner `Err` says why the dataset cannot be understood).
+    /// They were found as the bytes streamed in; only when they did not fit in the first
+    /// [`leading::PREFIX_CAP`] bytes is the file read back (decompressed, up to what the parser
+    /// needs). The outer `Err` is a failure to read the file back.
+    pub fn leading(&mut self) -> Result<std::result::Result<leading::Leading, String>> {
+        if let Some(found) = self.leading.take() {
+            return Ok(found);
+        }
+        log::debug!(
+            "The leading elements did not fit in the first bytes kept while receiving; reading them back from the spool file. sop_instance_uid={}",
+            self.meta.sop_instance_uid
+        );
+        let reader = self.dataset_reader()?;
+        Ok(leading::parse_leading_caught(
+            reader,
+            &self.meta.transfer_syntax_uid,
+        ))
+    }
+
     /// Reads the dataset bytes back (decompressed, after the Part-10 header), for leading-element
     /// parsing. Callers read only what they need.
     pub fn dataset_reader(&self) -> Result<Box<dyn Read + Send + '_>> {
@@ -1715,6 +1749,7 @@ impl Written {
             sha256,
             raw_len,
             header_len: _,
+            leading: _,
             stored_len,
             meta,
             spool,

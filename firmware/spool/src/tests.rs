@@ -228,6 +228,33 @@ fn spool_file_is_content_addressed_zstd_with_checksum_and_row_holds_every_field(
 }
 
 #[test]
+fn the_leading_elements_come_from_the_stream_and_from_the_file_only_past_the_prefix_cap() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    let ts = "1.2.840.10008.1.2.1";
+    let expected = leading::tests::expected("1.2.3.4.5");
+    for dataset in [
+        leading::tests::dataset(ts, "1.2.3.4.5"),
+        leading::tests::dataset_with_long_leading_elements(),
+    ] {
+        let inst = Inst::new("1.2.3.4.5", "1.2.3.10", 0, 9);
+        let mut incoming = spool.begin(inst.meta(), &inst.header).unwrap();
+        for piece in dataset.chunks(16 * 1024) {
+            incoming.write_all(piece).unwrap();
+        }
+        let mut written = incoming.finish().unwrap();
+        assert_eq!(
+            written.leading.is_some(),
+            dataset.len() <= leading::PREFIX_CAP,
+            "streamed unless over the cap"
+        );
+        assert_eq!(written.leading().unwrap(), Ok(expected.clone()));
+        // Asked again, the stored file gives the same answer.
+        assert_eq!(written.leading().unwrap(), Ok(expected.clone()));
+    }
+}
+
+#[test]
 fn dataset_reader_yields_the_dataset_without_the_part10_header() {
     let fx = Fixture::new();
     let spool = fx.spool();
