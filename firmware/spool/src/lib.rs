@@ -160,6 +160,22 @@ pub enum StoreOutcome {
     },
 }
 
+/// What an upload did for one instance, for [`Spool::record_outcomes`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The upstream confirmed it (as [`Spool::mark_sent`]).
+    Sent { redelivery: bool },
+    /// A retryable failure (as [`Spool::mark_retry`]).
+    Retry {
+        error: String,
+        next_attempt_at: SystemTime,
+    },
+    /// A permanent failure (as [`Spool::mark_failed`]).
+    Failed { reason: String },
+    /// Back to `queued` without counting an attempt (as [`Spool::release`]).
+    Release,
+}
+
 /// An instance the uplink has claimed (its row is now `uploading`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueuedInstance {
@@ -1264,6 +1280,92 @@ impl Spool {
             &[QUEUED],
         )?;
         Ok(())
+    }
+
+    /// Records the outcomes of one upload in a single transaction: one WAL sync for the whole batch
+    /// instead of one per instance. Each row changes exactly as [`Spool::mark_sent`],
+    /// [`Spool::mark_retry`], [`Spool::mark_failed`] or [`Spool::release`] would change it, and a row
+    /// in another state is left alone as they leave it. Either every outcome is recorded or, on an
+    /// error, none is. Returns the ids whose rows no longer exist (nothing was recorded for them).
+    pub fn record_outcomes(&self, outcomes: &[(InstanceId, Outcome)]) -> Result<Vec<InstanceId>> {
+        let now_ms = to_ms(SystemTime::now());
+        let mut gone = Vec::new();
+        let mut any_sent = false;
+        {
+            let mut conn = self.conn();
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .ctx("start recording upload outcomes")?;
+            for (id, outcome) in outcomes {
+                let (action, quiet, changed): (&str, &[&str], _) = match outcome {
+                    Outcome::Sent { .. } => (
+                        "mark an instance sent",
+                        &[SENT],
+                        tx.prepare_cached(
+                            "UPDATE instances SET state = 'sent', sent_at = ?2 WHERE id = ?1 AND state IN ('queued', 'uploading', 'failed')",
+                        )
+                        .and_then(|mut s| s.execute(params![id.0, now_ms])),
+                    ),
+                    Outcome::Retry { error, next_attempt_at } => (
+                        "schedule a retry",
+                        &[],
+                        tx.prepare_cached(
+                            "UPDATE instances SET state = 'queued', attempts = attempts + 1, last_error = ?2, next_attempt_at = ?3 WHERE id = ?1 AND state IN ('uploading', 'queued')",
+                        )
+                        .and_then(|mut s| s.execute(params![id.0, error, to_ms(*next_attempt_at)])),
+                    ),
+                    Outcome::Failed { reason } => (
+                        "mark an instance failed",
+                        &[FAILED],
+                        tx.prepare_cached(
+                            "UPDATE instances SET state = 'failed', attempts = attempts + 1, last_error = ?2 WHERE id = ?1 AND state IN ('uploading', 'queued')",
+                        )
+                        .and_then(|mut s| s.execute(params![id.0, reason])),
+                    ),
+                    Outcome::Release => (
+                        "release an instance",
+                        &[QUEUED],
+                        tx.prepare_cached(
+                            "UPDATE instances SET state = 'queued' WHERE id = ?1 AND state = 'uploading'",
+                        )
+                        .and_then(|mut s| s.execute([id.0])),
+                    ),
+                };
+                if changed.ctx(action)? > 0 {
+                    if let Outcome::Sent { redelivery } = outcome {
+                        any_sent = true;
+                        if *redelivery {
+                            db::bump_counter(&tx, DUPLICATES_UPSTREAM)?;
+                        }
+                    }
+                    continue;
+                }
+                let row: Option<(String, String)> = tx
+                    .prepare_cached("SELECT state, sop_instance_uid FROM instances WHERE id = ?1")
+                    .and_then(|mut s| {
+                        s.query_row([id.0], |r| Ok((r.get(0)?, r.get(1)?)))
+                            .optional()
+                    })
+                    .ctx(action)?;
+                match row {
+                    None => gone.push(*id),
+                    Some((state, uid)) if !quiet.contains(&state.as_str()) => log::warn!(
+                        "Ignored a state change for an instance in another state; nothing was lost. sop_instance_uid={uid} id={} state={state} action={action}",
+                        id.0
+                    ),
+                    Some(_) => {}
+                }
+            }
+            tx.commit().ctx("commit upload outcomes")?;
+        }
+        if any_sent && self.inner.cfg.retention_hours == 0 {
+            let _evicting = self.evicting();
+            if let Err(e) = self.evict_stage(EvictStage::Retention(now_ms), now_ms) {
+                // The confirmations are recorded; the next eviction pass will free the files.
+                log::warn!("Could not evict confirmed instances right away; they will be evicted later. error={e}");
+            }
+        }
+        Ok(gone)
     }
 
     /// Operator action: `failed` rows (all, or the one with this SOP Instance UID) go back to `queued`,

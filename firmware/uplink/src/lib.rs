@@ -106,7 +106,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use log::{error, info, warn};
 use passerelle_config::UplinkConfig;
-use passerelle_spool::{InstanceId, QueuedInstance, Spool, SpoolError, UplinkState};
+use passerelle_spool::{InstanceId, Outcome, QueuedInstance, Spool, UplinkState};
 use rand::Rng;
 use reqwest::header::{ACCEPT, CONTENT_TYPE, LOCATION, RETRY_AFTER};
 use tokio::sync::{mpsc, watch, Notify};
@@ -148,6 +148,24 @@ enum Mark {
     Retry { error: String, at: SystemTime },
     Failed { reason: String },
     Release,
+}
+
+impl Mark {
+    fn outcome(&self) -> Outcome {
+        match self {
+            Mark::Sent { redelivery } => Outcome::Sent {
+                redelivery: *redelivery,
+            },
+            Mark::Retry { error, at } => Outcome::Retry {
+                error: error.clone(),
+                next_attempt_at: *at,
+            },
+            Mark::Failed { reason } => Outcome::Failed {
+                reason: reason.clone(),
+            },
+            Mark::Release => Outcome::Release,
+        }
+    }
 }
 
 /// The STOW-RS uplink. Build it with [`Uplink::new`], run it with [`Uplink::run`].
@@ -939,36 +957,31 @@ impl Worker {
             // The PACS confirmed these instances; the spool does not know yet.
             passerelle_spool::crash_point!("uplink::record::before_mark_sent");
         }
+        let outcomes: Vec<(InstanceId, Outcome)> = marks
+            .iter()
+            .map(|(id, _, mark)| (*id, mark.outcome()))
+            .collect();
         let spool = self.link.spool.clone();
-        let done = tokio::task::spawn_blocking(move || {
-            let mut failed = Vec::new();
-            for (id, uid, mark) in marks {
-                let r = match &mark {
-                    Mark::Sent { redelivery } => spool.mark_sent(id, *redelivery),
-                    Mark::Retry { error, at } => spool.mark_retry(id, error, *at),
-                    Mark::Failed { reason } => spool.mark_failed(id, reason),
-                    Mark::Release => spool.release(id),
-                };
-                match r {
-                    Ok(()) => {}
-                    Err(SpoolError::NoSuchRow { .. }) => warn!(
+        // One transaction for the whole request: one WAL sync, not one per instance.
+        let done = tokio::task::spawn_blocking(move || spool.record_outcomes(&outcomes)).await;
+        match done {
+            Ok(Ok(gone)) => {
+                for (id, uid, _) in marks.iter().filter(|(id, _, _)| gone.contains(id)) {
+                    warn!(
                         "An uploaded instance's row is gone from the spool; nothing to record. sop_instance_uid={uid} id={}",
                         id.0
-                    ),
-                    Err(e) => {
-                        error!(
-                            "Cannot record an upload outcome in the spool; trying again in a few seconds. Check the spool disk. sop_instance_uid={uid} outcome={mark:?} error=\"{}\"",
-                            error_chain(&e)
-                        );
-                        failed.push((id, uid, mark));
-                    }
+                    );
                 }
             }
-            failed
-        })
-        .await;
-        match done {
-            Ok(failed) => self.stranded.extend(failed),
+            Ok(Err(e)) => {
+                error!(
+                    "Cannot record upload outcomes in the spool; trying again in a few seconds. Check the spool disk. instances={} first_sop_instance_uid={} error=\"{}\"",
+                    marks.len(),
+                    marks.first().map_or("none", |(_, uid, _)| uid.as_str()),
+                    error_chain(&e)
+                );
+                self.stranded.extend(marks);
+            }
             Err(e) => error!(
                 "The task recording upload outcomes failed; restarting passerelled re-queues the affected instances. error=\"{e}\""
             ),
