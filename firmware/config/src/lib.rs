@@ -162,7 +162,7 @@ impl Default for UplinkConfig {
             retry_base_secs: 2,
             retry_max_secs: 600,
             auth_pause_secs: 600,
-            connections: 2,
+            connections: 4,
         }
     }
 }
@@ -515,7 +515,7 @@ impl Config {
             bad(
                 "uplink.connections",
                 format!("{} requests in flight at once is out of range.", self.uplink.connections),
-                "Use 1 to 8 (default 2): more than one keeps the link busy while the PACS stores a batch.",
+                "Use 1 to 8 (default 4): more than one keeps the link busy while the PACS stores a batch.",
             );
         }
         if self.uplink.idle_timeout_secs == 0 || self.uplink.connect_timeout_secs == 0 {

@@ -210,10 +210,10 @@ fn the_daemon_user_defaults_to_passerelle_and_is_never_root() {
 }
 
 #[test]
-fn uplink_connections_default_to_2_and_stay_within_1_to_8() {
+fn uplink_connections_default_to_4_and_stay_within_1_to_8() {
     let ca = ca_pem();
     let cfg = Config::parse(&minimal(ca.path())).unwrap();
-    assert_eq!(cfg.uplink.connections, 2);
+    assert_eq!(cfg.uplink.connections, 4);
     for good in [1, 4, 8] {
         let text =
             minimal(ca.path()).replace("[uplink]\n", &format!("[uplink]\nconnections = {good}\n"));
