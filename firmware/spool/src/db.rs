@@ -159,3 +159,86 @@ pub(crate) fn counter(conn: &Connection, name: &str) -> Result<u64> {
         .ctx("read a counter")?;
     Ok(to_u64(v.unwrap_or(0)))
 }
+
+/// How often the checkpointer looks for WAL frames to copy into the database.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
+/// The daemon's connection checkpoints by itself only past this many WAL pages (32 MiB): a backstop
+/// should the checkpointer fall behind. SQLite's default (1000 pages) would run a checkpoint, with
+/// its two extra fsyncs, inside an instance's commit every hundred or so instances.
+const BACKSTOP_AUTOCHECKPOINT: i64 = 8192;
+
+/// Copies the WAL into the database on its own thread and connection, so that checkpoints (and
+/// their fsyncs) happen beside the C-STORE acknowledgement path rather than inside a commit.
+/// Dropping it stops the thread and waits for it (its connection is closed by then).
+pub(crate) struct Checkpointer {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    /// Starts the checkpointer for the database at `path`, and leaves `conn` (the spool's own
+    /// connection) only the backstop automatic checkpoint.
+    pub(crate) fn start(path: &Path, conn: &Connection) -> Result<Checkpointer> {
+        let checkpointer = open_checkpoint_connection(path)?;
+        conn.pragma_update(None, "wal_autocheckpoint", BACKSTOP_AUTOCHECKPOINT)
+            .ctx("set the automatic checkpoint threshold")?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let display = path.display().to_string();
+        let thread = std::thread::Builder::new()
+            .name("spool-checkpoint".into())
+            .spawn(move || run_checkpoints(&checkpointer, &stopped, &display))
+            .map_err(|source| SpoolError::StartThread {
+                what: "the spool database checkpointer",
+                source,
+            })?;
+        Ok(Checkpointer {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn open_checkpoint_connection(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path).ctx("open the database for checkpoints")?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .ctx("set the busy timeout")?;
+    // A checkpoint must fsync the database before the WAL it copied can be overwritten.
+    conn.pragma_update(None, "synchronous", "FULL")
+        .ctx("set synchronous=FULL")?;
+    conn.pragma_update(None, "wal_autocheckpoint", 0)
+        .ctx("set the automatic checkpoint threshold")?;
+    Ok(conn)
+}
+
+fn run_checkpoints(conn: &Connection, stopped: &std::sync::mpsc::Receiver<()>, path: &str) {
+    let mut failing = false;
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+        stopped.recv_timeout(CHECKPOINT_INTERVAL)
+    {
+        // PASSIVE: copies what no reader still needs, never waits for (nor blocks) a writer.
+        let result = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(0));
+        match result {
+            Ok(_) if failing => {
+                failing = false;
+                log::info!("Spool database checkpoints work again. path={path}");
+            }
+            Ok(_) => {}
+            Err(e) if !failing => {
+                failing = true;
+                log::warn!(
+                    "Could not checkpoint the spool database; commits will checkpoint it themselves once its WAL passes 32 MiB. Check the disk. path={path} error={e}"
+                );
+            }
+            Err(_) => {}
+        }
+    }
+}

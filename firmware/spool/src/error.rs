@@ -37,6 +37,13 @@ pub enum SpoolError {
         source: std::io::Error,
     },
 
+    #[error("Cannot start {what}")]
+    StartThread {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+
     #[error("Cannot check free space on {path}")]
     Statvfs {
         path: PathBuf,

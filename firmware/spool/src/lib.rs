@@ -12,8 +12,12 @@
 //! - One SQLite database (`spool.db`, WAL, `synchronous=FULL`) with a row per instance and its state:
 //!   `queued → uploading → sent` (or back to `queued` with a persisted `next_attempt_at`, or to
 //!   `failed`), plus `lost` (file missing at start-up) and `quarantined` (hash mismatch).
-//! - Storing is: write a temporary file, fsync it, rename it into place, fsync the directory, then
-//!   commit the row. Only after [`Written::commit`] returns may ingest answer success.
+//! - Storing is: write a temporary file (the leading elements are scanned as the bytes stream in,
+//!   [`leading::StreamScan`]), fdatasync it, rename it into place, fsync the directory, then commit
+//!   the row (which fsyncs the WAL). Only after [`Written::commit`] returns may ingest answer
+//!   success. The process owning the spool checkpoints the WAL into `spool.db` from a thread of its
+//!   own, so that no commit pays for a checkpoint (a commit still does past 32 MiB of WAL), and
+//!   creates the 256 `objects/<xx>` directories at start-up, so that no commit creates one.
 //! - Recovery at [`Spool::open`]: temp files are removed, rows left `uploading` go back to `queued`
 //!   with one more attempt (the PACS may have stored them before the crash, so their next
 //!   confirmation counts as a possible duplicate upstream), and a row whose file is missing is logged as an ERROR and marked `lost` (counted, never dropped).
@@ -50,7 +54,8 @@
 //!
 //! # Limitations
 //! - All calls are blocking (std I/O and rusqlite); async callers use `spawn_blocking`. One SQLite
-//!   connection behind a mutex serialises database work (file I/O and fsyncs happen outside it).
+//!   connection behind a mutex serialises database work (file I/O and fsyncs happen outside it);
+//!   the checkpointer has a second one.
 //! - Rows are never deleted, evicted ones included: the database grows with the history (a few
 //!   hundred bytes per instance). Pruning old `sent` rows is left for later.
 //! - A crash between the rename into `objects/` and the row commit leaves a file without a row; the
@@ -347,6 +352,9 @@ struct Inner {
     tmp_dir: PathBuf,
     objects_dir: PathBuf,
     quarantine_dir: PathBuf,
+    /// Declared before `conn`: fields drop in order, so its connection closes first and the spool's
+    /// own, closing last, checkpoints and removes the WAL.
+    _checkpointer: Option<db::Checkpointer>,
     conn: Mutex<Connection>,
     /// Held by the process that ran recovery (the daemon) for as long as the spool is open.
     owner_lock: Option<Flock<File>>,
@@ -434,7 +442,9 @@ impl Spool {
         let spool = Spool::with_connection(cfg, owner_lock).map_err(|e| damaged(e, &db_path))?;
         let report = if spool.inner.owner_lock.is_some() {
             spool.check_integrity(&db_path)?;
-            spool.recover()?
+            let report = spool.recover()?;
+            spool.create_fan_dirs();
+            report
         } else {
             RecoveryReport::default()
         };
@@ -461,7 +471,13 @@ impl Spool {
         owner_lock: Option<Flock<File>>,
     ) -> Result<Spool> {
         let dir = cfg.dir.clone();
-        let conn = db::open(&dir.join("spool.db"))?;
+        let db_path = dir.join("spool.db");
+        let conn = db::open(&db_path)?;
+        // The process that owns the spool checkpoints off the acknowledgement path.
+        let checkpointer = match owner_lock {
+            Some(_) => Some(db::Checkpointer::start(&db_path, &conn)?),
+            None => None,
+        };
         Ok(Spool {
             inner: Arc::new(Inner {
                 cfg: cfg.clone(),
@@ -469,6 +485,7 @@ impl Spool {
                 objects_dir: dir.join("objects"),
                 quarantine_dir: dir.join("quarantine"),
                 dir,
+                _checkpointer: checkpointer,
                 conn: Mutex::new(conn),
                 owner_lock,
                 evicting: Mutex::new(()),
@@ -741,6 +758,26 @@ impl Spool {
             return Ok(probe(&self.inner.dir));
         }
         files::free_bytes(&self.inner.dir)
+    }
+
+    /// Creates the 256 `objects/<xx>` directories ahead, so that no commit has to create one (and
+    /// fsync `objects/` for it) on the acknowledgement path. Best effort: on a full disk the daemon
+    /// still starts (and answers 0xA700), and commits create what is missing.
+    fn create_fan_dirs(&self) {
+        let created = (0..=255u8).try_fold(false, |created, fan| {
+            let dir = self.inner.objects_dir.join(format!("{fan:02x}"));
+            files::create_dir(&dir).map(|new| created | new)
+        });
+        let done = match created {
+            Ok(true) => files::fsync_dir(&self.inner.objects_dir),
+            Ok(false) => Ok(()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = done {
+            log::warn!(
+                "Could not create the spool's object directories ahead; each will be created when its first instance arrives. Check the disk. error={e}"
+            );
+        }
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -1857,7 +1894,11 @@ impl Written {
             spool,
             mut guard,
         } = self;
-        file.sync_all().map_err(|source| SpoolError::Sync {
+        // fdatasync, not fsync: it forces the data and every piece of metadata needed to read it back
+        // (the file's size and block allocation, which a freshly written file always changes); it
+        // skips only the timestamps, which nothing here relies on. The name is made durable by the
+        // directory fsync after the rename.
+        file.sync_data().map_err(|source| SpoolError::Sync {
             path: guard.path.clone(),
             source,
         })?;

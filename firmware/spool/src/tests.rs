@@ -255,6 +255,56 @@ fn the_leading_elements_come_from_the_stream_and_from_the_file_only_past_the_pre
 }
 
 #[test]
+fn the_wal_reaches_the_database_file_without_a_commit_checkpointing_it() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    let auto: i64 = spool
+        .conn()
+        .query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))
+        .unwrap();
+    assert!(
+        auto > 1000,
+        "commits checkpoint only as a backstop ({auto})"
+    );
+    let stored = 30;
+    for n in 0..stored {
+        Inst::new(&format!("1.2.9.{n}"), "1.2.9", 2_000, n).stored_id(&spool);
+    }
+    // `immutable=1` reads the database file alone, ignoring the WAL: the rows show there only once
+    // a checkpoint has copied them.
+    let uri = format!("file:{}?immutable=1", fx.path("spool.db").display());
+    let in_file = || -> i64 {
+        let ro = Connection::open_with_flags(
+            &uri,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI,
+        )
+        .unwrap();
+        ro.query_row("SELECT count(*) FROM instances", [], |r| r.get(0))
+            .unwrap_or(-1)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while in_file() != stored as i64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the checkpointer never copied the rows into spool.db ({} there)",
+            in_file()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_256_object_directories_exist_once_the_spool_is_open() {
+    let fx = Fixture::new();
+    let _spool = fx.spool();
+    for fan in ["00", "7f", "ff"] {
+        assert!(fx.path("objects").join(fan).is_dir(), "{fan}");
+    }
+    let count = std::fs::read_dir(fx.path("objects")).unwrap().count();
+    assert_eq!(count, 256);
+}
+
+#[test]
 fn dataset_reader_yields_the_dataset_without_the_part10_header() {
     let fx = Fixture::new();
     let spool = fx.spool();
