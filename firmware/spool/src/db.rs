@@ -68,6 +68,10 @@ CREATE TABLE IF NOT EXISTS uplink_state (
 INSERT OR IGNORE INTO uplink_state (id) VALUES (1);
 ";
 
+/// Key/value facts about the spool itself (its id, see `identity`).
+const META_SCHEMA: &str =
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);";
+
 /// Attaches an action to a rusqlite error.
 pub(crate) trait DbContext<T> {
     fn ctx(self, action: &'static str) -> Result<T>;
@@ -118,6 +122,19 @@ fn migrate(conn: &Connection, path: &Path) -> Result<()> {
             "BEGIN IMMEDIATE; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
         ))
         .ctx("create the schema")?;
+    }
+    // Not behind the schema version, so that an older passerelled (rolled back) still opens the
+    // database: it ignores the table.
+    let has_meta: bool = conn
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta')",
+            [],
+            |r| r.get(0),
+        )
+        .ctx("read the database schema")?;
+    if !has_meta {
+        conn.execute_batch(META_SCHEMA)
+            .ctx("create the meta table")?;
     }
     Ok(())
 }

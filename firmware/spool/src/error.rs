@@ -97,6 +97,12 @@ pub enum SpoolError {
     #[error("The spool database {path} is damaged ({detail}); refusing to start. Stop passerelled and run `passerelled rebuild-index --config FILE`: it keeps the damaged database aside and rebuilds the queue from the spool files")]
     IndexDamaged { path: PathBuf, detail: String },
 
+    #[error("The spool database {path} does not belong to this spool ({detail}): it is not the database these spool files were stored with (a new empty database, another box's, or an old backup), and starting on it would forget acknowledged instances. Nothing was changed. Stop passerelled and run `passerelled rebuild-index --config FILE`: it keeps this database aside and rebuilds the queue from the spool files")]
+    IndexForeign { path: PathBuf, detail: String },
+
+    #[error("The spool identity file {path} is damaged ({detail}). If spool.db is this spool's own database, delete {path} and start passerelled (it is written again from the database); otherwise run `passerelled rebuild-index --config FILE`")]
+    SpoolIdInvalid { path: PathBuf, detail: String },
+
     #[error("Cannot rebuild the spool index while another process (a running passerelled?) holds the spool {path}; stop passerelled first")]
     RebuildWhileRunning { path: PathBuf },
 

@@ -29,7 +29,18 @@
 //!   row per intact file from its Part-10 header and leading elements, streaming; damaged files go to
 //!   `quarantine/`. Rebuilt rows count one attempt, so their confirmation is counted as a possible
 //!   duplicate upstream: instances confirmed before the loss are sent again (at-least-once).
-//! - Layout under `dir`: `spool.db`, `spool.lock`, `tmp/` (files being received), `objects/<xx>/
+//! - A database replaced by another *valid* one (a new empty one, another box's, an old backup) is
+//!   refused too ([`SpoolError::IndexForeign`], naming `rebuild-index`; nothing is changed). The
+//!   spool has an identity (`identity`): a random 128-bit id, in hex, recorded in `spool.db` (table
+//!   `meta`, key `spool_id`) and in the file `spool.id` beside it, both written when the spool is
+//!   created, database first, the file by tmp + fsync + rename + directory fsync. At start-up the
+//!   two must agree. A missing `spool.id` is written again from the database; a database without
+//!   id is accepted (and given `spool.id`'s) only if it holds no row and `objects/` no file. A spool
+//!   from before ids (neither) is adopted with a new id, unless its database is empty while
+//!   `objects/` holds files. The rebuild keeps `spool.id` (or writes a new one) and records the id
+//!   in the new database only after its last row, so that an interrupted rebuild is refused too.
+//!   The `meta` table is not behind the schema version: an older passerelled still opens the spool.
+//! - Layout under `dir`: `spool.db`, `spool.id`, `spool.lock`, `tmp/` (files being received), `objects/<xx>/
 //!   <sha256>.dcm.zst` and `quarantine/<id>-<sha256>.dcm.zst`. Directories are created `0700` and
 //!   files `0600`: they hold patient data.
 //! - The first process to open a spool holds an exclusive `flock` on `spool.lock` and runs recovery.
@@ -60,7 +71,8 @@
 //!   hundred bytes per instance). Pruning old `sent` rows is left for later.
 //! - A crash between the rename into `objects/` and the row commit leaves a file without a row; the
 //!   modality (which got no success) resends it and the resend adopts the file. If it never does,
-//!   the file stays until an operator removes it (no orphan sweep yet).
+//!   the file stays until an operator removes it: nothing deletes a file without a row (recovery
+//!   only empties `tmp/`; eviction deletes only the files of `sent` rows), so no orphan sweep yet.
 //! - Times are wall-clock unix milliseconds. If the clock steps back while running, rows scheduled
 //!   under the old time wait for it; at start-up, a schedule more than 7 days ahead is reset to now.
 //! - Free space is measured with `statvfs` on the spool directory; other writers on the same file
@@ -68,13 +80,17 @@
 //! - The rebuild cannot restore what only the database knew: `failed`/`lost`/`quarantined` states,
 //!   attempt counts, the uplink state and the counters start afresh; evicted instances are gone.
 //!   `PRAGMA quick_check` at start-up reads the whole database (seconds for millions of rows).
-//!   A database replaced by another *valid* one (say, an empty spool's) is not detected: only a
-//!   missing, empty or damaged file is (an empty queue beside spool files is also what a crash
-//!   between the first rename and its row leaves, so it cannot be refused).
+//! - A replaced database is detected only through the id: a backup of this same spool's database
+//!   (same id, an older queue) is accepted, and so is any database with rows on a spool from before
+//!   ids, at its first start with this build. Replacing `spool.db` *and* `spool.id` together with
+//!   another spool's defeats the check. On a spool from before ids, a crash between the very first
+//!   instance's rename and its row leaves an empty queue beside a file: refused, and rebuild-index
+//!   sends that instance (the modality, never acknowledged, may send it again too).
 
 mod db;
 mod error;
 mod files;
+mod identity;
 pub mod leading;
 mod rebuild;
 
@@ -439,9 +455,12 @@ impl Spool {
                 return Err(SpoolError::IndexMissing { path: db_path });
             }
         }
+        // Before anything is written: is this database the one these spool files belong to?
+        let plan = identity::check(&dir, &db_path)?;
         let spool = Spool::with_connection(cfg, owner_lock).map_err(|e| damaged(e, &db_path))?;
         let report = if spool.inner.owner_lock.is_some() {
             spool.check_integrity(&db_path)?;
+            identity::apply(&plan, &dir, &spool.conn())?;
             let report = spool.recover()?;
             spool.create_fan_dirs();
             report
@@ -463,6 +482,8 @@ impl Spool {
             }
             return Err(SpoolError::NotASpool { path: db_path });
         }
+        // Refuses another spool's database; what the owner would write is left to it.
+        identity::check(&cfg.dir, &db_path)?;
         Spool::with_connection(cfg, None).map_err(|e| damaged(e, &db_path))
     }
 
@@ -543,6 +564,23 @@ impl Spool {
             }
         }
         files::fsync_dir(&dir)?;
+        // The rebuilt database takes the spool's id, recorded only once every row is in: a rebuild
+        // cut short leaves a database without it, which the next start refuses.
+        let spool_id = match identity::read_file(&dir) {
+            Ok(Some(id)) => id,
+            Ok(None) => {
+                let id = identity::new_id();
+                identity::write_file(&dir, &id)?;
+                id
+            }
+            Err(e @ SpoolError::SpoolIdInvalid { .. }) => {
+                let id = identity::new_id();
+                log::warn!("Giving the spool a new id while rebuilding its index. spool_id={id} previous_problem={e}");
+                identity::write_file(&dir, &id)?;
+                id
+            }
+            Err(e) => return Err(e),
+        };
         if let Some(previous) = &report.previous_database {
             log::warn!(
                 "Moved the previous spool database aside before rebuilding the index; keep it for inspection or delete it. path={}",
@@ -646,6 +684,7 @@ impl Spool {
         if !report.quarantined.is_empty() {
             files::fsync_dir(&spool.inner.quarantine_dir)?;
         }
+        identity::write_db(&spool.conn(), &spool_id)?;
         log::warn!(
             "Rebuilt the spool index from the spool files; every intact instance is queued and will be sent (again, for those confirmed before). files={} queued={} quarantined={} unreadable={}",
             report.files,
@@ -1700,7 +1739,7 @@ fn index_missing(db_path: &Path) -> bool {
 }
 
 /// Turns SQLite's "not a database" and "corrupt" errors into [`SpoolError::IndexDamaged`].
-fn damaged(e: SpoolError, db_path: &Path) -> SpoolError {
+pub(crate) fn damaged(e: SpoolError, db_path: &Path) -> SpoolError {
     match &e {
         SpoolError::Database {
             source: rusqlite::Error::SqliteFailure(f, _),

@@ -198,7 +198,7 @@ pub(crate) fn modified(path: &Path) -> SystemTime {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::{IncomingMeta, InstanceState, RebuildReport, Spool, SpoolError, StoreOutcome};
     use dicom_core::{DataElement, PrimitiveValue, VR};
@@ -263,7 +263,8 @@ mod tests {
         (meta, header, dataset)
     }
 
-    fn store(spool: &Spool, uid: &str, study: &str) -> crate::InstanceId {
+    /// Stores a real instance (as ingest would); also used by `crate::tests`.
+    pub(crate) fn store(spool: &Spool, uid: &str, study: &str) -> crate::InstanceId {
         let (meta, header, dataset) = instance(uid, study, 200_000);
         let mut incoming = spool.begin(meta, &header).unwrap();
         incoming.write_all(&dataset).unwrap();

@@ -1181,3 +1181,257 @@ fn an_upload_cut_short_by_a_crash_counts_as_an_attempt_so_its_confirmation_count
     let status = spool.status(SystemTime::now()).unwrap();
     assert_eq!((status.sent, status.duplicates_upstream), (1, 1));
 }
+
+// --- The spool's identity: a replaced `spool.db` is refused -------------------------------------
+
+/// A spool with three real instances (rebuild-index can read them): one sent, two queued; closed.
+fn spool_with_real_instances(fx: &Fixture) -> Vec<PathBuf> {
+    let spool = fx.spool();
+    let sent = crate::rebuild::tests::store(&spool, "1.2.3.1", "1.2.3");
+    crate::rebuild::tests::store(&spool, "1.2.3.2", "1.2.3");
+    crate::rebuild::tests::store(&spool, "1.2.4.1", "1.2.4");
+    assert_eq!(claim_one(&spool).id, sent);
+    spool.mark_sent(sent, false).unwrap();
+    drop(spool);
+    let files = rebuild::object_files(&fx.path("objects")).unwrap();
+    assert_eq!(files.len(), 3);
+    files
+}
+
+/// Puts `db` (a database file, closed cleanly) in place of the spool's, with no WAL beside it.
+fn replace_database(fx: &Fixture, db: &Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = fs::remove_file(fx.path(&format!("spool.db{suffix}")));
+    }
+    fs::copy(db, fx.path("spool.db")).unwrap();
+}
+
+/// A valid SQLite database with nothing in it (as `sqlite3 x.db 'VACUUM'` leaves).
+fn empty_database(at: &Path) -> PathBuf {
+    let path = at.join("empty.db");
+    let conn = Connection::open(&path).unwrap();
+    conn.execute_batch("CREATE TABLE t (x); DROP TABLE t; VACUUM;")
+        .unwrap();
+    drop(conn);
+    assert!(fs::metadata(&path).unwrap().len() > 0);
+    path
+}
+
+fn spool_id_file(fx: &Fixture) -> Option<String> {
+    fs::read_to_string(fx.path("spool.id"))
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
+fn spool_id_in_db(fx: &Fixture) -> Option<String> {
+    let conn = Connection::open(fx.path("spool.db")).unwrap();
+    identity::read_db(&conn).unwrap()
+}
+
+fn check_foreign_refused(fx: &Fixture, files: &[PathBuf]) {
+    let db_before = fs::read(fx.path("spool.db")).unwrap();
+    let id_before = spool_id_file(fx);
+    for _ in 0..2 {
+        let refused = Spool::open(&fx.cfg).err().expect("open must refuse");
+        assert!(
+            matches!(refused, SpoolError::IndexForeign { .. }),
+            "{refused}"
+        );
+        let message = refused.to_string();
+        assert!(message.contains("rebuild-index"), "{message}");
+        assert!(message.contains("Nothing was changed"), "{message}");
+    }
+    let attached = Spool::attach(&fx.cfg).err().expect("attach must refuse");
+    assert!(
+        matches!(attached, SpoolError::IndexForeign { .. }),
+        "{attached}"
+    );
+    // Nothing was deleted, nothing was changed.
+    assert!(files.iter().all(|f| f.exists()), "spool files kept");
+    assert_eq!(fs::read(fx.path("spool.db")).unwrap(), db_before);
+    assert_eq!(spool_id_file(fx), id_before);
+}
+
+#[test]
+fn a_new_spool_has_one_random_id_in_its_database_and_in_spool_id() {
+    let fx = Fixture::new();
+    drop(fx.spool());
+    let id = spool_id_file(&fx).expect("spool.id written at creation");
+    assert_eq!(id.len(), 32);
+    assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_eq!(spool_id_in_db(&fx).as_deref(), Some(id.as_str()));
+    drop(fx.spool());
+    assert_eq!(spool_id_file(&fx), Some(id.clone()), "stable across opens");
+    let other = Fixture::new();
+    drop(other.spool());
+    assert_ne!(spool_id_file(&other), Some(id));
+}
+
+#[test]
+fn a_spool_db_replaced_by_an_empty_database_is_refused_and_nothing_is_deleted() {
+    let fx = Fixture::new();
+    let files = spool_with_real_instances(&fx);
+    replace_database(&fx, &empty_database(fx.dir.path()));
+    check_foreign_refused(&fx, &files);
+}
+
+#[test]
+fn a_spool_db_replaced_by_a_new_spools_empty_database_is_refused() {
+    let fx = Fixture::new();
+    let files = spool_with_real_instances(&fx);
+    let fresh = Fixture::new();
+    drop(fresh.spool());
+    replace_database(&fx, &fresh.path("spool.db"));
+    check_foreign_refused(&fx, &files);
+}
+
+#[test]
+fn another_spools_database_with_a_queue_of_its_own_is_refused() {
+    let fx = Fixture::new();
+    let files = spool_with_real_instances(&fx);
+    let other = Fixture::new();
+    {
+        let spool = other.spool();
+        Inst::new("9.9.9.1", "9.9.9", 1000, 99).store(&spool);
+    }
+    replace_database(&fx, &other.path("spool.db"));
+    check_foreign_refused(&fx, &files);
+    // An old backup of this spool's database from before it had an id is refused the same way.
+    let fx_id = spool_id_file(&fx).unwrap();
+    let conn = Connection::open(fx.path("spool.db")).unwrap();
+    conn.execute_batch("DROP TABLE meta").unwrap();
+    drop(conn);
+    check_foreign_refused(&fx, &files);
+    assert_eq!(spool_id_file(&fx), Some(fx_id));
+}
+
+#[test]
+fn rebuild_index_after_a_replaced_database_opens_with_every_instance_queued_under_the_spools_id() {
+    let fx = Fixture::new();
+    let files = spool_with_real_instances(&fx);
+    let id = spool_id_file(&fx).unwrap();
+    let empty = empty_database(fx.dir.path());
+    replace_database(&fx, &empty);
+    assert!(Spool::open(&fx.cfg).is_err());
+
+    let report = Spool::rebuild_index(&fx.cfg).unwrap();
+    assert_eq!((report.files, report.queued), (3, 3), "{report:?}");
+    let previous = report.previous_database.clone().expect("kept aside");
+    assert_eq!(fs::read(previous).unwrap(), fs::read(&empty).unwrap());
+    assert_eq!(spool_id_file(&fx), Some(id.clone()));
+    assert_eq!(spool_id_in_db(&fx), Some(id.clone()));
+
+    let (spool, report) = fx.open();
+    assert!(report.lost.is_empty());
+    let status = spool.status(SystemTime::now()).unwrap();
+    assert_eq!((status.queued, status.lost, status.quarantined), (3, 0, 0));
+    let mut uids = BTreeSet::new();
+    loop {
+        let batch = spool.claim_batch(10, u64::MAX, SystemTime::now()).unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        for inst in batch {
+            read_all(&spool, &inst).unwrap();
+            spool.mark_sent(inst.id, true).unwrap();
+            uids.insert(inst.sop_instance_uid);
+        }
+    }
+    assert_eq!(
+        uids,
+        ["1.2.3.1", "1.2.3.2", "1.2.4.1"]
+            .map(String::from)
+            .into_iter()
+            .collect()
+    );
+    assert!(files.iter().all(|f| f.exists()));
+    assert_eq!(spool_id_file(&fx), Some(id));
+}
+
+#[test]
+fn a_rebuild_cut_short_before_the_id_is_recorded_is_refused_at_the_next_start() {
+    let fx = Fixture::new();
+    let files = spool_with_real_instances(&fx);
+    drop(Spool::rebuild_index(&fx.cfg).unwrap());
+    // As if the rebuild had died after its rows, before recording the id.
+    let conn = Connection::open(fx.path("spool.db")).unwrap();
+    conn.execute_batch("DELETE FROM meta").unwrap();
+    drop(conn);
+    check_foreign_refused(&fx, &files);
+    Spool::rebuild_index(&fx.cfg).unwrap();
+    assert_eq!(fx.spool().status(SystemTime::now()).unwrap().queued, 3);
+}
+
+#[test]
+fn a_missing_spool_id_file_is_written_again_from_the_database() {
+    let fx = Fixture::new();
+    spool_with_real_instances(&fx);
+    let id = spool_id_file(&fx).unwrap();
+    fs::remove_file(fx.path("spool.id")).unwrap();
+    let spool = fx.spool();
+    assert_eq!(spool_id_file(&fx), Some(id.clone()));
+    assert_eq!(spool.status(SystemTime::now()).unwrap().queued, 2);
+    drop(spool);
+    assert_eq!(spool_id_in_db(&fx), Some(id));
+}
+
+#[test]
+fn an_old_spool_without_ids_is_adopted_with_its_queue() {
+    let fx = Fixture::new();
+    spool_with_real_instances(&fx);
+    // A spool made before ids: no spool.id, no meta table.
+    fs::remove_file(fx.path("spool.id")).unwrap();
+    let conn = Connection::open(fx.path("spool.db")).unwrap();
+    conn.execute_batch("DROP TABLE meta").unwrap();
+    drop(conn);
+    let old_id = spool_id_in_db(&fx);
+    assert_eq!(old_id, None);
+
+    let spool = fx.spool();
+    let status = spool.status(SystemTime::now()).unwrap();
+    assert_eq!((status.queued, status.sent), (2, 1));
+    drop(spool);
+    let id = spool_id_file(&fx).expect("adopted: spool.id written");
+    assert_eq!(spool_id_in_db(&fx), Some(id));
+}
+
+#[test]
+fn an_old_spool_whose_database_was_replaced_by_an_empty_one_is_refused() {
+    let fx = Fixture::new();
+    let files = spool_with_real_instances(&fx);
+    fs::remove_file(fx.path("spool.id")).unwrap();
+    replace_database(&fx, &empty_database(fx.dir.path()));
+    check_foreign_refused(&fx, &files);
+    assert_eq!(spool_id_file(&fx), None, "nothing written");
+    Spool::rebuild_index(&fx.cfg).unwrap();
+    let id = spool_id_file(&fx).expect("rebuild gives the spool an id");
+    assert_eq!(spool_id_in_db(&fx), Some(id));
+    assert_eq!(fx.spool().status(SystemTime::now()).unwrap().queued, 3);
+}
+
+#[test]
+fn an_empty_spool_whose_database_was_replaced_keeps_its_id() {
+    let fx = Fixture::new();
+    drop(fx.spool());
+    let id = spool_id_file(&fx).unwrap();
+    replace_database(&fx, &empty_database(fx.dir.path()));
+    // No spool file, so nothing can be forgotten: the new database takes the spool's id.
+    drop(fx.spool());
+    assert_eq!(spool_id_in_db(&fx), Some(id.clone()));
+    assert_eq!(spool_id_file(&fx), Some(id));
+}
+
+#[test]
+fn a_damaged_spool_id_file_is_refused_with_the_fix() {
+    let fx = Fixture::new();
+    spool_with_real_instances(&fx);
+    fs::write(fx.path("spool.id"), "not an id\n").unwrap();
+    let refused = Spool::open(&fx.cfg).err().expect("open must refuse");
+    assert!(
+        matches!(refused, SpoolError::SpoolIdInvalid { .. }),
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("delete"), "{refused}");
+    fs::remove_file(fx.path("spool.id")).unwrap();
+    assert_eq!(fx.spool().status(SystemTime::now()).unwrap().queued, 2);
+}
