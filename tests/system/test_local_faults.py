@@ -1,4 +1,4 @@
-"""Local faults: a full disk, corrupted spool files, a lost or damaged spool database, and a 2 GB instance.
+"""Local faults: a full disk, corrupted spool files, a lost, damaged or replaced spool database, and a 2 GB instance.
 
 Each case runs the real daemon against Orthanc, except the 2 GB one, which forwards to a streaming STOW-RS sink
 (`harness/stow_sink.py`): Orthanc ingests 2 GB in 8-13 minutes, and `test_large.py` proves its path. Nothing
@@ -346,7 +346,7 @@ def test_corrupted_spool_files_are_quarantined_reported_and_never_sent(
     )
 
 
-# -- a missing or damaged spool database -------------------------------------------------------------
+# -- a missing, damaged or replaced spool database ---------------------------------------------------
 
 
 def _delete_database(spool_dir: Path) -> None:
@@ -359,7 +359,20 @@ def _garbage_database(spool_dir: Path) -> None:
     (spool_dir / "spool.db").write_bytes(os.urandom(256 * 1024))
 
 
-@pytest.mark.parametrize("damage", [_delete_database, _garbage_database], ids=["deleted", "garbage"])
+def _empty_database(spool_dir: Path) -> None:
+    """spool.db replaced by another valid database with an empty queue (a blank image, a wrong restore): only
+    the spool's id (spool.db's `meta` table against the file spool.id) tells it from the real one."""
+    _delete_database(spool_dir)
+    db = sqlite3.connect(spool_dir / "spool.db")
+    db.execute("CREATE TABLE instances (id INTEGER PRIMARY KEY)")
+    db.commit()
+    db.close()
+    assert (spool_dir / "spool.id").is_file(), "the daemon gave the spool an id"
+
+
+@pytest.mark.parametrize(
+    "damage", [_delete_database, _garbage_database, _empty_database], ids=["deleted", "garbage", "replaced_by_empty"]
+)
 def test_lost_spool_database_refuses_to_start_and_rebuild_index_delivers_everything(
     orthanc, make_gateway, ct_study: Study, damage
 ) -> None:
@@ -383,6 +396,8 @@ def test_lost_spool_database_refuses_to_start_and_rebuild_index_delivers_everyth
     assert wait_exit(gw) != 0
     errors = error_lines(gw)
     assert any("rebuild-index" in ln for ln in errors), f"no ERROR line says to run rebuild-index:\n{errors}"
+    if damage is _empty_database:
+        assert any("does not belong to this spool" in ln for ln in errors), errors
     cp = gw.cli("status", "--config", str(gw.config_path))
     assert cp.returncode != 0 and "rebuild-index" in cp.stdout + cp.stderr, cp
 
