@@ -1255,13 +1255,7 @@ impl Spool {
         if update(&conn).ctx(action)? > 0 {
             return Ok(true);
         }
-        let row: Option<(String, String)> = conn
-            .prepare_cached("SELECT state, sop_instance_uid FROM instances WHERE id = ?1")
-            .and_then(|mut s| {
-                s.query_row([id.0], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .optional()
-            })
-            .ctx(action)?;
+        let row = state_and_uid(&conn, id).ctx(action)?;
         match row {
             None => Err(SpoolError::NoSuchRow { id: id.0 }),
             Some((state, uid)) => {
@@ -1416,13 +1410,7 @@ impl Spool {
                     }
                     continue;
                 }
-                let row: Option<(String, String)> = tx
-                    .prepare_cached("SELECT state, sop_instance_uid FROM instances WHERE id = ?1")
-                    .and_then(|mut s| {
-                        s.query_row([id.0], |r| Ok((r.get(0)?, r.get(1)?)))
-                            .optional()
-                    })
-                    .ctx(action)?;
+                let row = state_and_uid(&tx, *id).ctx(action)?;
                 match row {
                     None => gone.push(*id),
                     Some((state, uid)) if !quiet.contains(&state.as_str()) => log::warn!(
@@ -2068,6 +2056,15 @@ impl Written {
 
 /// The row already holding these exact bytes under this UID (lost and quarantined rows do not count).
 /// Also says whether that row is still unconfirmed (so its file must exist).
+/// The state and SOP Instance UID of row `id`, if the row exists.
+fn state_and_uid(conn: &Connection, id: InstanceId) -> rusqlite::Result<Option<(String, String)>> {
+    conn.prepare_cached("SELECT state, sop_instance_uid FROM instances WHERE id = ?1")
+        .and_then(|mut s| {
+            s.query_row([id.0], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+        })
+}
+
 fn find_duplicate(conn: &Connection, uid: &str, sha256: &str) -> Result<Option<(i64, bool)>> {
     conn.prepare_cached(
         "SELECT id, state IN ('queued', 'uploading', 'failed') FROM instances WHERE sop_instance_uid = ?1 AND sha256 = ?2 AND state NOT IN ('lost', 'quarantined') ORDER BY id LIMIT 1",
