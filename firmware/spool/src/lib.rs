@@ -1242,61 +1242,19 @@ impl Spool {
         }
     }
 
-    /// Runs `update` (which must bind `?1` to the row id) and explains a no-op: a missing row is an
-    /// error, a row in another state is left alone.
-    fn transition(
-        &self,
-        id: InstanceId,
-        action: &'static str,
-        update: impl FnOnce(&Connection) -> rusqlite::Result<usize>,
-        quiet_states: &[&str],
-    ) -> Result<bool> {
-        let conn = self.conn();
-        if update(&conn).ctx(action)? > 0 {
-            return Ok(true);
-        }
-        let row = state_and_uid(&conn, id).ctx(action)?;
-        match row {
-            None => Err(SpoolError::NoSuchRow { id: id.0 }),
-            Some((state, uid)) => {
-                if !quiet_states.contains(&state.as_str()) {
-                    log::warn!(
-                        "Ignored a state change for an instance in another state; nothing was lost. sop_instance_uid={uid} id={} state={state} action={action}",
-                        id.0
-                    );
-                }
-                Ok(false)
-            }
+    /// Records one outcome, as [`Spool::record_outcomes`] does; a missing row is an error.
+    fn record_one(&self, id: InstanceId, outcome: Outcome) -> Result<()> {
+        if self.record_outcomes(&[(id, outcome)])?.is_empty() {
+            Ok(())
+        } else {
+            Err(SpoolError::NoSuchRow { id: id.0 })
         }
     }
 
     /// The upstream confirmed the instance. `redelivery` is true when an earlier attempt may already
     /// have delivered it (counted as a duplicate upstream).
     pub fn mark_sent(&self, id: InstanceId, redelivery: bool) -> Result<()> {
-        let now = SystemTime::now();
-        let now_ms = to_ms(now);
-        let changed = self.transition(
-            id,
-            "mark an instance sent",
-            |c| {
-                c.prepare_cached(
-                    "UPDATE instances SET state = 'sent', sent_at = ?2 WHERE id = ?1 AND state IN ('queued', 'uploading', 'failed')",
-                )?
-                .execute(params![id.0, now_ms])
-            },
-            &[SENT],
-        )?;
-        if changed && redelivery {
-            db::bump_counter(&self.conn(), DUPLICATES_UPSTREAM)?;
-        }
-        if changed && self.inner.cfg.retention_hours == 0 {
-            let _evicting = self.evicting();
-            if let Err(e) = self.evict_stage(EvictStage::Retention(now_ms), now_ms) {
-                // The confirmation is recorded; the next eviction pass will free the file.
-                log::warn!("Could not evict a confirmed instance right away; it will be evicted later. id={} error={e}", id.0);
-            }
-        }
-        Ok(())
+        self.record_one(id, Outcome::Sent { redelivery })
     }
 
     /// A retryable failure: back to `queued`, attempts + 1, with the next attempt time persisted.
@@ -1306,56 +1264,35 @@ impl Spool {
         error: &str,
         next_attempt_at: SystemTime,
     ) -> Result<()> {
-        self.transition(
+        self.record_one(
             id,
-            "schedule a retry",
-            |c| {
-                c.prepare_cached(
-                    "UPDATE instances SET state = 'queued', attempts = attempts + 1, last_error = ?2, next_attempt_at = ?3 WHERE id = ?1 AND state IN ('uploading', 'queued')",
-                )?
-                .execute(params![id.0, error, to_ms(next_attempt_at)])
+            Outcome::Retry {
+                error: error.to_string(),
+                next_attempt_at,
             },
-            &[],
-        )?;
-        Ok(())
+        )
     }
 
     /// A permanent failure: `failed`, kept and visible until the operator re-queues it.
     pub fn mark_failed(&self, id: InstanceId, reason: &str) -> Result<()> {
-        self.transition(
+        self.record_one(
             id,
-            "mark an instance failed",
-            |c| {
-                c.prepare_cached(
-                    "UPDATE instances SET state = 'failed', attempts = attempts + 1, last_error = ?2 WHERE id = ?1 AND state IN ('uploading', 'queued')",
-                )?
-                .execute(params![id.0, reason])
+            Outcome::Failed {
+                reason: reason.to_string(),
             },
-            &[FAILED],
-        )?;
-        Ok(())
+        )
     }
 
     /// Back to `queued` without counting an attempt (e.g. the uplink paused or is shutting down).
     pub fn release(&self, id: InstanceId) -> Result<()> {
-        self.transition(
-            id,
-            "release an instance",
-            |c| {
-                c.prepare_cached(
-                    "UPDATE instances SET state = 'queued' WHERE id = ?1 AND state = 'uploading'",
-                )?
-                .execute([id.0])
-            },
-            &[QUEUED],
-        )?;
-        Ok(())
+        self.record_one(id, Outcome::Release)
     }
 
     /// Records the outcomes of one upload in a single transaction: one WAL sync for the whole batch
-    /// instead of one per instance. Each row changes exactly as [`Spool::mark_sent`],
-    /// [`Spool::mark_retry`], [`Spool::mark_failed`] or [`Spool::release`] would change it, and a row
-    /// in another state is left alone as they leave it. Either every outcome is recorded or, on an
+    /// instead of one per instance. This is the one place the upload states change; [`Spool::mark_sent`],
+    /// [`Spool::mark_retry`], [`Spool::mark_failed`] and [`Spool::release`] record a single outcome
+    /// through it. A row in another state is left alone (with a WARN unless it is already where the
+    /// outcome would put it). Either every outcome is recorded or, on an
     /// error, none is. Returns the ids whose rows no longer exist (nothing was recorded for them).
     pub fn record_outcomes(&self, outcomes: &[(InstanceId, Outcome)]) -> Result<Vec<InstanceId>> {
         let now_ms = to_ms(SystemTime::now());
