@@ -10,20 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
 
-const WAIT: Duration = Duration::from_secs(20);
-
-struct Env {
-    dir: tempfile::TempDir,
-    ca: Ca,
-}
-
 impl Env {
-    fn new() -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = Ca::new(dir.path(), "pacs");
-        Env { dir, ca }
-    }
-
     /// A stub that answers with `status` (200 or 202: every instance stored; else no body).
     async fn stub(&self, status: Arc<AtomicU16>) -> Stub {
         let server = self

@@ -9,20 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
 
-const WAIT: Duration = Duration::from_secs(20);
-
-struct Env {
-    dir: tempfile::TempDir,
-    ca: Ca,
-}
-
 impl Env {
-    fn new() -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = Ca::new(dir.path(), "pacs");
-        Env { dir, ca }
-    }
-
     fn server_leaf(&self) -> Leaf {
         self.ca
             .issue(self.dir.path(), "server", &["127.0.0.1"], false)

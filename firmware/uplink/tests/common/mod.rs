@@ -604,3 +604,21 @@ pub fn queued_rows(spool: &Spool) -> Vec<QueuedInstance> {
         all.extend(batch);
     }
 }
+
+/// How long a test waits for something the uplink should do.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// A test's temporary directory and the CA its PACS stub and spool use; each test file adds the
+/// helpers it needs in its own `impl Env`.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub ca: Ca,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::new(dir.path(), "pacs");
+        Env { dir, ca }
+    }
+}
