@@ -142,33 +142,6 @@ enum Auth {
     Bearer(String),
 }
 
-/// An outcome to record in the spool.
-#[derive(Debug, Clone)]
-enum Mark {
-    Sent { redelivery: bool },
-    Retry { error: String, at: SystemTime },
-    Failed { reason: String },
-    Release,
-}
-
-impl Mark {
-    fn outcome(&self) -> Outcome {
-        match self {
-            Mark::Sent { redelivery } => Outcome::Sent {
-                redelivery: *redelivery,
-            },
-            Mark::Retry { error, at } => Outcome::Retry {
-                error: error.clone(),
-                next_attempt_at: *at,
-            },
-            Mark::Failed { reason } => Outcome::Failed {
-                reason: reason.clone(),
-            },
-            Mark::Release => Outcome::Release,
-        }
-    }
-}
-
 /// The STOW-RS uplink. Build it with [`Uplink::new`], run it with [`Uplink::run`].
 pub struct Uplink {
     link: Link,
@@ -219,7 +192,7 @@ struct Worker {
     /// Worker 0 is the one that sends while the upstream is not proven.
     index: usize,
     /// Outcomes the spool failed to record; recorded again before the next batch.
-    stranded: Vec<(InstanceId, String, Mark)>,
+    stranded: Vec<(InstanceId, String, Outcome)>,
     /// The backoff jitter of the current request, drawn once per request so that the instances
     /// of a batch become due together and are sent together again.
     jitter: f64,
@@ -640,7 +613,7 @@ impl Worker {
                 );
                 self.record(
                     busy.into_iter()
-                        .map(|i| (i.id, i.sop_instance_uid, Mark::Release))
+                        .map(|i| (i.id, i.sop_instance_uid, Outcome::Release))
                         .collect(),
                 )
                 .await;
@@ -673,9 +646,9 @@ impl Worker {
         let (batch, later): (Vec<_>, Vec<_>) = batch
             .into_iter()
             .partition(|i| seen.insert(i.sop_instance_uid.clone()));
-        let mut marks: Vec<(InstanceId, String, Mark)> = later
+        let mut marks: Vec<(InstanceId, String, Outcome)> = later
             .into_iter()
-            .map(|i| (i.id, i.sop_instance_uid, Mark::Release))
+            .map(|i| (i.id, i.sop_instance_uid, Outcome::Release))
             .collect();
 
         let mut work = vec![batch];
@@ -686,7 +659,7 @@ impl Worker {
             if stop_requested(shutdown) || link.paused() {
                 marks.extend(
                     part.into_iter()
-                        .map(|i| (i.id, i.sop_instance_uid, Mark::Release)),
+                        .map(|i| (i.id, i.sop_instance_uid, Outcome::Release)),
                 );
                 continue;
             }
@@ -702,7 +675,14 @@ impl Worker {
                     let error = format!("The spool file could not be read: {why}");
                     let at = now + self.retry_delay(inst.attempts, None);
                     link.note_error(&error, now);
-                    marks.push((inst.id, inst.sop_instance_uid, Mark::Retry { error, at }));
+                    marks.push((
+                        inst.id,
+                        inst.sop_instance_uid,
+                        Outcome::Retry {
+                            error,
+                            next_attempt_at: at,
+                        },
+                    ));
                 }
             }
             let exchange = match sent {
@@ -715,12 +695,12 @@ impl Worker {
                     );
                     marks.extend(in_request.into_iter().map(|i| {
                         let mark = if body_complete {
-                            Mark::Retry {
+                            Outcome::Retry {
                                 error: "The upload was stopped by a shutdown after its body was sent; the PACS may hold these instances already.".into(),
-                                at: now,
+                                next_attempt_at: now,
                             }
                         } else {
-                            Mark::Release
+                            Outcome::Release
                         };
                         (i.id, i.sop_instance_uid, mark)
                     }));
@@ -773,7 +753,7 @@ impl Worker {
                     marks.extend(
                         in_request
                             .into_iter()
-                            .map(|i| (i.id, i.sop_instance_uid, Mark::Release)),
+                            .map(|i| (i.id, i.sop_instance_uid, Outcome::Release)),
                     );
                 }
                 Decision::PerInstance(actions) => {
@@ -795,7 +775,7 @@ impl Worker {
                         for rest in work.drain(..) {
                             marks.extend(
                                 rest.into_iter()
-                                    .map(|i| (i.id, i.sop_instance_uid, Mark::Release)),
+                                    .map(|i| (i.id, i.sop_instance_uid, Outcome::Release)),
                             );
                         }
                     }
@@ -814,7 +794,7 @@ impl Worker {
         status: Option<u16>,
         elapsed: Duration,
         now: SystemTime,
-        marks: &mut Vec<(InstanceId, String, Mark)>,
+        marks: &mut Vec<(InstanceId, String, Outcome)>,
     ) -> usize {
         let (mut delivered, mut bytes, mut redelivered) = (0usize, 0u64, 0usize);
         let mut retries: Vec<(String, usize, SystemTime)> = Vec::new();
@@ -837,7 +817,7 @@ impl Worker {
                             outcome::describe_status(code)
                         );
                     }
-                    marks.push((id, uid, Mark::Sent { redelivery }));
+                    marks.push((id, uid, Outcome::Sent { redelivery }));
                 }
                 Action::Retry { error, not_before } => {
                     let at = now + self.retry_delay(inst.attempts, not_before);
@@ -849,7 +829,14 @@ impl Worker {
                         None => retries.push((error.clone(), 1, at)),
                     }
                     self.link.note_error(&error, now);
-                    marks.push((id, uid, Mark::Retry { error, at }));
+                    marks.push((
+                        id,
+                        uid,
+                        Outcome::Retry {
+                            error,
+                            next_attempt_at: at,
+                        },
+                    ));
                 }
                 Action::Failed { reason } => {
                     error!(
@@ -857,7 +844,7 @@ impl Worker {
                         inst.study_instance_uid
                     );
                     self.link.note_error(&reason, now);
-                    marks.push((id, uid, Mark::Failed { reason }));
+                    marks.push((id, uid, Outcome::Failed { reason }));
                 }
             }
         }
@@ -950,17 +937,20 @@ impl Worker {
     }
 
     /// Records outcomes in the spool; the ones that fail are kept for later.
-    async fn record(&mut self, marks: Vec<(InstanceId, String, Mark)>) {
+    async fn record(&mut self, marks: Vec<(InstanceId, String, Outcome)>) {
         if marks.is_empty() {
             return;
         }
-        if marks.iter().any(|(_, _, m)| matches!(m, Mark::Sent { .. })) {
+        if marks
+            .iter()
+            .any(|(_, _, m)| matches!(m, Outcome::Sent { .. }))
+        {
             // The PACS confirmed these instances; the spool does not know yet.
             passerelle_spool::crash_point!("uplink::record::before_mark_sent");
         }
         let outcomes: Vec<(InstanceId, Outcome)> = marks
             .iter()
-            .map(|(id, _, mark)| (*id, mark.outcome()))
+            .map(|(id, _, outcome)| (*id, outcome.clone()))
             .collect();
         let spool = self.link.spool.clone();
         // One transaction for the whole request: one WAL sync, not one per instance.
