@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import data, send  # noqa: E402
+from harness import campaign, data, send  # noqa: E402
 from harness.gateway import Gateway, gateway_for, passerelled_bin  # noqa: E402
 from harness.orthanc import Orthanc, start_orthanc, tools_present  # noqa: E402
 from harness.pki import Pki, make_pki  # noqa: E402
@@ -86,6 +86,19 @@ def orthanc(tmp_path: Path, pki: Pki):
     try:
         o.start()
         yield o
+    finally:
+        o.stop()
+
+
+@pytest.fixture
+def orthanc_recording(tmp_path: Path, pki: Pki):
+    """The regional PACS (Orthanc behind nginx TLS), recording every instance it receives: yields
+    (orthanc, path of the log of received SOP Instance UIDs). For the crash and power-cut campaigns."""
+    script, received = campaign.write_received_log_script(tmp_path / "lua")
+    o = Orthanc(dir=tmp_path / "orthanc", pki=pki, lua_scripts=[script])
+    try:
+        o.start()
+        yield o, received
     finally:
         o.stop()
 

@@ -31,20 +31,6 @@ BYTE_CHECK_SAMPLE = 30
 SEED = int(os.environ.get("CRASH_SEED", str(int(time.time()))))
 
 
-@pytest.fixture
-def orthanc_recording(tmp_path: Path, pki):
-    """The regional PACS (Orthanc behind nginx TLS), recording every instance it receives."""
-    from harness.orthanc import Orthanc
-
-    script, received = campaign.write_received_log_script(tmp_path / "lua")
-    o = Orthanc(dir=tmp_path / "orthanc", pki=pki, lua_scripts=[script])
-    try:
-        o.start()
-        yield o, received
-    finally:
-        o.stop()
-
-
 def _round_plan(rounds: int) -> list[str | None]:
     """Even rounds: a plain SIGKILL (None); odd rounds: each crash point in turn."""
     points = list(CRASH_POINTS)

@@ -42,20 +42,6 @@ GOOD_STATES = {"queued", "uploading", "sent"}
 
 
 @pytest.fixture
-def orthanc_recording(tmp_path: Path, pki):
-    """The regional PACS (Orthanc behind nginx TLS), recording every instance it receives."""
-    from harness.orthanc import Orthanc
-
-    script, received = campaign.write_received_log_script(tmp_path / "lua")
-    o = Orthanc(dir=tmp_path / "orthanc", pki=pki, lua_scripts=[script])
-    try:
-        o.start()
-        yield o, received
-    finally:
-        o.stop()
-
-
-@pytest.fixture
 def vm_gateway(tmp_path: Path, pki):
     """Factory: vm_gateway(orthanc, **overrides) -> a configured (not started) VmGateway."""
     made: list[VmGateway] = []
