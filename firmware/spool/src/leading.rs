@@ -68,6 +68,8 @@ fn scan(source: impl Read, ts: &dicom_encoding::TransferSyntax) -> Result<Leadin
     let mut tokens = DataSetReader::new_with_ts(source, ts).map_err(|e| e.to_string())?;
     let mut leading = Leading::default();
     let mut depth = 0usize;
+    // The depth of the encapsulated pixel data (inside a sequence) being read, if any.
+    let mut pixel_depth: Option<usize> = None;
     while let Some(token) = tokens.next() {
         match token.map_err(|e| e.to_string())? {
             DataToken::ElementHeader(h) => {
@@ -122,8 +124,25 @@ fn scan(source: impl Read, ts: &dicom_encoding::TransferSyntax) -> Result<Leadin
                     break;
                 }
                 depth += 1;
+                pixel_depth = Some(depth);
             }
-            DataToken::SequenceEnd => depth = depth.saturating_sub(1),
+            DataToken::SequenceEnd => {
+                if pixel_depth == Some(depth) {
+                    pixel_depth = None;
+                }
+                depth = depth.saturating_sub(1);
+            }
+            // An item of encapsulated pixel data (the offset table, a fragment) is read whole by the
+            // parser: the same bound as an element's value applies before it is read.
+            DataToken::ItemStart { len }
+                if pixel_depth.is_some() && len.get().is_none_or(|l| l > MAX_LEADING_VALUE) =>
+            {
+                log::debug!(
+                    "Stopped parsing leading elements at a pixel data item of {} bytes.",
+                    len.0
+                );
+                break;
+            }
             DataToken::ItemStart { .. }
             | DataToken::ItemEnd
             | DataToken::PrimitiveValue(_)
@@ -351,6 +370,34 @@ pub(crate) mod tests {
         bytes.extend_from_slice(b"1.2");
         let leading = parse_leading(&bytes[..], uids::IMPLICIT_VR_LITTLE_ENDIAN).unwrap();
         assert_eq!(leading, Leading::default());
+    }
+
+    /// The process's peak resident memory, from /proc (kB).
+    fn peak_rss_kib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn a_pixel_data_item_inside_a_sequence_claiming_gigabytes_stops_parsing_without_reading_it() {
+        // Fuzzing found it: encapsulated pixel data nested in a sequence item, whose first item (the
+        // offset table) claims 4 GB; the parser reads an item of pixel data whole.
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(&[
+            0x08, 0x00, 0x40, 0x11, b'S', b'Q', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
+        ]);
+        bytes.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
+        bytes.extend_from_slice(&[
+            0xE0, 0x7F, 0x10, 0x00, b'O', b'B', 0, 0, 0xFF, 0xFF, 0xFF, 0xFF,
+        ]);
+        bytes.extend_from_slice(&[0xFE, 0xFF, 0x00, 0xE0]);
+        bytes.extend_from_slice(&0xF000_0000u32.to_le_bytes());
+        bytes.extend_from_slice(&[0u8; 64]);
+        let leading = parse_leading(&bytes[..], uids::JPEG_BASELINE8_BIT).unwrap();
+        assert_eq!(leading, Leading::default());
+        let peak = peak_rss_kib();
+        assert!(peak < 512 * 1024, "the parse took the process to {peak} kB");
     }
 
     #[test]
