@@ -28,6 +28,7 @@ CRASH_POINTS = {
     "ingest::receive::mid_dataset": "mid-PDV: part of an instance's data is in the spool's temporary file",
     "spool::commit::before_row": "after file fsync, rename and directory fsync, before the SQLite row commit",
     "ingest::store::before_response": "after the row commit, before the C-STORE response",
+    "spool::compact::before_row": "after a compacted file replaced an intake file (fsynced, renamed, directory fsynced), before its row records it",
     "uplink::body::mid_upload": "mid-upload: part of the STOW-RS request body has been sent",
     "uplink::record::before_mark_sent": "after the PACS's parsed confirmation, before the row is marked sent",
 }

@@ -45,6 +45,14 @@ def test_orthanc_outage_delays_but_loses_nothing(
     )
     assert status["lost"] == 0 and status["failed"] == 0 and status["sent"] < n, status
     assert status["last_error"], status
+    # Meanwhile the spool compresses what it stored as received (its compactor runs once ingest
+    # pauses); the byte-identity check below then reads compacted files.
+    status = wait_until(
+        lambda: (s := gw.status())["awaiting_compaction"] == 0 and s,
+        60,
+        "the waiting instances to be compressed at rest",
+    )
+    assert status["stored_bytes"] * 3 < status["raw_bytes"] * 2, status
 
     orthanc.start_orthanc()
     wait_for_instances(orthanc, n, timeout=180, what="everything after the outage")

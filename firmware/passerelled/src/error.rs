@@ -91,6 +91,11 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error("Cannot start the spool compactor thread; check the memory and process limits")]
+    Thread {
+        #[source]
+        source: std::io::Error,
+    },
     #[error("A background task panicked; this is a bug, please report it with the log")]
     Join {
         #[source]

@@ -13,6 +13,7 @@
 //!   to `daemon.user` before it opens the spool or starts any thread. The commands that open the spool
 //!   (`status`, `requeue`, `rebuild-index`) switch too, so the spool only ever holds that user's files.
 
+mod compactor;
 mod error;
 mod privileges;
 
@@ -76,17 +77,23 @@ fn main() {
     match run(cli) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            let mut msg = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                msg.push_str(&format!(": {s}"));
-                source = s.source();
-            }
+            let msg = error_chain(&e);
             error!("{msg}");
             eprintln!("passerelled: {msg}");
             std::process::exit(1);
         }
     }
+}
+
+/// An error and its sources on one line.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    msg
 }
 
 fn init_logging(daemon: bool) {
@@ -242,6 +249,8 @@ async fn daemon_async(cfg: Config, listener: std::net::TcpListener) -> Result<()
     ));
     let uplink = tokio::spawn(uplink.run(stored.clone(), shutdown_rx.clone()));
     let housekeeping = tokio::spawn(housekeeping(spool.clone(), shutdown_rx.clone()));
+    let compactor = compactor::Compactor::start(spool.clone())
+        .map_err(|source| DaemonError::Thread { source })?;
 
     info!(
         "Passerelle is ready. ae_title={} listen={} stow_url={}",
@@ -266,6 +275,9 @@ async fn daemon_async(cfg: Config, listener: std::net::TcpListener) -> Result<()
         Err(source) => failed = failed.or(Some(DaemonError::Join { source })),
     }
     let _ = housekeeping.await;
+    tokio::task::spawn_blocking(move || compactor.stop())
+        .await
+        .map_err(|source| DaemonError::Join { source })?;
     match failed {
         Some(e) => Err(e),
         None => {
@@ -379,6 +391,7 @@ fn status_json(r: &StatusReport) -> String {
         "paused_until": r.uplink.paused_until.map(unix_secs),
         "stored_bytes": r.stored_bytes,
         "raw_bytes": r.raw_bytes,
+        "awaiting_compaction": r.awaiting_compaction,
     })
     .to_string()
 }
@@ -413,6 +426,12 @@ fn status_text(r: &StatusReport) -> String {
         s.push_str(&format!(
             "spool: {} bytes on disk for {} raw bytes\n",
             r.stored_bytes, r.raw_bytes
+        ));
+    }
+    if r.awaiting_compaction > 0 {
+        s.push_str(&format!(
+            "awaiting compression: {} instances (stored as received until then)\n",
+            r.awaiting_compaction
         ));
     }
     s

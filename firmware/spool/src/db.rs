@@ -72,6 +72,11 @@ INSERT OR IGNORE INTO uplink_state (id) VALUES (1);
 const META_SCHEMA: &str =
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);";
 
+/// Instances whose file is still an intake file, waiting for the compactor (see `compact`).
+/// Not behind the schema version either: an older passerelled ignores it and reads intake files as
+/// the zstd streams they are.
+const INTAKE_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS intake (id INTEGER PRIMARY KEY);";
+
 /// Attaches an action to a rusqlite error.
 pub(crate) trait DbContext<T> {
     fn ctx(self, action: &'static str) -> Result<T>;
@@ -124,17 +129,18 @@ fn migrate(conn: &Connection, path: &Path) -> Result<()> {
         .ctx("create the schema")?;
     }
     // Not behind the schema version, so that an older passerelled (rolled back) still opens the
-    // database: it ignores the table.
-    let has_meta: bool = conn
-        .query_row(
-            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta')",
-            [],
-            |r| r.get(0),
-        )
-        .ctx("read the database schema")?;
-    if !has_meta {
-        conn.execute_batch(META_SCHEMA)
-            .ctx("create the meta table")?;
+    // database: it ignores these tables.
+    for (table, sql) in [("meta", META_SCHEMA), ("intake", INTAKE_SCHEMA)] {
+        let exists: bool = conn
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
+                [table],
+                |r| r.get(0),
+            )
+            .ctx("read the database schema")?;
+        if !exists {
+            conn.execute_batch(sql).ctx("create a table")?;
+        }
     }
     Ok(())
 }

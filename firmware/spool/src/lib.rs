@@ -12,9 +12,11 @@
 //! - One SQLite database (`spool.db`, WAL, `synchronous=FULL`) with a row per instance and its state:
 //!   `queued → uploading → sent` (or back to `queued` with a persisted `next_attempt_at`, or to
 //!   `failed`), plus `lost` (file missing at start-up) and `quarantined` (hash mismatch).
-//! - Storing is: write a temporary file (the leading elements are scanned as the bytes stream in,
-//!   [`leading::StreamScan`]), fdatasync it, rename it into place, fsync the directory, then commit
-//!   the row (which fsyncs the WAL). Only after [`Written::commit`] returns may ingest answer
+//! - Storing is: write a temporary *intake* file, a zstd frame at [`compact`]'s fastest level (the
+//!   leading elements are scanned as the bytes stream in, [`leading::StreamScan`], and disk writes are
+//!   started every 128 KiB), fdatasync it, rename it into place, fsync the directory, then commit
+//!   the row and its `intake` entry (which fsyncs the WAL). The compactor later rewrites the file
+//!   in place at `zstd_level` ([`Spool::compact_batch`]). Only after [`Written::commit`] returns may ingest answer
 //!   success. The process owning the spool checkpoints the WAL into `spool.db` from a thread of its
 //!   own, so that no commit pays for a checkpoint (a commit still does past 32 MiB of WAL), and
 //!   creates the 256 `objects/<xx>` directories at start-up, so that no commit creates one.
@@ -87,6 +89,7 @@
 //!   instance's rename and its row leaves an empty queue beside a file: refused, and rebuild-index
 //!   sends that instance (the modality, never acknowledged, may send it again too).
 
+mod compact;
 mod db;
 mod error;
 mod files;
@@ -94,6 +97,7 @@ mod identity;
 pub mod leading;
 mod rebuild;
 
+pub use compact::CompactReport;
 pub use error::{Result, SpoolError};
 
 #[doc(hidden)]
@@ -135,7 +139,9 @@ use db::{
 use files::{HashOutcome, TempGuard, MIB};
 
 /// Buffer between the zstd encoder and the temporary file.
-const WRITE_BUFFER: usize = 256 * 1024;
+pub(crate) const WRITE_BUFFER: usize = 256 * 1024;
+/// Disk writes of a file being received are started every this many bytes (`write_behind`).
+const WRITE_BEHIND: u64 = 128 * 1024;
 /// A retry scheduled further ahead than this is taken as set by a wrong clock (see recovery).
 const MAX_SCHEDULE: Duration = Duration::from_secs(7 * 86_400);
 /// Rows handled per eviction page (bounds memory whatever the size of the cache).
@@ -242,6 +248,8 @@ pub struct StatusReport {
     /// Bytes used by spool files (compressed) and their raw size.
     pub stored_bytes: u64,
     pub raw_bytes: u64,
+    /// Instances whose file waits for the compactor (still at the intake level).
+    pub awaiting_compaction: u64,
 }
 
 /// The state of an instance's row.
@@ -376,6 +384,8 @@ struct Inner {
     owner_lock: Option<Flock<File>>,
     /// One eviction pass at a time (many associations may find the disk low at once).
     evicting: Mutex<()>,
+    /// When this process last stored an instance (for the compactor, which waits for a pause).
+    last_store: Mutex<Option<std::time::Instant>>,
     /// Tests simulate a small disk through this.
     #[cfg(test)]
     free_probe: Mutex<Option<FreeProbe>>,
@@ -510,6 +520,7 @@ impl Spool {
                 conn: Mutex::new(conn),
                 owner_lock,
                 evicting: Mutex::new(()),
+                last_store: Mutex::new(None),
                 #[cfg(test)]
                 free_probe: Mutex::new(None),
             }),
@@ -750,6 +761,13 @@ impl Spool {
                     row.state,
                 ])
                 .ctx("insert a rebuilt row")?;
+                // Intake files are not told apart from compacted ones: list every queued row (a
+                // rebuild is rare; compacting a compacted file again costs only CPU).
+                if row.state == QUEUED {
+                    tx.prepare_cached("INSERT INTO intake (id) VALUES (?1)")
+                        .and_then(|mut s| s.execute([tx.last_insert_rowid()]))
+                        .ctx("list an intake file")?;
+                }
             }
         }
         tx.commit().ctx("commit rebuilt rows")?;
@@ -791,7 +809,7 @@ impl Spool {
     }
 
     /// Free bytes for unprivileged users on the spool's file system.
-    fn free_bytes(&self) -> Result<u64> {
+    pub(crate) fn free_bytes(&self) -> Result<u64> {
         #[cfg(test)]
         if let Some(probe) = self.inner.free_probe.lock().unwrap().as_ref() {
             return Ok(probe(&self.inner.dir));
@@ -980,9 +998,10 @@ impl Spool {
             path: guard.path.clone(),
             source,
         };
+        // The intake level: compression happens later, off the acknowledgement path (`compact`).
         let mut encoder = zstd::stream::write::Encoder::new(
             BufWriter::with_capacity(WRITE_BUFFER, file),
-            self.inner.cfg.zstd_level,
+            compact::INTAKE_LEVEL,
         )
         .map_err(write_err)?;
         encoder.include_checksum(true).map_err(write_err)?;
@@ -991,6 +1010,7 @@ impl Spool {
             hasher: Sha256::new(),
             raw_len: 0,
             header_len: part10_header.len() as u64,
+            written_back: 0,
             scan: leading::StreamScan::new(&meta.transfer_syntax_uid),
             meta,
             spool: self.clone(),
@@ -1468,6 +1488,15 @@ impl Spool {
             oldest.map(|t| now.duration_since(from_ms(t)).unwrap_or(Duration::ZERO));
         report.stored_bytes = to_u64(stored);
         report.raw_bytes = to_u64(raw);
+        report.awaiting_compaction = conn
+            .query_row(
+                "SELECT COUNT(*) FROM intake k JOIN instances i ON i.id = k.id
+                 WHERE i.state NOT IN ('lost', 'quarantined') AND i.evicted_at IS NULL",
+                [],
+                |r| r.get(0),
+            )
+            .map(to_u64)
+            .ctx("count intake files")?;
         report.duplicates_received = db::counter(&conn, DUPLICATES_RECEIVED)?;
         report.duplicates_upstream = db::counter(&conn, DUPLICATES_UPSTREAM)?;
         report.uplink = read_uplink_state(&conn)?;
@@ -1709,6 +1738,8 @@ pub struct Incoming {
     hasher: Sha256,
     raw_len: u64,
     header_len: u64,
+    /// File offset up to which disk writes were started (`write_behind`).
+    written_back: u64,
     /// The leading elements, found as the dataset streams in.
     scan: leading::StreamScan,
     meta: IncomingMeta,
@@ -1735,7 +1766,39 @@ impl Incoming {
             })?;
         self.hasher.update(bytes);
         self.raw_len += bytes.len() as u64;
+        self.write_behind();
         Ok(())
+    }
+
+    /// Starts the disk writes of what reached the file since the last call, without waiting for
+    /// them, so that the fdatasync before the acknowledgement has little left to write. (Linux's
+    /// `POSIX_FADV_DONTNEED` starts writeback of the range's dirty pages.) Best effort: a failure
+    /// only means the fdatasync does all the work.
+    fn write_behind(&mut self) {
+        use std::os::fd::AsRawFd;
+        let file = self.encoder.get_ref().get_ref();
+        let Ok(end) = (&mut &*file).stream_position() else {
+            return;
+        };
+        if end < self.written_back + WRITE_BEHIND {
+            return;
+        }
+        let (Ok(offset), Ok(len)) = (
+            i64::try_from(self.written_back),
+            i64::try_from(end - self.written_back),
+        ) else {
+            return;
+        };
+        if nix::fcntl::posix_fadvise(
+            file.as_raw_fd(),
+            offset,
+            len,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        )
+        .is_ok()
+        {
+            self.written_back = end;
+        }
     }
 
     /// Bytes written so far (header included).
@@ -1750,6 +1813,7 @@ impl Incoming {
             hasher,
             raw_len,
             header_len,
+            written_back: _,
             scan,
             meta,
             spool,
@@ -1922,8 +1986,11 @@ impl Written {
             .ctx("start storing an instance")?;
         if let Some((id, _)) = find_duplicate(&tx, uid, &sha256)? {
             // A concurrent identical commit won the race (or this copy restored a missing file):
-            // the file in place holds the same bytes.
+            // the file in place holds the same bytes, possibly as the intake file just renamed.
             db::bump_counter(&tx, DUPLICATES_RECEIVED)?;
+            tx.prepare_cached("INSERT OR IGNORE INTO intake (id) VALUES (?1)")
+                .and_then(|mut s| s.execute([id]))
+                .ctx("list an intake file")?;
             tx.commit().ctx("count a duplicate")?;
             log_duplicate(&meta, id);
             return Ok(StoreOutcome::Duplicate { id: InstanceId(id) });
@@ -1960,6 +2027,11 @@ impl Written {
         })
         .ctx("insert an instance row")?;
         let id = tx.last_insert_rowid();
+        spool.stored_now();
+        // The file is an intake file: the compactor rewrites it at the configured level.
+        tx.prepare_cached("INSERT INTO intake (id) VALUES (?1)")
+            .and_then(|mut s| s.execute([id]))
+            .ctx("list an intake file")?;
         tx.commit().ctx("commit an instance row")?;
         drop(conn);
 

@@ -861,6 +861,8 @@ fn status_counts_states_duplicates_sizes_and_oldest_age() {
             uplink: uplink.clone(),
             stored_bytes: stored,
             raw_bytes: kept.iter().sum(),
+            // Nothing compacted them yet.
+            awaiting_compaction: 3,
         }
     );
     assert_eq!(spool.uplink_state().unwrap(), uplink);
@@ -1434,4 +1436,166 @@ fn a_damaged_spool_id_file_is_refused_with_the_fix() {
     assert!(refused.to_string().contains("delete"), "{refused}");
     fs::remove_file(fx.path("spool.id")).unwrap();
     assert_eq!(fx.spool().status(SystemTime::now()).unwrap().queued, 2);
+}
+
+// -- compaction (`compact`) -------------------------------------------------------------------------
+
+fn intake_count(spool: &Spool) -> i64 {
+    spool
+        .conn()
+        .query_row("SELECT COUNT(*) FROM intake", [], |r| r.get(0))
+        .unwrap()
+}
+
+#[test]
+fn an_instance_is_stored_as_received_then_compacted_in_place_with_the_same_content() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    // Smooth 16-bit samples with a little noise, like CT pixels: what the intake level hardly
+    // compresses and level 1 does.
+    let insts: Vec<_> = (0..3u64)
+        .map(|i| {
+            let mut inst = Inst::new(&format!("1.2.9.{i}"), "1.2.9", 0, 900 + i);
+            let mut rng = rand::rngs::StdRng::seed_from_u64(900 + i);
+            inst.dataset = (0..100_000u32)
+                .flat_map(|x| {
+                    let v = 1000 + (x % 512) as u16 + (rng.next_u32() % 8) as u16;
+                    v.to_le_bytes()
+                })
+                .collect();
+            inst
+        })
+        .collect();
+    let ids: Vec<_> = insts.iter().map(|i| i.stored_id(&spool)).collect();
+    // At intake the file is a checksummed zstd frame that stores the bytes about as they are.
+    for (inst, id) in insts.iter().zip(&ids) {
+        let stored = fs::read(file_of(&fx, &spool, *id)).unwrap();
+        assert!(stored.len() >= inst.raw().len(), "intake files are not compressed");
+        assert_ne!(stored[4] & 0x04, 0, "zstd frame checksum must be on");
+        assert_eq!(zstd::decode_all(stored.as_slice()).unwrap(), inst.raw());
+    }
+    let before = spool.status(SystemTime::now()).unwrap();
+    assert_eq!(before.awaiting_compaction, 3);
+    // A reader opened on the intake file keeps its bytes across the compaction.
+    let early = claim_one(&spool);
+    let mut early_reader = spool.open_verified(&early).unwrap();
+    let paths: Vec<_> = ids.iter().map(|id| row_str(&spool, *id, "path")).collect();
+
+    let report = spool.compact_batch(10).unwrap();
+    assert_eq!((report.compacted, report.skipped), (3, 0));
+    assert!(report.bytes_after * 3 / 2 < report.bytes_before, "{report:?}");
+    assert_eq!(spool.compact_batch(10).unwrap(), CompactReport::default());
+    let after = spool.status(SystemTime::now()).unwrap();
+    assert_eq!(after.awaiting_compaction, 0);
+    assert_eq!(after.raw_bytes, before.raw_bytes);
+    assert_eq!(after.stored_bytes, report.bytes_after);
+    for (i, (inst, id)) in insts.iter().zip(&ids).enumerate() {
+        assert_eq!(row_str(&spool, *id, "path"), paths[i], "the path never changes");
+        let stored = fs::read(file_of(&fx, &spool, *id)).unwrap();
+        assert_eq!(row_str(&spool, *id, "stored_size").unwrap(), stored.len().to_string());
+        assert_eq!(zstd::decode_all(stored.as_slice()).unwrap(), inst.raw());
+    }
+    let mut early_bytes = Vec::new();
+    early_reader.read_to_end(&mut early_bytes).unwrap();
+    assert_eq!(early_bytes, insts[0].raw());
+    spool.release(early.id).unwrap();
+    for inst in &insts {
+        let claimed = claim_one(&spool);
+        assert_eq!(read_all(&spool, &claimed).unwrap(), inst.raw());
+        spool.mark_sent(claimed.id, false).unwrap();
+    }
+    assert_eq!(tmp_entries(&fx), 0);
+}
+
+#[test]
+fn compaction_leaves_evicted_lost_and_mismatching_files_alone() {
+    let fx = Fixture::with(|c| c.retention_hours = 0);
+    let spool = fx.spool();
+    let ids = store_and_send(&spool, 3, 1);
+    // 0: sent and evicted, 1: its file is gone (lost at the next read), 2: content changed on disk.
+    spool.evict(far_future()).unwrap();
+    assert!(!file_of(&fx, &spool, ids[0]).exists());
+    fs::remove_file(file_of(&fx, &spool, ids[1])).unwrap();
+    let other = zstd::encode_all(&b"not this instance"[..], 1).unwrap();
+    fs::write(file_of(&fx, &spool, ids[2]), &other).unwrap();
+
+    let report = spool.compact_batch(10).unwrap();
+    assert_eq!((report.compacted, report.skipped), (0, 3));
+    assert_eq!(intake_count(&spool), 0);
+    assert!(!file_of(&fx, &spool, ids[0]).exists(), "an evicted file came back");
+    assert!(!file_of(&fx, &spool, ids[1]).exists());
+    assert_eq!(fs::read(file_of(&fx, &spool, ids[2])).unwrap(), other);
+    assert_eq!(tmp_entries(&fx), 0);
+}
+
+#[test]
+fn a_compaction_whose_row_was_not_recorded_is_done_again_harmlessly() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    let inst = Inst::new("1.2.9.9", "1.2.9", 150_000, 999);
+    let id = inst.stored_id(&spool);
+    assert_eq!(spool.compact_batch(1).unwrap().compacted, 1);
+    // As after a crash between the rename and the row: listed again, the file already compacted.
+    spool
+        .conn()
+        .execute("INSERT INTO intake (id) VALUES (?1)", [id.0])
+        .unwrap();
+    let report = spool.compact_batch(1).unwrap();
+    assert_eq!(report.compacted, 1);
+    assert_eq!(report.bytes_after, report.bytes_before);
+    let claimed = claim_one(&spool);
+    assert_eq!(read_all(&spool, &claimed).unwrap(), inst.raw());
+}
+
+#[test]
+fn compaction_waits_for_a_pause_in_ingest_unless_the_backlog_crowds_the_disk() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    assert!(spool.compaction_due().unwrap(), "nothing stored yet: idle");
+    Inst::new("1.2.9.20", "1.2.9", 100_000, 920).stored_id(&spool);
+    *spool.inner.free_probe.lock().unwrap() = Some(Box::new(|_| 1 << 40));
+    assert!(!spool.compaction_due().unwrap(), "an instance just arrived");
+    // The intake backlog (about 100 kB) is more than an eighth of what is free.
+    *spool.inner.free_probe.lock().unwrap() = Some(Box::new(|_| 400_000));
+    assert!(spool.compaction_due().unwrap());
+    *spool.inner.free_probe.lock().unwrap() = Some(Box::new(|_| 1 << 40));
+    *spool.inner.last_store.lock().unwrap() =
+        Some(std::time::Instant::now() - compact::COMPACT_AFTER_PAUSE);
+    assert!(spool.compaction_due().unwrap(), "ingest paused");
+}
+
+#[test]
+fn a_rebuilt_index_lists_its_queued_files_for_compaction() {
+    let fx = Fixture::new();
+    let before = {
+        let spool = fx.spool();
+        crate::rebuild::tests::store(&spool, "1.2.9.30", "1.2.9");
+        let b = crate::rebuild::tests::store(&spool, "1.2.9.31", "1.2.9");
+        // One compacted, one still an intake file.
+        spool
+            .conn()
+            .execute("DELETE FROM intake WHERE id != ?1", [b.0])
+            .unwrap();
+        assert_eq!(spool.compact_batch(10).unwrap().compacted, 1);
+        spool.status(SystemTime::now()).unwrap()
+    };
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = fs::remove_file(fx.path(&format!("spool.db{suffix}")));
+    }
+    let rebuilt = Spool::rebuild_index(&fx.cfg).unwrap();
+    assert_eq!(rebuilt.queued, 2, "{rebuilt:?}");
+    let spool = fx.spool();
+    assert_eq!(spool.status(SystemTime::now()).unwrap().awaiting_compaction, 2);
+    let report = spool.compact_batch(10).unwrap();
+    assert_eq!(report.compacted, 2);
+    let after = spool.status(SystemTime::now()).unwrap();
+    assert_eq!(after.awaiting_compaction, 0);
+    assert_eq!(after.raw_bytes, before.raw_bytes);
+    assert!(after.stored_bytes < before.stored_bytes, "the intake file shrank");
+    // Both still read back whole and verified.
+    for _ in 0..2 {
+        let claimed = claim_one(&spool);
+        assert_eq!(read_all(&spool, &claimed).unwrap().len() as u64, claimed.raw_size);
+        spool.mark_sent(claimed.id, false).unwrap();
+    }
 }

@@ -1,0 +1,302 @@
+//! Compaction: recompressing intake files at the configured zstd level, off the acknowledgement path.
+//!
+//! Ingest writes each instance as an *intake* file: a zstd frame made at [`INTAKE_LEVEL`], which
+//! stores the bytes almost as they are (about 5 GB/s, ratio 1.0) but is a complete, checksummed
+//! zstd stream like any other spool file. The row is listed in the `intake` table, in the same
+//! transaction that inserts it. [`Spool::compact_batch`] (the daemon's low-priority compactor
+//! thread) then rewrites each listed file at `spool.zstd_level`:
+//!
+//! 1. read the file, verifying its SHA-256 against the row while recompressing into `tmp/`;
+//! 2. fdatasync the new file;
+//! 3. holding the eviction lock (so that an eviction pass never deletes a path the compactor is about
+//!    to write), check the row still wants its file, rename the new file over the old one (same
+//!    name, same bytes) and fsync the directory;
+//! 4. record the new stored size and remove the `intake` row in one transaction.
+//!
+//! A crash at any point leaves at the row's path either the intake file or the compacted one, both
+//! whole (the rename is atomic); before step 4 the row is still listed and is compacted again. The
+//! row's path never changes, so the uplink, eviction and `rebuild-index` need not know about it, and
+//! a reader that opened the intake file keeps reading it after the rename. An older passerelled
+//! (rolled back) ignores the `intake` table and reads intake files as the zstd streams they are.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::time::{Duration, Instant};
+
+use rusqlite::{params, OptionalExtension};
+use sha2::{Digest, Sha256};
+
+use crate::db::{to_i64, to_u64, DbContext, LOST, QUARANTINED};
+use crate::files::{self, TempGuard};
+use crate::{crash_point, Result, Spool, SpoolError};
+
+/// The zstd level of intake files: zstd's fastest, which stores the bytes nearly as they are.
+pub(crate) const INTAKE_LEVEL: i32 = -1000;
+
+/// What one [`Spool::compact_batch`] call did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CompactReport {
+    /// Files rewritten at the configured level.
+    pub compacted: u64,
+    /// Rows taken off the list without rewriting: evicted, lost or quarantined meanwhile, or whose
+    /// file is missing or does not match its row (the uplink's verification deals with those).
+    pub skipped: u64,
+    /// Bytes on disk before and after, over the compacted files.
+    pub bytes_before: u64,
+    pub bytes_after: u64,
+}
+
+/// One listed row as the compactor sees it.
+struct Pending {
+    id: i64,
+    uid: String,
+    path: String,
+    sha256: String,
+    raw_size: u64,
+    stored_size: u64,
+}
+
+enum Rewrite {
+    /// The new file is written and fdatasynced; the guard removes it unless it is renamed.
+    Ready { tmp: TempGuard, stored: u64 },
+    /// The row no longer needs compaction (or cannot be compacted); take it off the list.
+    Drop(&'static str),
+}
+
+/// How long ingest must have paused before the compactor works (unless the backlog is too big).
+pub const COMPACT_AFTER_PAUSE: Duration = Duration::from_secs(1);
+/// Intake bytes beyond which the compactor works even while instances arrive...
+const BACKLOG_LIMIT: u64 = 2 * 1024 * 1024 * 1024;
+/// ...or beyond this share of the free space (1/8).
+const BACKLOG_FREE_SHARE: u64 = 8;
+
+impl Spool {
+    /// Records that an instance was just stored (the compactor waits for a pause in ingest).
+    pub(crate) fn stored_now(&self) {
+        *self
+            .inner
+            .last_store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    /// Whether the compactor should work now: ingest has paused for [`COMPACT_AFTER_PAUSE`], or
+    /// intake files take more than 2 GiB or an eighth of the free space (then compaction competes
+    /// with ingest for the CPU, so that the disk does not fill with uncompressed files).
+    pub fn compaction_due(&self) -> Result<bool> {
+        let last = *self
+            .inner
+            .last_store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if last.is_none_or(|t| t.elapsed() >= COMPACT_AFTER_PAUSE) {
+            return Ok(true);
+        }
+        let backlog: i64 = self
+            .conn()
+            .query_row(
+                "SELECT COALESCE(SUM(i.stored_size), 0) FROM intake k JOIN instances i ON i.id = k.id",
+                [],
+                |r| r.get(0),
+            )
+            .ctx("measure the intake backlog")?;
+        let backlog = to_u64(backlog);
+        Ok(backlog >= BACKLOG_LIMIT || backlog >= self.free_bytes()? / BACKLOG_FREE_SHARE)
+    }
+
+    /// Recompresses up to `max` intake files at the configured zstd level (see the module
+    /// documentation). Returns what it did; `compacted + skipped == 0` means nothing is waiting.
+    /// Only the process owning the spool (the daemon) calls this.
+    pub fn compact_batch(&self, max: usize) -> Result<CompactReport> {
+        let pending = self.pending_compaction(max)?;
+        let mut report = CompactReport::default();
+        for p in pending {
+            match self.rewrite(&p)? {
+                Rewrite::Drop(why) => {
+                    log::debug!(
+                        "Left a spool file as it is; it no longer needs compaction. sop_instance_uid={} id={} reason={why}",
+                        p.uid,
+                        p.id
+                    );
+                    self.unlist(p.id, None)?;
+                    report.skipped += 1;
+                }
+                Rewrite::Ready { mut tmp, stored } => {
+                    let target = self.inner.dir.join(&p.path);
+                    let placed = {
+                        let _evicting = self.evicting();
+                        if self.still_wanted(p.id)? {
+                            std::fs::rename(&tmp.path, &target).map_err(|source| {
+                                SpoolError::Write {
+                                    path: target.clone(),
+                                    source,
+                                }
+                            })?;
+                            tmp.disarm();
+                            if let Some(parent) = target.parent() {
+                                files::fsync_dir(parent)?;
+                            }
+                            crash_point!("spool::compact::before_row");
+                            true
+                        } else {
+                            false
+                        }
+                    };
+                    if placed {
+                        self.unlist(p.id, Some(stored))?;
+                        report.compacted += 1;
+                        report.bytes_before += p.stored_size;
+                        report.bytes_after += stored;
+                    } else {
+                        self.unlist(p.id, None)?;
+                        report.skipped += 1;
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Instances whose file is still an intake file (and still held), oldest first.
+    fn pending_compaction(&self, max: usize) -> Result<Vec<Pending>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT i.id, i.sop_instance_uid, i.path, i.sha256, i.raw_size, i.stored_size
+                 FROM intake k JOIN instances i ON i.id = k.id ORDER BY k.id LIMIT ?1",
+            )
+            .ctx("list intake files")?;
+        let rows = stmt
+            .query_map([to_i64(max as u64)], |r| {
+                Ok(Pending {
+                    id: r.get(0)?,
+                    uid: r.get(1)?,
+                    path: r.get(2)?,
+                    sha256: r.get(3)?,
+                    raw_size: to_u64(r.get(4)?),
+                    stored_size: to_u64(r.get(5)?),
+                })
+            })
+            .ctx("list intake files")?;
+        let pending = rows
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .ctx("list intake files")?;
+        drop(stmt);
+        // Rows deleted from `instances` (none today) would otherwise stay listed forever.
+        conn.prepare_cached("DELETE FROM intake WHERE id NOT IN (SELECT id FROM instances)")
+            .and_then(|mut s| s.execute([]))
+            .ctx("forget intake rows without instance")?;
+        Ok(pending)
+    }
+
+    /// Whether row `id` still owns its file: not evicted, lost or quarantined.
+    fn still_wanted(&self, id: i64) -> Result<bool> {
+        let row: Option<(String, Option<i64>)> = self
+            .conn()
+            .prepare_cached("SELECT state, evicted_at FROM instances WHERE id = ?1")
+            .and_then(|mut s| s.query_row([id], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+            .ctx("read an instance row")?;
+        Ok(matches!(row, Some((state, None)) if state != LOST && state != QUARANTINED))
+    }
+
+    /// Takes row `id` off the intake list, recording its new stored size if it was compacted.
+    fn unlist(&self, id: i64, stored: Option<u64>) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction().ctx("start recording a compaction")?;
+        if let Some(stored) = stored {
+            tx.prepare_cached("UPDATE instances SET stored_size = ?2 WHERE id = ?1")
+                .and_then(|mut s| s.execute(params![id, to_i64(stored)]))
+                .ctx("record a compacted size")?;
+        }
+        tx.prepare_cached("DELETE FROM intake WHERE id = ?1")
+            .and_then(|mut s| s.execute([id]))
+            .ctx("take a row off the intake list")?;
+        tx.commit().ctx("record a compaction")
+    }
+
+    /// Writes the compacted copy of `p`'s file into `tmp/`, verifying the content on the way.
+    fn rewrite(&self, p: &Pending) -> Result<Rewrite> {
+        if !self.still_wanted(p.id)? {
+            return Ok(Rewrite::Drop("no longer held"));
+        }
+        let source_path = self.inner.dir.join(&p.path);
+        let source = match File::open(&source_path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Ok(Rewrite::Drop("file missing"))
+            }
+            Err(source) => {
+                return Err(SpoolError::Read {
+                    path: source_path,
+                    source,
+                })
+            }
+        };
+        let tmp_path = self
+            .inner
+            .tmp_dir
+            .join(format!("{:016x}.compact", rand::random::<u64>()));
+        let out = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp_path)
+            .map_err(|source| SpoolError::Write {
+                path: tmp_path.clone(),
+                source,
+            })?;
+        let tmp = TempGuard::new(tmp_path);
+        let mut tracked =
+            files::TrackingReader::new(BufReader::with_capacity(crate::WRITE_BUFFER, source));
+        let copied = (|| -> io::Result<(String, u64, File)> {
+            let mut decoder = zstd::stream::read::Decoder::new(&mut tracked)?;
+            let mut encoder = zstd::stream::write::Encoder::new(
+                BufWriter::with_capacity(crate::WRITE_BUFFER, out),
+                self.inner.cfg.zstd_level,
+            )?;
+            encoder.include_checksum(true)?;
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; 128 * 1024];
+            let mut len = 0u64;
+            loop {
+                let n = decoder.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                encoder.write_all(&buf[..n])?;
+                len += n as u64;
+            }
+            let file = encoder
+                .finish()?
+                .into_inner()
+                .map_err(io::IntoInnerError::into_error)?;
+            Ok((hex::encode(hasher.finalize()), len, file))
+        })();
+        let (sha256, len, file) = match copied {
+            Ok(done) => done,
+            Err(source) if tracked.io_error.is_some() => {
+                return Err(SpoolError::Read {
+                    path: source_path,
+                    source,
+                })
+            }
+            // Damaged content is the uplink's verification's business (it quarantines the file).
+            Err(_) => return Ok(Rewrite::Drop("content unreadable")),
+        };
+        if sha256 != p.sha256 || len != p.raw_size {
+            return Ok(Rewrite::Drop("content does not match its row"));
+        }
+        let write_err = |source| SpoolError::Write {
+            path: tmp.path.clone(),
+            source,
+        };
+        let stored = file.metadata().map_err(write_err)?.len();
+        file.sync_data().map_err(|source| SpoolError::Sync {
+            path: tmp.path.clone(),
+            source,
+        })?;
+        Ok(Rewrite::Ready { tmp, stored })
+    }
+}
