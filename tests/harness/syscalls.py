@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .util import wait_until
 
-TRACED = "fsync,fdatasync,rename,renameat,renameat2,write,writev,sendto,sendmsg"
+TRACED = "openat,fsync,fdatasync,rename,renameat,renameat2,write,writev,sendto,sendmsg"
 
 _LINE = re.compile(r"^(\d+)\s+(.*)$")
 _WHOLE = re.compile(r"^(\w+)\((.*)\)\s+=\s+(-?\d+|\?)")
@@ -87,23 +87,60 @@ class Tracer:
         return self.out.read_text(errors="replace")
 
 
-def acknowledgement_order_problems(calls: list[Call], dicom_port: int, spool_dir: Path) -> tuple[int, list[str]]:
-    """(number of C-STORE/C-ECHO P-DATA responses written, what each lacked): before every P-DATA-TF
-    written on a DICOM connection, and since the previous one, these must have completed in this order:
-    fsync of a file in spool/tmp, its rename into spool/objects, then both an fsync of an objects/
-    subdirectory and an fsync (or fdatasync) of spool.db-wal (the queue row's commit), the last two by
-    the thread that renamed (the uplink commits to the same database from other tasks)."""
+def acknowledgement_order_problems(
+    calls: list[Call], dicom_port: int, spool_dir: Path
+) -> tuple[int, list[str], int]:
+    """(number of C-STORE/C-ECHO P-DATA responses written, what each lacked, how many were written
+    into a pre-created file made within the trace). Before every P-DATA-TF written on a DICOM
+    connection, and since the previous one, one of these must have completed:
+
+    - through a temporary file: fsync of a file in spool/tmp, its rename into spool/objects, then both
+      an fsync of an objects/ subdirectory and an fsync (or fdatasync) of spool.db-wal (the queue row's
+      commit), the last two by the thread that renamed (the uplink commits to the same database from
+      other tasks);
+    - through a pre-created file (`objects/<xx>/<32 hex>.dcm.zst`, the spool's pool): an fdatasync of
+      that file; its name must have been made durable before the response (an fsync of its directory
+      after its creation). The row is committed without a WAL sync: the file is the durable record
+      (recovery takes whole pre-created files back in; spool unit tests and the power-cut test cover
+      that). Files created before strace attached cannot be followed to their creation: they are
+      accepted, and the count of those that were is returned so that a test can require some.
+    """
     spool = str(spool_dir)
     sock = f"TCP:[127.0.0.1:{dicom_port}->"
+    pooled_name = re.compile(re.escape(f"{spool}/objects/") + r"([0-9a-f]{2})/[0-9a-f]{32}\.dcm\.zst")
     problems: list[str] = []
     responses = [
         c for c in calls
         if c.name in ("write", "writev", "sendto", "sendmsg") and sock in c.args and '"\\x04\\x00' in c.args
     ]
+    followed = 0
     previous = -1
     for k, rsp in enumerate(responses):
         window = [c for c in calls if previous < c.exit < rsp.entry and c.ret == "0"]
         previous = rsp.entry
+        pooled_sync = next(
+            (c for c in window if c.name in ("fsync", "fdatasync") and pooled_name.search(c.args)), None
+        )
+        if pooled_sync is not None:
+            m = pooled_name.search(pooled_sync.args)
+            assert m is not None
+            path, fan = m.group(0), m.group(1)
+            created = next(
+                (c for c in calls if c.name == "openat" and path in c.args and "O_CREAT" in c.args
+                 and c.exit < pooled_sync.entry),
+                None,
+            )
+            if created is None:
+                continue  # made before strace attached
+            followed += 1
+            dir_synced = any(
+                c.name == "fsync" and c.ret == "0" and created.exit < c.exit < rsp.entry
+                and re.search(re.escape(f"{spool}/objects/{fan}") + ">", c.args)
+                for c in calls
+            )
+            if not dir_synced:
+                problems.append(f"response {k}: the pre-created file {path} was used before its directory was fsynced")
+            continue
         file_sync = next(
             (c for c in window if c.name in ("fsync", "fdatasync") and f"{spool}/tmp/" in c.args), None
         )
@@ -112,7 +149,10 @@ def acknowledgement_order_problems(calls: list[Call], dicom_port: int, spool_dir
              and f"{spool}/objects/" in c.args), None,
         )
         if file_sync is None or renamed is None:
-            problems.append(f"response {k}: no fsync of a spool/tmp file followed by a rename into objects/")
+            problems.append(
+                f"response {k}: neither an fdatasync of a pre-created file nor an fsync of a spool/tmp file "
+                "followed by a rename into objects/"
+            )
             continue
         dir_sync = any(
             c.name == "fsync" and c.tid == renamed.tid and c.exit > renamed.exit and re.search(re.escape(f"{spool}/objects/") + r"[0-9a-f]{2}>", c.args)
@@ -127,4 +167,4 @@ def acknowledgement_order_problems(calls: list[Call], dicom_port: int, spool_dir
             problems.append(f"response {k}: the objects/ directory was not fsynced after the rename")
         if not row_sync:
             problems.append(f"response {k}: spool.db-wal was not synced after the rename (row commit)")
-    return len(responses), problems
+    return len(responses), problems, followed

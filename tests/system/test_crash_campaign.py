@@ -199,13 +199,16 @@ def test_every_acknowledgement_follows_the_fsyncs_a_power_cut_needs(
 ) -> None:
     """A power cut loses the page cache, not just the process. Until a cuttable disk exists (the
     appliance image, see the crash campaign's notes), prove the precondition at the system-call level:
-    every C-STORE success was written to the socket only after the instance's file was fsynced, renamed
-    into objects/, its directory fsynced and the queue row's WAL synced, in that order."""
+    every C-STORE success was written to the socket only after the instance's file was made durable:
+    written into a pre-created file whose name was fsynced into its directory beforehand, then
+    fdatasynced; or (pool empty) fsynced in tmp/, renamed into objects/, its directory fsynced and the
+    queue row's WAL synced, in that order. 100 instances, more than the pool holds at start-up, so that
+    files created under the trace are followed from their creation."""
     from harness import send, syscalls
 
     if shutil.which("strace") is None:
         pytest.fail("strace is missing: run tests/setup.sh as root first")
-    study = campaign.small_studies(tmp_path / "studies", 1, 8)
+    study = campaign.small_studies(tmp_path / "studies", 1, 100)
     gw = make_gateway(orthanc, extra_dicom={"max_pdu_length": 4096})
     gw.start()
     assert gw.proc is not None
@@ -215,8 +218,11 @@ def test_every_acknowledgement_follows_the_fsyncs_a_power_cut_needs(
     finally:
         trace = tracer.stop()
     assert statuses == [0] * len(study)
-    responses, problems = syscalls.acknowledgement_order_problems(syscalls.parse(trace), gw.port, gw.spool_dir)
+    responses, problems, followed = syscalls.acknowledgement_order_problems(
+        syscalls.parse(trace), gw.port, gw.spool_dir
+    )
     assert responses == len(study), f"{responses} P-DATA responses in the trace for {len(study)} C-STOREs"
     assert not problems, "\n".join(problems)
+    assert followed >= 30, f"only {followed} of {responses} instances went into a file created under the trace"
     wait_until(lambda: gw.status()["sent"] == len(study), 60, "the study to be delivered")
     gw.stop_ok()

@@ -89,8 +89,16 @@ def store(gw: Gateway, instances: list[Instance]) -> list[int]:
 
 
 def spool_files(spool_dir: Path) -> dict[str, str]:
-    """Spool file name -> SHA-256 of its bytes on disk, for every file under objects/."""
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (spool_dir / "objects").glob("*/*.dcm.zst")}
+    """Spool file name -> SHA-256 of its content (decompressed: the compactor rewrites files in place,
+    same content), for every file under objects/ that holds an instance (empty ones are the spool's
+    files created ahead)."""
+    return {
+        p.name: hashlib.sha256(
+            subprocess.run(["zstd", "-d", "-c", str(p)], capture_output=True, check=True).stdout
+        ).hexdigest()
+        for p in (spool_dir / "objects").glob("*/*.dcm.zst")
+        if p.stat().st_size > 0
+    }
 
 
 def rows(spool_dir: Path) -> dict[str, str]:

@@ -1,97 +1,184 @@
-//! The compactor thread: recompresses intake files at `spool.zstd_level` (see `passerelle_spool`'s
-//! `compact` module) while the box has CPU to spare.
+//! The spool's background threads: the compactor and the pool filler.
 //!
-//! It works when ingest pauses (`Spool::compaction_due`: one second without a new instance, or a
-//! backlog of intake files too big for the disk), and at nice 19, so the kernel gives it little CPU
-//! time while the uplink wants it: on a 2-core box a CT study is acknowledged at full speed and compressed afterwards.
-//! Stopping it is not waited for beyond a moment: a compaction cut short leaves the intake file in
-//! place and a temporary file that the next start removes.
+//! - The compactor recompresses intake files at `spool.zstd_level` (see `passerelle_spool`'s
+//!   `compact` module). It works when ingest pauses (`Spool::compaction_due`: one second without a
+//!   new instance, or a backlog of intake files too big for the disk), at nice 19, so that the
+//!   kernel gives it little CPU time while the uplink wants it: on a 2-core box a CT study is
+//!   acknowledged at full speed and compressed afterwards.
+//! - The pool filler keeps empty files created ahead under `objects/` (see the `pool` module), so
+//!   that storing an instance needs one fsync instead of three. It wakes when ingest takes the
+//!   pool below its low-water mark.
+//!
+//! Stopping them is not waited for beyond a moment: a compaction cut short leaves the intake file
+//! in place and a temporary file that the next start removes; files created but not yet listed in
+//! the pool stay empty and unused.
 
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use log::{info, warn};
-use passerelle_spool::Spool;
+use passerelle_spool::{CompactReport, Spool};
 
-/// Files per batch: between batches the thread checks whether it must stop.
+/// Files per compaction batch: between batches the thread checks whether it must stop.
 const BATCH: usize = 4;
-/// How long the thread sleeps when nothing waits, or after an error.
+/// How long a thread sleeps when it has nothing to do, or after an error.
 const IDLE: Duration = Duration::from_millis(200);
 const AFTER_ERROR: Duration = Duration::from_secs(30);
-/// How long [`Compactor::stop`] waits for the thread.
+/// How long [`Worker::stop`] waits for a thread.
 const STOP_WAIT: Duration = Duration::from_secs(2);
 
-pub struct Compactor {
+/// A background thread that stops when asked (its stop channel closes).
+pub struct Worker {
+    name: &'static str,
     stop: mpsc::Sender<()>,
     done: mpsc::Receiver<()>,
     thread: JoinHandle<()>,
 }
 
-impl Compactor {
-    pub fn start(spool: Spool) -> std::io::Result<Compactor> {
+impl Worker {
+    fn start(
+        name: &'static str,
+        body: impl FnOnce(&mpsc::Receiver<()>) + Send + 'static,
+    ) -> std::io::Result<Worker> {
         let (stop, stopped) = mpsc::channel::<()>();
         let (finished, done) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
-            .name("spool-compact".into())
+            .name(name.into())
             .spawn(move || {
-                run(&spool, &stopped);
+                body(&stopped);
                 let _ = finished.send(());
             })?;
-        Ok(Compactor { stop, done, thread })
+        Ok(Worker {
+            name,
+            stop,
+            done,
+            thread,
+        })
     }
 
-    /// Asks the thread to stop and waits a moment for it; a file being compacted may be cut short
-    /// (safe: the intake file stays in place).
+    /// Asks the thread to stop and waits a moment for it.
     pub fn stop(self) {
         drop(self.stop);
         if self.done.recv_timeout(STOP_WAIT).is_ok() {
             let _ = self.thread.join();
         } else {
-            info!("Stopping with a spool file half compacted; it stays as it was received and is compacted after the next start.");
+            info!(
+                "Stopping while a spool background task is busy; what it was doing is finished after the next start. thread={}",
+                self.name
+            );
         }
     }
 }
 
-fn run(spool: &Spool, stopped: &mpsc::Receiver<()>) {
-    lower_priority();
-    let mut failing = false;
-    loop {
-        let work = spool.compaction_due().and_then(|due| {
-            if due {
-                spool.compact_batch(BATCH)
-            } else {
-                Ok(passerelle_spool::CompactReport::default())
-            }
-        });
-        let wait = match work {
-            Ok(r) => {
-                if failing {
-                    failing = false;
-                    info!("Compacting spool files works again.");
-                }
-                if r.compacted + r.skipped > 0 {
-                    Duration::ZERO
-                } else {
-                    IDLE
-                }
-            }
-            Err(e) => {
-                if !failing {
-                    failing = true;
-                    warn!(
-                        "Could not compact spool files; instances stay stored uncompressed (safe, but they use about twice the disk space) and compaction is retried every 30 s. Check the disk. error={}",
-                        crate::error_chain(&e)
-                    );
-                }
-                AFTER_ERROR
-            }
-        };
-        match stopped.recv_timeout(wait) {
-            Err(RecvTimeoutError::Timeout) => {}
-            Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+/// Sleeps up to `d`; true when the thread must stop.
+fn stop_requested(stopped: &mpsc::Receiver<()>, d: Duration) -> bool {
+    !matches!(stopped.recv_timeout(d), Err(RecvTimeoutError::Timeout))
+}
+
+/// Logs a failure once (and the recovery), and says how long to wait.
+struct Failing {
+    what: &'static str,
+    consequence: &'static str,
+    on: bool,
+}
+
+impl Failing {
+    fn ok(&mut self) {
+        if self.on {
+            self.on = false;
+            info!("Spool background work succeeds again. task={}", self.what);
         }
     }
+
+    fn failed(&mut self, e: &passerelle_spool::SpoolError) -> Duration {
+        if !self.on {
+            self.on = true;
+            warn!(
+                "Could not {}; {} It is retried every 30 s. Check the disk. error={}",
+                self.what,
+                self.consequence,
+                crate::error_chain(e)
+            );
+        }
+        AFTER_ERROR
+    }
+}
+
+pub fn compactor(spool: Spool) -> std::io::Result<Worker> {
+    Worker::start("spool-compact", move |stopped| {
+        lower_priority();
+        let mut failing = Failing {
+            what: "compact spool files",
+            consequence:
+                "instances stay stored as received (safe, but they use about twice the disk space).",
+            on: false,
+        };
+        loop {
+            let work = spool.compaction_due().and_then(|due| {
+                if due {
+                    spool.compact_batch(BATCH)
+                } else {
+                    Ok(CompactReport::default())
+                }
+            });
+            let wait = match work {
+                Ok(r) => {
+                    failing.ok();
+                    if r.compacted + r.skipped > 0 {
+                        Duration::ZERO
+                    } else {
+                        IDLE
+                    }
+                }
+                Err(e) => failing.failed(&e),
+            };
+            if stop_requested(stopped, wait) {
+                return;
+            }
+        }
+    })
+}
+
+pub fn pool_filler(spool: Spool) -> std::io::Result<Worker> {
+    Worker::start("spool-pool", move |stopped| {
+        let mut failing = Failing {
+            what: "create spool files ahead",
+            consequence: "instances are stored through temporary files (safe, a little slower).",
+            on: false,
+        };
+        loop {
+            match spool.refill_pool() {
+                // More may be wanted: go on at once (after checking for a stop).
+                Ok(n) if n > 0 => {
+                    failing.ok();
+                    if !matches!(stopped.try_recv(), Err(TryRecvError::Empty)) {
+                        return;
+                    }
+                    continue;
+                }
+                // Low but nothing made (the disk is at its reserve): wait, then try again.
+                Ok(_) if spool.pool_low() => {
+                    failing.ok();
+                    if stop_requested(stopped, IDLE) {
+                        return;
+                    }
+                }
+                Ok(_) => {
+                    failing.ok();
+                    spool.wait_pool_low(IDLE);
+                    if !matches!(stopped.try_recv(), Err(TryRecvError::Empty)) {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    if stop_requested(stopped, failing.failed(&e)) {
+                        return;
+                    }
+                }
+            }
+        }
+    })
 }
 
 /// Nice 19 for this thread (Linux applies `setpriority` to a thread id): it gets about 1.5% of a

@@ -91,7 +91,7 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
-    #[error("Cannot start the spool compactor thread; check the memory and process limits")]
+    #[error("Cannot start a spool background thread; check the memory and process limits")]
     Thread {
         #[source]
         source: std::io::Error,

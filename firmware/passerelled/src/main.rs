@@ -222,11 +222,12 @@ async fn daemon_async(cfg: Config, listener: std::net::TcpListener) -> Result<()
         .await
         .map_err(|source| DaemonError::Join { source })??;
     info!(
-        "Opened the spool. dir={} temp_files_removed={} uploading_requeued={} lost={}",
+        "Opened the spool. dir={} temp_files_removed={} uploading_requeued={} lost={} taken_in_from_precreated_files={}",
         cfg.spool.dir.display(),
         recovery.temp_files_removed,
         recovery.uploading_requeued,
-        recovery.lost.len()
+        recovery.lost.len(),
+        recovery.pooled_taken_in
     );
 
     let uplink = passerelle_uplink::Uplink::new(cfg.uplink.clone(), spool.clone())?;
@@ -249,8 +250,10 @@ async fn daemon_async(cfg: Config, listener: std::net::TcpListener) -> Result<()
     ));
     let uplink = tokio::spawn(uplink.run(stored.clone(), shutdown_rx.clone()));
     let housekeeping = tokio::spawn(housekeeping(spool.clone(), shutdown_rx.clone()));
-    let compactor = compactor::Compactor::start(spool.clone())
-        .map_err(|source| DaemonError::Thread { source })?;
+    let compactor =
+        compactor::compactor(spool.clone()).map_err(|source| DaemonError::Thread { source })?;
+    let filler =
+        compactor::pool_filler(spool.clone()).map_err(|source| DaemonError::Thread { source })?;
 
     info!(
         "Passerelle is ready. ae_title={} listen={} stow_url={}",
@@ -275,9 +278,12 @@ async fn daemon_async(cfg: Config, listener: std::net::TcpListener) -> Result<()
         Err(source) => failed = failed.or(Some(DaemonError::Join { source })),
     }
     let _ = housekeeping.await;
-    tokio::task::spawn_blocking(move || compactor.stop())
-        .await
-        .map_err(|source| DaemonError::Join { source })?;
+    tokio::task::spawn_blocking(move || {
+        compactor.stop();
+        filler.stop();
+    })
+    .await
+    .map_err(|source| DaemonError::Join { source })?;
     match failed {
         Some(e) => Err(e),
         None => {

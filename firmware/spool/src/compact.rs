@@ -81,7 +81,7 @@ impl Spool {
             .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
     }
 
-    /// Whether the compactor should work now: ingest has paused for [`COMPACT_AFTER_PAUSE`], or
+    /// Whether the compactor should work now: ingest has paused for `COMPACT_AFTER_PAUSE`, or
     /// intake files take more than 2 GiB or an eighth of the free space (then compaction competes
     /// with ingest for the CPU, so that the disk does not fill with uncompressed files).
     pub fn compaction_due(&self) -> Result<bool> {

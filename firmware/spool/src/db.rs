@@ -77,6 +77,9 @@ const META_SCHEMA: &str =
 /// the zstd streams they are.
 const INTAKE_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS intake (id INTEGER PRIMARY KEY);";
 
+/// Empty files created ahead under `objects/`, for ingest to write into (see `pool`).
+const POOL_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS pool (path TEXT PRIMARY KEY);";
+
 /// Attaches an action to a rusqlite error.
 pub(crate) trait DbContext<T> {
     fn ctx(self, action: &'static str) -> Result<T>;
@@ -130,7 +133,11 @@ fn migrate(conn: &Connection, path: &Path) -> Result<()> {
     }
     // Not behind the schema version, so that an older passerelled (rolled back) still opens the
     // database: it ignores these tables.
-    for (table, sql) in [("meta", META_SCHEMA), ("intake", INTAKE_SCHEMA)] {
+    for (table, sql) in [
+        ("meta", META_SCHEMA),
+        ("intake", INTAKE_SCHEMA),
+        ("pool", POOL_SCHEMA),
+    ] {
         let exists: bool = conn
             .query_row(
                 "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",

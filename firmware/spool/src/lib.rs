@@ -6,21 +6,28 @@
 //! what keeps that promise through crashes, power cuts, upstream outages, full disks and updates.
 //!
 //! # Design
-//! - One file per instance under `objects/`, named by the SHA-256 of its raw Part-10 bytes and
-//!   compressed with zstd (with the zstd frame checksum on). The file holds the Part-10 header that
-//!   ingest built (preamble, `DICM`, group 0002) followed by the dataset bytes exactly as received.
-//! - One SQLite database (`spool.db`, WAL, `synchronous=FULL`) with a row per instance and its state:
-//!   `queued → uploading → sent` (or back to `queued` with a persisted `next_attempt_at`, or to
-//!   `failed`), plus `lost` (file missing at start-up) and `quarantined` (hash mismatch).
-//! - Storing is: write a temporary *intake* file, a zstd frame at [`compact`]'s fastest level (the
-//!   leading elements are scanned as the bytes stream in, [`leading::StreamScan`], and disk writes are
-//!   started every 128 KiB), fdatasync it, rename it into place, fsync the directory, then commit
-//!   the row and its `intake` entry (which fsyncs the WAL). The compactor later rewrites the file
-//!   in place at `zstd_level` ([`Spool::compact_batch`]). Only after [`Written::commit`] returns may ingest answer
-//!   success. The process owning the spool checkpoints the WAL into `spool.db` from a thread of its
-//!   own, so that no commit pays for a checkpoint (a commit still does past 32 MiB of WAL), and
-//!   creates the 256 `objects/<xx>` directories at start-up, so that no commit creates one.
-//! - Recovery at [`Spool::open`]: temp files are removed, rows left `uploading` go back to `queued`
+//! - One file per instance under `objects/<xx>/`, named by a random 128-bit number when ingest
+//!   wrote it into a pre-created file (`pool`), else by the SHA-256 of its raw Part-10 bytes; a zstd
+//!   stream with the frame checksum on. The file holds the Part-10 header that ingest built
+//!   (preamble, `DICM`, group 0002) followed by the dataset bytes exactly as received.
+//! - One SQLite database (`spool.db`, WAL, `synchronous=FULL` except the one commit below) with a
+//!   row per instance and its state: `queued → uploading → sent` (or back to `queued` with a
+//!   persisted `next_attempt_at`, or to `failed`), plus `lost` (file missing at start-up) and
+//!   `quarantined` (hash mismatch).
+//! - Storing is: write an *intake* file, a zstd frame at `compact`'s fastest level (the leading
+//!   elements are scanned as the bytes stream in, [`leading::StreamScan`], and disk writes are
+//!   started every 128 KiB), then make it durable: into a pre-created file, fdatasync it and commit
+//!   the row with `synchronous=NORMAL` (the file is the durable record until the WAL is synced: a
+//!   start-up after a power cut takes whole pre-created files back in, see `pool`); or, when the
+//!   pool is empty, into a temporary file, fdatasync, rename into place, fsync the directory, and
+//!   commit the row with `FULL`. Either way the row's `intake` entry is in the same transaction and
+//!   the compactor later rewrites the file in place at `zstd_level` ([`Spool::compact_batch`]).
+//!   Only after [`Written::commit`] returns may ingest answer success. The process owning the spool
+//!   checkpoints the WAL into `spool.db` from a thread of its own, so that no commit pays for a
+//!   checkpoint (a commit still does past 32 MiB of WAL), and creates the 256 `objects/<xx>`
+//!   directories at start-up, so that no commit creates one.
+//! - Recovery at [`Spool::open`]: pre-created files holding a whole instance become `queued` rows
+//!   (their row was lost with the WAL's tail), partial ones are emptied, temp files are removed, rows left `uploading` go back to `queued`
 //!   with one more attempt (the PACS may have stored them before the crash, so their next
 //!   confirmation counts as a possible duplicate upstream), and a row whose file is missing is logged as an ERROR and marked `lost` (counted, never dropped).
 //! - A lost or damaged index is never replaced by an empty queue: [`Spool::open`] refuses to start
@@ -75,6 +82,10 @@
 //!   modality (which got no success) resends it and the resend adopts the file. If it never does,
 //!   the file stays until an operator removes it: nothing deletes a file without a row (recovery
 //!   only empties `tmp/`; eviction deletes only the files of `sent` rows), so no orphan sweep yet.
+//! - An older passerelled (rolled back) ignores the `pool` and `intake` tables: empty pre-created
+//!   files stay unused in `objects/` (its rebuild-index would quarantine them as unreadable), intake
+//!   files stay uncompressed, and a row lost with the WAL's tail in a power cut just before the
+//!   rollback is not taken back in from its pooled file (this build's rebuild-index does).
 //! - Times are wall-clock unix milliseconds. If the clock steps back while running, rows scheduled
 //!   under the old time wait for it; at start-up, a schedule more than 7 days ahead is reset to now.
 //! - Free space is measured with `statvfs` on the spool directory; other writers on the same file
@@ -95,6 +106,7 @@ mod error;
 mod files;
 mod identity;
 pub mod leading;
+mod pool;
 mod rebuild;
 
 pub use compact::CompactReport;
@@ -317,6 +329,8 @@ pub struct RecoveryReport {
     pub uploading_requeued: u64,
     /// SOP Instance UIDs whose file was missing (now `lost`).
     pub lost: Vec<String>,
+    /// Instances taken in from pre-created files whose row had not reached the disk (`pool`).
+    pub pooled_taken_in: u64,
 }
 
 /// What an eviction pass removed from the confirmed cache.
@@ -386,6 +400,8 @@ struct Inner {
     evicting: Mutex<()>,
     /// When this process last stored an instance (for the compactor, which waits for a pause).
     last_store: Mutex<Option<std::time::Instant>>,
+    /// Pre-created files ready for ingest (`pool`); empty in processes that do not own the spool.
+    free: pool::Free,
     /// Tests simulate a small disk through this.
     #[cfg(test)]
     free_probe: Mutex<Option<FreeProbe>>,
@@ -471,7 +487,8 @@ impl Spool {
         let report = if spool.inner.owner_lock.is_some() {
             spool.check_integrity(&db_path)?;
             identity::apply(&plan, &dir, &spool.conn())?;
-            let report = spool.recover()?;
+            let mut report = spool.recover()?;
+            report.pooled_taken_in = spool.recover_pool()?;
             spool.create_fan_dirs();
             report
         } else {
@@ -521,6 +538,7 @@ impl Spool {
                 owner_lock,
                 evicting: Mutex::new(()),
                 last_store: Mutex::new(None),
+                free: pool::Free::default(),
                 #[cfg(test)]
                 free_probe: Mutex::new(None),
             }),
@@ -636,8 +654,30 @@ impl Spool {
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                let expected = name.trim_end_matches(".dcm.zst").to_owned();
+                let pooled = pool::is_pooled_name(path);
+                if pooled && fs::metadata(path).is_ok_and(|m| m.len() == 0) {
+                    // A pre-created file never written: nothing to rebuild, and no pool any more.
+                    fs::remove_file(path).map_err(|source| SpoolError::Write {
+                        path: path.clone(),
+                        source,
+                    })?;
+                    report.files -= 1;
+                    continue;
+                }
+                let mut expected = name.trim_end_matches(".dcm.zst").to_owned();
                 let (scanned, detail) = match rebuild::scan_file(path) {
+                    // A pre-created file is not named by its content: its hash is what it holds.
+                    Ok(scanned) if pooled && scanned.damage.is_none() => {
+                        expected = scanned.sha256.clone();
+                        rows.push(rebuild::Rebuilt {
+                            path: path.clone(),
+                            sha256: expected,
+                            scanned: Some(scanned),
+                            state: QUEUED,
+                            note: "rebuilt from the spool file by rebuild-index".to_owned(),
+                        });
+                        continue;
+                    }
                     Ok(scanned) if scanned.damage.is_none() && scanned.sha256 == expected => {
                         rows.push(rebuild::Rebuilt {
                             path: path.clone(),
@@ -980,22 +1020,27 @@ impl Spool {
     /// Starts receiving an instance: creates a temporary file and writes `part10_header` (preamble,
     /// `DICM`, group 0002, built by ingest) into its zstd stream.
     pub fn begin(&self, meta: IncomingMeta, part10_header: &[u8]) -> Result<Incoming> {
-        let path = self
-            .inner
-            .tmp_dir
-            .join(format!("{:016x}.part", rand::random::<u64>()));
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|source| SpoolError::Write {
-                path: path.clone(),
-                source,
-            })?;
-        let guard = TempGuard::new(path);
+        let (file, guard) = match self.take_pooled() {
+            Some(slot) => (pool::open_slot(&slot)?, pool::Target::Pooled(slot)),
+            None => {
+                let path = self
+                    .inner
+                    .tmp_dir
+                    .join(format!("{:016x}.part", rand::random::<u64>()));
+                let file = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(|source| SpoolError::Write {
+                        path: path.clone(),
+                        source,
+                    })?;
+                (file, pool::Target::Temp(TempGuard::new(path)))
+            }
+        };
         let write_err = |source| SpoolError::Write {
-            path: guard.path.clone(),
+            path: guard.path().to_path_buf(),
             source,
         };
         // The intake level: compression happens later, off the acknowledgement path (`compact`).
@@ -1733,7 +1778,8 @@ fn read_uplink_state(conn: &Connection) -> Result<UplinkState> {
 
 /// An instance being received. Dropping it without [`Incoming::finish`] removes the temporary file.
 pub struct Incoming {
-    // Field order matters: the encoder (and its file) drop before the guard removes the file.
+    // Field order matters: the encoder (and its file) drop before the guard removes (or empties)
+    // the file.
     encoder: zstd::stream::write::Encoder<'static, BufWriter<File>>,
     hasher: Sha256,
     raw_len: u64,
@@ -1744,7 +1790,7 @@ pub struct Incoming {
     scan: leading::StreamScan,
     meta: IncomingMeta,
     spool: Spool,
-    guard: TempGuard,
+    guard: pool::Target,
 }
 
 impl Incoming {
@@ -1761,7 +1807,7 @@ impl Incoming {
         self.encoder
             .write_all(bytes)
             .map_err(|source| SpoolError::Write {
-                path: self.guard.path.clone(),
+                path: self.guard.path().to_path_buf(),
                 source,
             })?;
         self.hasher.update(bytes);
@@ -1820,7 +1866,7 @@ impl Incoming {
             guard,
         } = self;
         let write_err = |source| SpoolError::Write {
-            path: guard.path.clone(),
+            path: guard.path().to_path_buf(),
             source,
         };
         let file = encoder
@@ -1854,7 +1900,7 @@ pub struct Written {
     stored_len: u64,
     meta: IncomingMeta,
     spool: Spool,
-    guard: TempGuard,
+    guard: pool::Target,
 }
 
 impl Written {
@@ -1880,9 +1926,9 @@ impl Written {
     /// Reads the dataset bytes back (decompressed, after the Part-10 header), for leading-element
     /// parsing. Callers read only what they need.
     pub fn dataset_reader(&self) -> Result<Box<dyn Read + Send + '_>> {
-        let path = &self.guard.path;
+        let path = self.guard.path();
         let read_err = |source| SpoolError::Read {
-            path: path.clone(),
+            path: path.to_path_buf(),
             source,
         };
         let file = File::open(path).map_err(read_err)?;
@@ -1908,8 +1954,10 @@ impl Written {
         &self.sha256
     }
 
-    /// fsync the file, rename it into place, fsync the directory, commit the row. Only after this
-    /// returns `Ok` may a success response be sent.
+    /// Makes the instance durable, then queues it. Only after this returns `Ok` may a success
+    /// response be sent. A pooled file (`pool`): fdatasync, then the row in a `synchronous=NORMAL`
+    /// commit (the file itself is the durable record until the WAL is synced). A temporary file:
+    /// fdatasync, rename into place, fsync the directory, then the row in a `FULL` commit.
     pub fn commit(self, index: InstanceIndex) -> Result<StoreOutcome> {
         let Written {
             file,
@@ -1920,82 +1968,60 @@ impl Written {
             stored_len,
             meta,
             spool,
-            mut guard,
+            guard,
         } = self;
         // fdatasync, not fsync: it forces the data and every piece of metadata needed to read it back
         // (the file's size and block allocation, which a freshly written file always changes); it
-        // skips only the timestamps, which nothing here relies on. The name is made durable by the
-        // directory fsync after the rename.
+        // skips only the timestamps, which nothing here relies on.
         file.sync_data().map_err(|source| SpoolError::Sync {
-            path: guard.path.clone(),
+            path: guard.path().to_path_buf(),
             source,
         })?;
         drop(file);
-        let uid = meta.sop_instance_uid.as_str();
-
-        let fan = sha256.get(..2).unwrap_or("00");
-        let subdir = spool.inner.objects_dir.join(fan);
-        let rel = format!("objects/{fan}/{sha256}.dcm.zst");
-        let target = spool.inner.dir.join(&rel);
-
-        // An identical re-send: answer success, keep nothing (the guard removes the temp file)...
-        let duplicate = {
-            let conn = spool.conn();
-            let dup = find_duplicate(&conn, uid, &sha256)?;
-            match dup {
-                // ...unless the held copy is unconfirmed and its file has gone: then this copy
-                // takes its place (below) instead of the instance turning up lost later.
-                Some((id, true)) if !target.exists() => {
-                    log::warn!(
-                        "The spool file of a queued instance was missing; an identical copy just received replaces it. sop_instance_uid={uid} id={id} path={}",
-                        target.display()
-                    );
-                    None
-                }
-                Some((id, _)) => {
-                    db::bump_counter(&conn, DUPLICATES_RECEIVED)?;
-                    Some(id)
-                }
-                None => None,
-            }
+        let new = NewRow {
+            meta: &meta,
+            index: &index,
+            sha256: &sha256,
+            raw_len,
+            stored_len,
         };
-        if let Some(id) = duplicate {
-            drop(guard);
-            log_duplicate(&meta, id);
-            return Ok(StoreOutcome::Duplicate { id: InstanceId(id) });
-        }
+        let (id, previous) = match guard {
+            pool::Target::Pooled(slot) => match spool.commit_pooled(&new, slot)? {
+                Committed::Row(id, previous) => (id, previous),
+                Committed::Duplicate(id) => return Ok(StoreOutcome::Duplicate { id }),
+            },
+            pool::Target::Temp(guard) => match spool.commit_renamed(&new, guard)? {
+                Committed::Row(id, previous) => (id, previous),
+                Committed::Duplicate(id) => return Ok(StoreOutcome::Duplicate { id }),
+            },
+        };
+        spool.stored_now();
+        Ok(new.outcome(id, previous))
+    }
+}
 
-        // Into place: content-addressed, durable before the row exists.
-        if files::create_dir(&subdir)? {
-            files::fsync_dir(&spool.inner.objects_dir)?;
-        }
-        // Renaming over an existing file of the same name is harmless: same name, same bytes (a
-        // file left by a crash between rename and row, or a concurrent identical commit).
-        fs::rename(&guard.path, &target).map_err(|source| SpoolError::Write {
-            path: target.clone(),
-            source,
-        })?;
-        guard.disarm();
-        files::fsync_dir(&subdir)?;
-        crash_point!("spool::commit::before_row");
+/// An instance about to get its row.
+struct NewRow<'a> {
+    meta: &'a IncomingMeta,
+    index: &'a InstanceIndex,
+    sha256: &'a str,
+    raw_len: u64,
+    stored_len: u64,
+}
 
-        let now = to_ms(SystemTime::now());
-        let mut conn = spool.conn();
-        let tx = conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .ctx("start storing an instance")?;
-        if let Some((id, _)) = find_duplicate(&tx, uid, &sha256)? {
-            // A concurrent identical commit won the race (or this copy restored a missing file):
-            // the file in place holds the same bytes, possibly as the intake file just renamed.
-            db::bump_counter(&tx, DUPLICATES_RECEIVED)?;
-            tx.prepare_cached("INSERT OR IGNORE INTO intake (id) VALUES (?1)")
-                .and_then(|mut s| s.execute([id]))
-                .ctx("list an intake file")?;
-            tx.commit().ctx("count a duplicate")?;
-            log_duplicate(&meta, id);
-            return Ok(StoreOutcome::Duplicate { id: InstanceId(id) });
-        }
-        let previous: Option<(i64, String, String)> = tx
+/// The newest earlier row under the same SOP Instance UID: (id, sha256, state).
+type Previous = Option<(i64, String, String)>;
+
+enum Committed {
+    Row(i64, Previous),
+    Duplicate(InstanceId),
+}
+
+impl NewRow<'_> {
+    /// Inserts the row (queued, due now) and its `intake` entry; returns its id and the earlier row.
+    fn insert(&self, tx: &rusqlite::Transaction<'_>, rel: &str) -> Result<(i64, Previous)> {
+        let (meta, index, uid) = (self.meta, self.index, self.meta.sop_instance_uid.as_str());
+        let previous: Previous = tx
             .prepare_cached(
                 "SELECT id, sha256, state FROM instances WHERE sop_instance_uid = ?1 ORDER BY id DESC LIMIT 1",
             )
@@ -2018,33 +2044,39 @@ impl Written {
                 index.accession_number,
                 meta.calling_ae,
                 meta.transfer_syntax_uid,
-                to_i64(raw_len),
-                to_i64(stored_len),
-                sha256,
+                to_i64(self.raw_len),
+                to_i64(self.stored_len),
+                self.sha256,
                 rel,
-                now,
+                to_ms(SystemTime::now()),
             ])
         })
         .ctx("insert an instance row")?;
         let id = tx.last_insert_rowid();
-        spool.stored_now();
         // The file is an intake file: the compactor rewrites it at the configured level.
         tx.prepare_cached("INSERT INTO intake (id) VALUES (?1)")
             .and_then(|mut s| s.execute([id]))
             .ctx("list an intake file")?;
-        tx.commit().ctx("commit an instance row")?;
-        drop(conn);
+        Ok((id, previous))
+    }
 
+    /// Logs the new row and says what it is.
+    fn outcome(&self, id: i64, previous: Previous) -> StoreOutcome {
+        let meta = self.meta;
+        let uid = meta.sop_instance_uid.as_str();
         log::debug!(
-            "Spooled instance. sop_instance_uid={uid} calling_ae={} id={id} raw_bytes={raw_len} stored_bytes={stored_len}",
-            meta.calling_ae
+            "Spooled instance. sop_instance_uid={uid} calling_ae={} id={id} raw_bytes={} stored_bytes={}",
+            meta.calling_ae,
+            self.raw_len,
+            self.stored_len
         );
-        Ok(match previous {
-            Some((prev, prev_sha, _)) if prev_sha != sha256 => {
+        match previous {
+            Some((prev, prev_sha, _)) if prev_sha != self.sha256 => {
                 log::warn!(
-                    "Received different content under a SOP Instance UID already held; both versions are kept and the new one is queued. sop_instance_uid={uid} calling_ae={} peer={} id={id} previous_id={prev} sha256={sha256} previous_sha256={prev_sha}",
+                    "Received different content under a SOP Instance UID already held; both versions are kept and the new one is queued. sop_instance_uid={uid} calling_ae={} peer={} id={id} previous_id={prev} sha256={} previous_sha256={prev_sha}",
                     meta.calling_ae,
-                    meta.peer
+                    meta.peer,
+                    self.sha256
                 );
                 StoreOutcome::NewVersion {
                     id: InstanceId(id),
@@ -2059,7 +2091,153 @@ impl Written {
                 StoreOutcome::Stored { id: InstanceId(id) }
             }
             None => StoreOutcome::Stored { id: InstanceId(id) },
-        })
+        }
+    }
+}
+
+impl Spool {
+    /// The row of an instance written into a pooled file (already fdatasynced, its name durable
+    /// since the pool was filled): one `synchronous=NORMAL` transaction takes the file off the
+    /// pool and inserts the row. A duplicate gives the file back to the pool (emptied).
+    fn commit_pooled(&self, new: &NewRow<'_>, mut slot: pool::Slot) -> Result<Committed> {
+        let uid = new.meta.sop_instance_uid.as_str();
+        let mut conn = self.conn();
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .ctx("set synchronous=NORMAL")?;
+        let result = (|| {
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .ctx("start storing an instance")?;
+            let committed = match find_duplicate(&tx, uid, new.sha256)? {
+                // The held copy is unconfirmed and its file has gone: this copy takes its place.
+                Some((id, true)) if !self.row_file_exists(&tx, id)? => {
+                    log::warn!(
+                        "The spool file of a queued instance was missing; an identical copy just received replaces it. sop_instance_uid={uid} id={id} path={}",
+                        slot.path.display()
+                    );
+                    tx.prepare_cached(
+                        "UPDATE instances SET path = ?2, stored_size = ?3 WHERE id = ?1",
+                    )
+                    .and_then(|mut s| s.execute(params![id, slot.rel, to_i64(new.stored_len)]))
+                    .ctx("point a row at its new file")?;
+                    tx.prepare_cached("INSERT OR IGNORE INTO intake (id) VALUES (?1)")
+                        .and_then(|mut s| s.execute([id]))
+                        .ctx("list an intake file")?;
+                    Committed::Duplicate(InstanceId(id))
+                }
+                Some((id, _)) => {
+                    db::bump_counter(&tx, DUPLICATES_RECEIVED)?;
+                    tx.commit().ctx("count a duplicate")?;
+                    // The slot is dropped armed: emptied and back in the pool.
+                    return Ok(Committed::Duplicate(InstanceId(id)));
+                }
+                None => {
+                    let (id, previous) = new.insert(&tx, &slot.rel)?;
+                    Committed::Row(id, previous)
+                }
+            };
+            tx.prepare_cached("DELETE FROM pool WHERE path = ?1")
+                .and_then(|mut s| s.execute([&slot.rel]))
+                .ctx("take a pre-created file")?;
+            crash_point!("spool::commit::before_row");
+            tx.commit().ctx("commit an instance row")?;
+            slot.disarm();
+            Ok(committed)
+        })();
+        let restored = conn
+            .pragma_update(None, "synchronous", "FULL")
+            .ctx("set synchronous=FULL");
+        drop(conn);
+        let committed = result?;
+        restored?;
+        if let Committed::Duplicate(id) = &committed {
+            log_duplicate(new.meta, id.0);
+        }
+        Ok(committed)
+    }
+
+    /// Whether row `id`'s file is on disk.
+    fn row_file_exists(&self, conn: &Connection, id: i64) -> Result<bool> {
+        let rel: String = conn
+            .prepare_cached("SELECT path FROM instances WHERE id = ?1")
+            .and_then(|mut s| s.query_row([id], |r| r.get(0)))
+            .ctx("read an instance row")?;
+        Ok(self.inner.dir.join(rel).exists())
+    }
+
+    /// The row of an instance written into a temporary file: rename it into place (content-
+    /// addressed), fsync the directory, then the row in a `FULL` commit.
+    fn commit_renamed(&self, new: &NewRow<'_>, mut guard: TempGuard) -> Result<Committed> {
+        let (meta, sha256) = (new.meta, new.sha256);
+        let uid = meta.sop_instance_uid.as_str();
+        let fan = sha256.get(..2).unwrap_or("00");
+        let subdir = self.inner.objects_dir.join(fan);
+        let rel = format!("objects/{fan}/{sha256}.dcm.zst");
+        let target = self.inner.dir.join(&rel);
+
+        // An identical re-send: answer success, keep nothing (the guard removes the temp file)...
+        let duplicate = {
+            let conn = self.conn();
+            match find_duplicate(&conn, uid, sha256)? {
+                // ...unless the held copy is unconfirmed and its file has gone: then this copy
+                // takes its place (below) instead of the instance turning up lost later.
+                Some((id, true)) if !self.row_file_exists(&conn, id)? => {
+                    log::warn!(
+                        "The spool file of a queued instance was missing; an identical copy just received replaces it. sop_instance_uid={uid} id={id} path={}",
+                        target.display()
+                    );
+                    None
+                }
+                Some((id, _)) => {
+                    db::bump_counter(&conn, DUPLICATES_RECEIVED)?;
+                    Some(id)
+                }
+                None => None,
+            }
+        };
+        if let Some(id) = duplicate {
+            drop(guard);
+            log_duplicate(meta, id);
+            return Ok(Committed::Duplicate(InstanceId(id)));
+        }
+
+        // Into place: content-addressed, durable before the row exists.
+        if files::create_dir(&subdir)? {
+            files::fsync_dir(&self.inner.objects_dir)?;
+        }
+        // Renaming over an existing file of the same name is harmless: same name, same bytes (a
+        // file left by a crash between rename and row, or a concurrent identical commit).
+        fs::rename(&guard.path, &target).map_err(|source| SpoolError::Write {
+            path: target.clone(),
+            source,
+        })?;
+        guard.disarm();
+        files::fsync_dir(&subdir)?;
+        crash_point!("spool::commit::before_row");
+
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .ctx("start storing an instance")?;
+        if let Some((id, unconfirmed)) = find_duplicate(&tx, uid, sha256)? {
+            // A concurrent identical commit won the race, or this copy restored a missing file
+            // (whose row may name another path: point it at this one).
+            if unconfirmed && !self.row_file_exists(&tx, id)? {
+                tx.prepare_cached("UPDATE instances SET path = ?2 WHERE id = ?1")
+                    .and_then(|mut s| s.execute(params![id, rel]))
+                    .ctx("point a row at its new file")?;
+            }
+            db::bump_counter(&tx, DUPLICATES_RECEIVED)?;
+            tx.prepare_cached("INSERT OR IGNORE INTO intake (id) VALUES (?1)")
+                .and_then(|mut s| s.execute([id]))
+                .ctx("list an intake file")?;
+            tx.commit().ctx("count a duplicate")?;
+            log_duplicate(meta, id);
+            return Ok(Committed::Duplicate(InstanceId(id)));
+        }
+        let (id, previous) = new.insert(&tx, &rel)?;
+        tx.commit().ctx("commit an instance row")?;
+        Ok(Committed::Row(id, previous))
     }
 }
 

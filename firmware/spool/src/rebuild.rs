@@ -1,6 +1,7 @@
 //! Rebuilding the index (`spool.db`) from the spool files, after the database was lost or damaged.
 //!
-//! Every spool file is a zstd stream of the raw Part-10 bytes, named by their SHA-256. Its file
+//! Every spool file is a zstd stream of the raw Part-10 bytes, named by their SHA-256 (or, for a
+//! pre-created file from the `pool`, by a random 128-bit number). Its file
 //! meta group carries the SOP Class and Instance UIDs, the transfer syntax and the calling AE title
 //! (Source AE, 0002,0016); the leading elements of the dataset carry the study, series, patient,
 //! modality and accession number ([`crate::leading`], the parser ingest uses). Parsing stops at the
@@ -182,7 +183,11 @@ pub(crate) fn any_object_file(objects_dir: &Path) -> io::Result<bool> {
             continue;
         }
         for entry in fs::read_dir(fan.path())? {
-            if entry?.file_name().to_string_lossy().ends_with(".dcm.zst") {
+            let entry = entry?;
+            // Empty files are pre-created ones (`pool`) never written: they hold no instance.
+            if entry.file_name().to_string_lossy().ends_with(".dcm.zst")
+                && entry.metadata()?.len() > 0
+            {
                 return Ok(true);
             }
         }

@@ -1470,7 +1470,10 @@ fn an_instance_is_stored_as_received_then_compacted_in_place_with_the_same_conte
     // At intake the file is a checksummed zstd frame that stores the bytes about as they are.
     for (inst, id) in insts.iter().zip(&ids) {
         let stored = fs::read(file_of(&fx, &spool, *id)).unwrap();
-        assert!(stored.len() >= inst.raw().len(), "intake files are not compressed");
+        assert!(
+            stored.len() >= inst.raw().len(),
+            "intake files are not compressed"
+        );
         assert_ne!(stored[4] & 0x04, 0, "zstd frame checksum must be on");
         assert_eq!(zstd::decode_all(stored.as_slice()).unwrap(), inst.raw());
     }
@@ -1483,16 +1486,26 @@ fn an_instance_is_stored_as_received_then_compacted_in_place_with_the_same_conte
 
     let report = spool.compact_batch(10).unwrap();
     assert_eq!((report.compacted, report.skipped), (3, 0));
-    assert!(report.bytes_after * 3 / 2 < report.bytes_before, "{report:?}");
+    assert!(
+        report.bytes_after * 3 / 2 < report.bytes_before,
+        "{report:?}"
+    );
     assert_eq!(spool.compact_batch(10).unwrap(), CompactReport::default());
     let after = spool.status(SystemTime::now()).unwrap();
     assert_eq!(after.awaiting_compaction, 0);
     assert_eq!(after.raw_bytes, before.raw_bytes);
     assert_eq!(after.stored_bytes, report.bytes_after);
     for (i, (inst, id)) in insts.iter().zip(&ids).enumerate() {
-        assert_eq!(row_str(&spool, *id, "path"), paths[i], "the path never changes");
+        assert_eq!(
+            row_str(&spool, *id, "path"),
+            paths[i],
+            "the path never changes"
+        );
         let stored = fs::read(file_of(&fx, &spool, *id)).unwrap();
-        assert_eq!(row_str(&spool, *id, "stored_size").unwrap(), stored.len().to_string());
+        assert_eq!(
+            row_str(&spool, *id, "stored_size").unwrap(),
+            stored.len().to_string()
+        );
         assert_eq!(zstd::decode_all(stored.as_slice()).unwrap(), inst.raw());
     }
     let mut early_bytes = Vec::new();
@@ -1522,7 +1535,10 @@ fn compaction_leaves_evicted_lost_and_mismatching_files_alone() {
     let report = spool.compact_batch(10).unwrap();
     assert_eq!((report.compacted, report.skipped), (0, 3));
     assert_eq!(intake_count(&spool), 0);
-    assert!(!file_of(&fx, &spool, ids[0]).exists(), "an evicted file came back");
+    assert!(
+        !file_of(&fx, &spool, ids[0]).exists(),
+        "an evicted file came back"
+    );
     assert!(!file_of(&fx, &spool, ids[1]).exists());
     assert_eq!(fs::read(file_of(&fx, &spool, ids[2])).unwrap(), other);
     assert_eq!(tmp_entries(&fx), 0);
@@ -1585,17 +1601,200 @@ fn a_rebuilt_index_lists_its_queued_files_for_compaction() {
     let rebuilt = Spool::rebuild_index(&fx.cfg).unwrap();
     assert_eq!(rebuilt.queued, 2, "{rebuilt:?}");
     let spool = fx.spool();
-    assert_eq!(spool.status(SystemTime::now()).unwrap().awaiting_compaction, 2);
+    assert_eq!(
+        spool.status(SystemTime::now()).unwrap().awaiting_compaction,
+        2
+    );
     let report = spool.compact_batch(10).unwrap();
     assert_eq!(report.compacted, 2);
     let after = spool.status(SystemTime::now()).unwrap();
     assert_eq!(after.awaiting_compaction, 0);
     assert_eq!(after.raw_bytes, before.raw_bytes);
-    assert!(after.stored_bytes < before.stored_bytes, "the intake file shrank");
+    assert!(
+        after.stored_bytes < before.stored_bytes,
+        "the intake file shrank"
+    );
     // Both still read back whole and verified.
     for _ in 0..2 {
         let claimed = claim_one(&spool);
-        assert_eq!(read_all(&spool, &claimed).unwrap().len() as u64, claimed.raw_size);
+        assert_eq!(
+            read_all(&spool, &claimed).unwrap().len() as u64,
+            claimed.raw_size
+        );
         spool.mark_sent(claimed.id, false).unwrap();
     }
+}
+
+// -- pre-created files (`pool`) ----------------------------------------------------------------------
+
+fn pool_rows(spool: &Spool) -> Vec<String> {
+    let conn = spool.conn();
+    let mut stmt = conn.prepare("SELECT path FROM pool ORDER BY path").unwrap();
+    let rows = stmt.query_map([], |r| r.get(0)).unwrap();
+    rows.collect::<rusqlite::Result<_>>().unwrap()
+}
+
+fn synchronous(spool: &Spool) -> i64 {
+    spool
+        .conn()
+        .query_row("PRAGMA synchronous", [], |r| r.get(0))
+        .unwrap()
+}
+
+#[test]
+fn an_instance_goes_straight_into_a_precreated_file_whose_name_was_durable_before() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    assert_eq!(spool.refill_pool().unwrap(), 16);
+    let listed = pool_rows(&spool);
+    assert_eq!(listed.len(), 16);
+    for rel in &listed {
+        assert_eq!(fs::metadata(fx.path(rel)).unwrap().len(), 0);
+        assert!(pool::is_pooled_name(&fx.path(rel)), "{rel}");
+    }
+    let inst = Inst::new("1.2.10.1", "1.2.10", 100_000, 1001);
+    let id = inst.stored_id(&spool);
+    let rel = row_str(&spool, id, "path").unwrap();
+    assert!(listed.contains(&rel), "{rel} was not a pooled file");
+    assert_eq!(
+        pool_rows(&spool).len(),
+        15,
+        "the file left the pool with the row"
+    );
+    assert_eq!(tmp_entries(&fx), 0, "no temporary file");
+    // The NORMAL commit is for this one transaction only.
+    assert_eq!(synchronous(&spool), 2, "back to synchronous=FULL");
+    let claimed = claim_one(&spool);
+    assert_eq!(read_all(&spool, &claimed).unwrap(), inst.raw());
+    // Compaction rewrites it in place like any other file.
+    assert_eq!(spool.compact_batch(10).unwrap().compacted, 1);
+    assert_eq!(row_str(&spool, id, "path").unwrap(), rel);
+}
+
+#[test]
+fn a_row_lost_with_the_wal_tail_is_taken_back_in_from_its_precreated_file() {
+    let fx = Fixture::new();
+    let (rel, whole) = {
+        let spool = fx.spool();
+        spool.refill_pool().unwrap();
+        let id = crate::rebuild::tests::store(&spool, "1.2.10.2", "1.2.10");
+        let rel = row_str(&spool, id, "path").unwrap();
+        let claimed = claim_one(&spool);
+        let whole = read_all(&spool, &claimed).unwrap();
+        // What a power cut before the WAL's next fsync leaves: the file whole, the transaction gone.
+        let conn = spool.conn();
+        conn.execute("DELETE FROM intake WHERE id = ?1", [id.0])
+            .unwrap();
+        conn.execute("DELETE FROM instances WHERE id = ?1", [id.0])
+            .unwrap();
+        conn.execute("INSERT INTO pool (path) VALUES (?1)", [&rel])
+            .unwrap();
+        (rel, whole)
+    };
+    let (spool, report) = fx.open();
+    assert_eq!(report.pooled_taken_in, 1);
+    assert!(!pool_rows(&spool).contains(&rel));
+    let claimed = claim_one(&spool);
+    assert_eq!(claimed.sop_instance_uid, "1.2.10.2");
+    assert_eq!(row_str(&spool, claimed.id, "path").unwrap(), rel);
+    assert_eq!(row_str(&spool, claimed.id, "attempts").unwrap(), "0");
+    assert_eq!(
+        row_str(&spool, claimed.id, "study_instance_uid").unwrap(),
+        "1.2.10"
+    );
+    assert_eq!(read_all(&spool, &claimed).unwrap(), whole);
+    assert_eq!(
+        spool.status(SystemTime::now()).unwrap().awaiting_compaction,
+        1
+    );
+    // Taken in once: a second start finds nothing more.
+    drop(spool);
+    assert_eq!(fx.open().1.pooled_taken_in, 0);
+}
+
+#[test]
+fn a_precreated_file_cut_short_is_emptied_and_reused_and_never_queued() {
+    let fx = Fixture::new();
+    let (partial, whole_dup) = {
+        let spool = fx.spool();
+        spool.refill_pool().unwrap();
+        let listed = pool_rows(&spool);
+        let id = crate::rebuild::tests::store(&spool, "1.2.10.3", "1.2.10");
+        let used = row_str(&spool, id, "path").unwrap();
+        let free: Vec<_> = listed.iter().filter(|r| **r != used).cloned().collect();
+        // One free file holds half an instance (a C-STORE cut off mid-way), another a whole copy of
+        // the instance just stored (a duplicate whose file had not been emptied yet).
+        let whole = fs::read(fx.path(&used)).unwrap();
+        fs::write(fx.path(&free[0]), &whole[..whole.len() / 2]).unwrap();
+        fs::write(fx.path(&free[1]), &whole).unwrap();
+        (free[0].clone(), free[1].clone())
+    };
+    let (spool, report) = fx.open();
+    assert_eq!(report.pooled_taken_in, 0);
+    assert_eq!(fs::metadata(fx.path(&partial)).unwrap().len(), 0);
+    assert!(
+        pool_rows(&spool).contains(&partial),
+        "emptied and still pooled"
+    );
+    assert!(
+        !fx.path(&whole_dup).exists(),
+        "the duplicate copy is removed"
+    );
+    assert!(!pool_rows(&spool).contains(&whole_dup));
+    let status = spool.status(SystemTime::now()).unwrap();
+    assert_eq!((status.queued, status.duplicates_received), (1, 0));
+}
+
+#[test]
+fn a_refused_or_duplicate_instance_gives_its_precreated_file_back_empty() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    spool.refill_pool().unwrap();
+    let inst = Inst::new("1.2.10.4", "1.2.10", 50_000, 1004);
+    inst.stored_id(&spool);
+    let before = pool_rows(&spool);
+    // Received, then dropped (the dataset was refused): the file goes back, emptied.
+    let mut incoming = spool.begin(inst.meta(), &inst.header).unwrap();
+    incoming.write_all(&inst.dataset).unwrap();
+    drop(incoming.finish().unwrap());
+    // Received again whole: a duplicate, the file goes back too.
+    assert!(matches!(inst.store(&spool), StoreOutcome::Duplicate { .. }));
+    assert_eq!(pool_rows(&spool), before);
+    for rel in &before {
+        assert_eq!(fs::metadata(fx.path(rel)).unwrap().len(), 0, "{rel}");
+    }
+    assert_eq!(spool.status(SystemTime::now()).unwrap().queued, 1);
+}
+
+#[test]
+fn rebuild_index_takes_whole_precreated_files_in_and_drops_empty_ones() {
+    let fx = Fixture::new();
+    {
+        let spool = fx.spool();
+        spool.refill_pool().unwrap();
+        crate::rebuild::tests::store(&spool, "1.2.10.5", "1.2.10");
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = fs::remove_file(fx.path(&format!("spool.db{suffix}")));
+    }
+    let report = Spool::rebuild_index(&fx.cfg).unwrap();
+    assert_eq!((report.files, report.queued), (1, 1), "{report:?}");
+    assert!(report.quarantined.is_empty(), "{report:?}");
+    let spool = fx.spool();
+    let claimed = claim_one(&spool);
+    assert_eq!(
+        read_all(&spool, &claimed).unwrap().len() as u64,
+        claimed.raw_size
+    );
+}
+
+#[test]
+fn a_spool_whose_only_files_are_empty_precreated_ones_is_not_missing_its_index() {
+    let fx = Fixture::new();
+    fx.spool().refill_pool().unwrap();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = fs::remove_file(fx.path(&format!("spool.db{suffix}")));
+    }
+    fs::remove_file(fx.path("spool.id")).unwrap();
+    assert!(Spool::open(&fx.cfg).is_ok());
 }

@@ -314,10 +314,14 @@ async fn the_producer_never_reads_more_than_a_few_chunks_ahead_of_the_client() {
     };
     let mut stream = BodyStream::new(rx, shared);
     let mut taken = 0usize;
-    // The channel's pieces, the piece being sent, and the rest of the chunk being sliced.
-    let ahead = (CHANNEL_CHUNKS + 1) * SLICE_SIZE + CHUNK_SIZE;
+    // The channel's chunks, the chunk the stream hands over piece by piece, and the chunk the
+    // producer waits to send.
+    let ahead = (CHANNEL_CHUNKS + 2) * CHUNK_SIZE;
     while let Some(chunk) = stream.next().await {
-        taken += chunk.unwrap().len();
+        let piece = chunk.unwrap().len();
+        // The idle watchdog sees progress once per piece the HTTP client takes.
+        assert!(piece <= SLICE_SIZE, "a piece of {piece} bytes");
+        taken += piece;
         let r = read.load(Ordering::SeqCst);
         assert!(
             r <= taken + ahead,
