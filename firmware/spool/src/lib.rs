@@ -2157,7 +2157,7 @@ impl Spool {
     }
 
     /// Whether row `id`'s file is on disk.
-    fn row_file_exists(&self, conn: &Connection, id: i64) -> Result<bool> {
+    pub(crate) fn row_file_exists(&self, conn: &Connection, id: i64) -> Result<bool> {
         let rel: String = conn
             .prepare_cached("SELECT path FROM instances WHERE id = ?1")
             .and_then(|mut s| s.query_row([id], |r| r.get(0)))

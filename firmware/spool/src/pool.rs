@@ -257,9 +257,22 @@ impl Spool {
                 tx.prepare_cached("DELETE FROM pool WHERE path = ?1")
                     .and_then(|mut s| s.execute([rel]))
                     .ctx("take in a pre-created file")?;
-                if let Some((id, _)) =
-                    crate::find_duplicate(&tx, &scanned.sop_instance_uid, &scanned.sha256)?
-                {
+                let held = crate::find_duplicate(&tx, &scanned.sop_instance_uid, &scanned.sha256)?;
+                if let Some((id, true)) = held {
+                    if !self.row_file_exists(&tx, id)? {
+                        // The held copy's file had gone and this copy was replacing it (the
+                        // transaction that said so was lost): it takes its place now.
+                        tx.prepare_cached("UPDATE instances SET path = ?2 WHERE id = ?1")
+                            .and_then(|mut s| s.execute(params![id, rel]))
+                            .ctx("point a row at its new file")?;
+                        tx.prepare_cached("INSERT OR IGNORE INTO intake (id) VALUES (?1)")
+                            .and_then(|mut s| s.execute([id]))
+                            .ctx("list an intake file")?;
+                        recovered += 1;
+                        continue;
+                    }
+                }
+                if let Some((id, _)) = held {
                     // Held already: this copy was a duplicate whose file was not emptied yet.
                     log::info!(
                         "A pre-created spool file held a second copy of an instance already queued; it is removed. sop_instance_uid={} id={id} path={}",

@@ -270,6 +270,14 @@ pub(crate) mod tests {
 
     /// Stores a real instance (as ingest would); also used by `crate::tests`.
     pub(crate) fn store(spool: &Spool, uid: &str, study: &str) -> crate::InstanceId {
+        match store_outcome(spool, uid, study) {
+            StoreOutcome::Stored { id } => id,
+            other => panic!("expected Stored, got {other:?}"),
+        }
+    }
+
+    /// Stores a real DICOM instance (the same bytes for the same UID and study).
+    pub(crate) fn store_outcome(spool: &Spool, uid: &str, study: &str) -> StoreOutcome {
         let (meta, header, dataset) = instance(uid, study, 200_000);
         let mut incoming = spool.begin(meta, &header).unwrap();
         incoming.write_all(&dataset).unwrap();
@@ -277,10 +285,7 @@ pub(crate) mod tests {
         let index = crate::leading::parse_leading(written.dataset_reader().unwrap(), TS)
             .unwrap()
             .index;
-        match written.commit(index).unwrap() {
-            StoreOutcome::Stored { id } => id,
-            other => panic!("expected Stored, got {other:?}"),
-        }
+        written.commit(index).unwrap()
     }
 
     /// Three instances: one confirmed (still cached), two queued; then the database is dropped.

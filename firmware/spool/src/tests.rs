@@ -1798,3 +1798,41 @@ fn a_spool_whose_only_files_are_empty_precreated_ones_is_not_missing_its_index()
     fs::remove_file(fx.path("spool.id")).unwrap();
     assert!(Spool::open(&fx.cfg).is_ok());
 }
+
+#[test]
+fn a_lost_replacement_of_a_missing_file_is_redone_at_start_up() {
+    let fx = Fixture::new();
+    let whole = {
+        let spool = fx.spool();
+        spool.refill_pool().unwrap();
+        let id = crate::rebuild::tests::store(&spool, "1.2.10.6", "1.2.10");
+        let old = row_str(&spool, id, "path").unwrap();
+        let claimed = claim_one(&spool);
+        let whole = read_all(&spool, &claimed).unwrap();
+        spool.release(claimed.id).unwrap();
+        // The queued instance's file disappears; the modality sends it again, which replaces it.
+        fs::remove_file(fx.path(&old)).unwrap();
+        assert!(matches!(
+            crate::rebuild::tests::store_outcome(&spool, "1.2.10.6", "1.2.10"),
+            StoreOutcome::Duplicate { .. }
+        ));
+        let new = row_str(&spool, id, "path").unwrap();
+        assert_ne!(new, old);
+        // A power cut loses that transaction: the row names the missing file, the new file is pooled.
+        let conn = spool.conn();
+        conn.execute(
+            "UPDATE instances SET path = ?2 WHERE id = ?1",
+            params![id.0, old],
+        )
+        .unwrap();
+        conn.execute("INSERT INTO pool (path) VALUES (?1)", [&new])
+            .unwrap();
+        whole
+    };
+    let (spool, report) = fx.open();
+    assert_eq!(report.pooled_taken_in, 1);
+    let claimed = claim_one(&spool);
+    assert_eq!(read_all(&spool, &claimed).unwrap(), whole);
+    let status = spool.status(SystemTime::now()).unwrap();
+    assert_eq!((status.uploading, status.lost, status.queued), (1, 0, 0));
+}
