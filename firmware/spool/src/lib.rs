@@ -487,8 +487,10 @@ impl Spool {
         let report = if spool.inner.owner_lock.is_some() {
             spool.check_integrity(&db_path)?;
             identity::apply(&plan, &dir, &spool.conn())?;
+            // Pooled files first: a row whose file is missing may be waiting for one of them.
+            let pooled_taken_in = spool.recover_pool()?;
             let mut report = spool.recover()?;
-            report.pooled_taken_in = spool.recover_pool()?;
+            report.pooled_taken_in = pooled_taken_in;
             spool.create_fan_dirs();
             report
         } else {
