@@ -19,16 +19,14 @@
 //! a reader that opened the intake file keeps reading it after the rename. An older passerelled
 //! (rolled back) ignores the `intake` table and reads intake files as the zstd streams they are.
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, BufReader, BufWriter, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter};
 use std::time::{Duration, Instant};
 
 use rusqlite::{params, OptionalExtension};
-use sha2::{Digest, Sha256};
 
 use crate::db::{to_i64, to_u64, DbContext, LOST, QUARANTINED};
-use crate::files::{self, TempGuard};
+use crate::files::{self, HashOutcome, TempGuard};
 use crate::{crash_point, Result, Spool, SpoolError};
 
 /// The zstd level of intake files: zstd's fastest, which stores the bytes nearly as they are.
@@ -233,65 +231,36 @@ impl Spool {
                 })
             }
         };
-        let tmp_path = self
-            .inner
-            .tmp_dir
-            .join(format!("{:016x}.compact", rand::random::<u64>()));
-        let out = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp_path)
-            .map_err(|source| SpoolError::Write {
-                path: tmp_path.clone(),
-                source,
-            })?;
-        let tmp = TempGuard::new(tmp_path);
-        let mut tracked =
-            files::TrackingReader::new(BufReader::with_capacity(crate::WRITE_BUFFER, source));
-        let copied = (|| -> io::Result<(String, u64, File)> {
-            let mut decoder = zstd::stream::read::Decoder::new(&mut tracked)?;
-            let mut encoder = zstd::stream::write::Encoder::new(
-                BufWriter::with_capacity(crate::WRITE_BUFFER, out),
-                self.inner.cfg.zstd_level,
-            )?;
-            encoder.include_checksum(true)?;
-            let mut hasher = Sha256::new();
-            let mut buf = vec![0u8; 128 * 1024];
-            let mut len = 0u64;
-            loop {
-                let n = decoder.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-                encoder.write_all(&buf[..n])?;
-                len += n as u64;
-            }
-            let file = encoder
-                .finish()?
-                .into_inner()
-                .map_err(io::IntoInnerError::into_error)?;
-            Ok((hex::encode(hasher.finalize()), len, file))
-        })();
-        let (sha256, len, file) = match copied {
-            Ok(done) => done,
-            Err(source) if tracked.io_error.is_some() => {
+        let (out, tmp) = files::create_temp(&self.inner.tmp_dir, "compact")?;
+        let write_err = |source| SpoolError::Write {
+            path: tmp.path.clone(),
+            source,
+        };
+        let mut encoder = zstd::stream::write::Encoder::new(
+            BufWriter::with_capacity(crate::WRITE_BUFFER, out),
+            self.inner.cfg.zstd_level,
+        )
+        .map_err(write_err)?;
+        encoder.include_checksum(true).map_err(write_err)?;
+        let source = BufReader::with_capacity(crate::WRITE_BUFFER, source);
+        match files::hash_decompressed_into(source, &mut encoder) {
+            HashOutcome::Ok { sha256, len } if sha256 == p.sha256 && len == p.raw_size => {}
+            HashOutcome::Ok { .. } => return Ok(Rewrite::Drop("content does not match its row")),
+            HashOutcome::ReadFailed(source) => {
                 return Err(SpoolError::Read {
                     path: source_path,
                     source,
                 })
             }
             // Damaged content is the uplink's verification's business (it quarantines the file).
-            Err(_) => return Ok(Rewrite::Drop("content unreadable")),
-        };
-        if sha256 != p.sha256 || len != p.raw_size {
-            return Ok(Rewrite::Drop("content does not match its row"));
+            HashOutcome::Undecodable(_) => return Ok(Rewrite::Drop("content unreadable")),
+            HashOutcome::WriteFailed(source) => return Err(write_err(source)),
         }
-        let write_err = |source| SpoolError::Write {
-            path: tmp.path.clone(),
-            source,
-        };
+        let file = encoder
+            .finish()
+            .map_err(write_err)?
+            .into_inner()
+            .map_err(|e| write_err(e.into_error()))?;
         let stored = file.metadata().map_err(write_err)?.len();
         file.sync_data().map_err(|source| SpoolError::Sync {
             path: tmp.path.clone(),

@@ -1,7 +1,7 @@
 //! File-system helpers: directory fsync, temporary-file cleanup, free space, streaming hash.
 
 use std::fs::{self, File};
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
@@ -68,6 +68,23 @@ pub(crate) fn free_bytes(path: &Path) -> Result<u64> {
 }
 
 pub(crate) const MIB: u64 = 1024 * 1024;
+
+/// Creates a new temporary file `<random>.<suffix>` in `dir` (mode 0600), removed on drop of its
+/// guard unless disarmed.
+pub(crate) fn create_temp(dir: &Path, suffix: &str) -> Result<(File, TempGuard)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(format!("{:016x}.{suffix}", rand::random::<u64>()));
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|source| SpoolError::Write {
+            path: path.clone(),
+            source,
+        })?;
+    Ok((file, TempGuard::new(path)))
+}
 
 /// Removes a temporary file on drop unless disarmed.
 #[derive(Debug)]
@@ -137,15 +154,24 @@ pub(crate) enum HashOutcome {
     ReadFailed(io::Error),
     /// The zstd stream is damaged or truncated.
     Undecodable(io::Error),
+    /// The decompressed bytes could not be written where they were copied to.
+    WriteFailed(io::Error),
 }
 
 /// Decompresses `file` as a stream and hashes the output, holding only a small buffer.
 pub(crate) fn hash_decompressed<R: Read>(file: R) -> HashOutcome {
+    hash_decompressed_into(file, &mut io::sink())
+}
+
+/// Decompresses `file` as a stream, hashes the output and copies it into `sink`, holding only a
+/// small buffer.
+pub(crate) fn hash_decompressed_into<R: Read, W: Write>(file: R, sink: &mut W) -> HashOutcome {
     let mut tracked = TrackingReader::new(file);
+    let mut write_error = None;
     let result = (|| -> io::Result<(String, u64)> {
         let mut dec = zstd::stream::read::Decoder::new(&mut tracked)?;
         let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 64 * 1024];
+        let mut buf = vec![0u8; 128 * 1024];
         let mut len = 0u64;
         loop {
             let n = dec.read(&mut buf)?;
@@ -153,13 +179,18 @@ pub(crate) fn hash_decompressed<R: Read>(file: R) -> HashOutcome {
                 break;
             }
             hasher.update(&buf[..n]);
+            if let Err(e) = sink.write_all(&buf[..n]) {
+                write_error = Some(e);
+                return Ok((String::new(), len));
+            }
             len += n as u64;
         }
         Ok((hex::encode(hasher.finalize()), len))
     })();
-    match result {
-        Ok((sha256, len)) => HashOutcome::Ok { sha256, len },
-        Err(e) if tracked.io_error.is_some() => HashOutcome::ReadFailed(e),
-        Err(e) => HashOutcome::Undecodable(e),
+    match (result, write_error) {
+        (_, Some(e)) => HashOutcome::WriteFailed(e),
+        (Ok((sha256, len)), None) => HashOutcome::Ok { sha256, len },
+        (Err(e), None) if tracked.io_error.is_some() => HashOutcome::ReadFailed(e),
+        (Err(e), None) => HashOutcome::Undecodable(e),
     }
 }

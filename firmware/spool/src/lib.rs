@@ -666,24 +666,15 @@ impl Spool {
                     report.files -= 1;
                     continue;
                 }
-                let mut expected = name.trim_end_matches(".dcm.zst").to_owned();
+                let expected = name.trim_end_matches(".dcm.zst").to_owned();
                 let (scanned, detail) = match rebuild::scan_file(path) {
                     // A pre-created file is not named by its content: its hash is what it holds.
-                    Ok(scanned) if pooled && scanned.damage.is_none() => {
-                        expected = scanned.sha256.clone();
+                    Ok(scanned)
+                        if scanned.damage.is_none() && (pooled || scanned.sha256 == expected) =>
+                    {
                         rows.push(rebuild::Rebuilt {
                             path: path.clone(),
-                            sha256: expected,
-                            scanned: Some(scanned),
-                            state: QUEUED,
-                            note: "rebuilt from the spool file by rebuild-index".to_owned(),
-                        });
-                        continue;
-                    }
-                    Ok(scanned) if scanned.damage.is_none() && scanned.sha256 == expected => {
-                        rows.push(rebuild::Rebuilt {
-                            path: path.clone(),
-                            sha256: expected,
+                            sha256: scanned.sha256.clone(),
                             scanned: Some(scanned),
                             state: QUEUED,
                             note: "rebuilt from the spool file by rebuild-index".to_owned(),
@@ -1025,20 +1016,8 @@ impl Spool {
         let (file, guard) = match self.take_pooled() {
             Some(slot) => (pool::open_slot(&slot)?, pool::Target::Pooled(slot)),
             None => {
-                let path = self
-                    .inner
-                    .tmp_dir
-                    .join(format!("{:016x}.part", rand::random::<u64>()));
-                let file = OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&path)
-                    .map_err(|source| SpoolError::Write {
-                        path: path.clone(),
-                        source,
-                    })?;
-                (file, pool::Target::Temp(TempGuard::new(path)))
+                let (file, guard) = files::create_temp(&self.inner.tmp_dir, "part")?;
+                (file, pool::Target::Temp(guard))
             }
         };
         let write_err = |source| SpoolError::Write {
@@ -1235,7 +1214,10 @@ impl Spool {
         };
         let raw_size = to_u64(raw_size);
         let detail = match files::hash_decompressed(&file) {
-            HashOutcome::ReadFailed(source) => return Err(SpoolError::Read { path, source }),
+            // Hashing only writes to a sink that never fails; no other source of error.
+            HashOutcome::ReadFailed(source) | HashOutcome::WriteFailed(source) => {
+                return Err(SpoolError::Read { path, source })
+            }
             HashOutcome::Undecodable(e) => {
                 format!("zstd stream unreadable ({e}); expected_sha256={expected}")
             }

@@ -1440,11 +1440,13 @@ fn a_damaged_spool_id_file_is_refused_with_the_fix() {
 
 // -- compaction (`compact`) -------------------------------------------------------------------------
 
+/// One integer from a query on the spool's database.
+fn query_i64(spool: &Spool, sql: &str) -> i64 {
+    spool.conn().query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
 fn intake_count(spool: &Spool) -> i64 {
-    spool
-        .conn()
-        .query_row("SELECT COUNT(*) FROM intake", [], |r| r.get(0))
-        .unwrap()
+    query_i64(spool, "SELECT COUNT(*) FROM intake")
 }
 
 #[test]
@@ -1635,10 +1637,7 @@ fn pool_rows(spool: &Spool) -> Vec<String> {
 }
 
 fn synchronous(spool: &Spool) -> i64 {
-    spool
-        .conn()
-        .query_row("PRAGMA synchronous", [], |r| r.get(0))
-        .unwrap()
+    query_i64(spool, "PRAGMA synchronous")
 }
 
 #[test]
