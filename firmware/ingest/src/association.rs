@@ -146,6 +146,7 @@ pub(crate) async fn run(
                 assembler: PdvAssembler::default(),
                 current: None,
                 stored: 0,
+                pdu_buf: Vec::new(),
             };
             // Established: the association counts against its slot, no longer as waiting.
             drop(waiting);
@@ -266,6 +267,9 @@ struct Association {
     assembler: PdvAssembler,
     current: Option<InFlight>,
     stored: u64,
+    /// The PDU being read, reused from one PDU to the next (it keeps the capacity that earlier
+    /// PDUs' bytes gave it, at most `max_pdu_length`): no reallocation and fewer reads per PDU.
+    pdu_buf: Vec<u8>,
 }
 
 impl Association {
@@ -278,7 +282,10 @@ impl Association {
         let max_pdata = self.shared.cfg.max_pdu_length;
         loop {
             let read = tokio::select! {
-                r = tokio::time::timeout(idle, pdu_io::read_pdu(&mut self.stream, self.peer, max_pdata)) => r,
+                r = tokio::time::timeout(
+                    idle,
+                    pdu_io::read_pdu_into(&mut self.stream, self.peer, max_pdata, &mut self.pdu_buf),
+                ) => r,
                 _ = aborted(&mut abort) => {
                     warn!(
                         "Aborted association at shutdown: the grace period is over. peer={} calling_ae={} {}",

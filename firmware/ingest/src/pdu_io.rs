@@ -34,6 +34,16 @@ pub(crate) async fn read_pdu<R: AsyncRead + Unpin>(
     peer: SocketAddr,
     max_pdata: u32,
 ) -> Result<Option<Pdu>> {
+    read_pdu_into(r, peer, max_pdata, &mut Vec::new()).await
+}
+
+/// [`read_pdu`] through a caller's buffer, which keeps its capacity from one PDU to the next.
+pub(crate) async fn read_pdu_into<R: AsyncRead + Unpin>(
+    r: &mut R,
+    peer: SocketAddr,
+    max_pdata: u32,
+    buf: &mut Vec<u8>,
+) -> Result<Option<Pdu>> {
     let mut header = [0u8; 6];
     let n = r
         .read(&mut header[..1])
@@ -64,12 +74,13 @@ pub(crate) async fn read_pdu<R: AsyncRead + Unpin>(
     }
     // `length <= max`: bounded by our configuration, never by the peer. The buffer grows with the
     // bytes that actually arrive, so a peer announcing a large PDU and sending little (slowloris)
-    // pins only what it sent.
-    let mut buf = Vec::with_capacity(6 + (length as usize).min(INITIAL_BODY_CAPACITY));
+    // pins only what it sent (and a reused buffer only what earlier PDUs really brought).
+    buf.clear();
+    buf.reserve(6 + (length as usize).min(INITIAL_BODY_CAPACITY));
     buf.extend_from_slice(&header);
     let got = r
         .take(u64::from(length))
-        .read_to_end(&mut buf)
+        .read_to_end(buf)
         .await
         .map_err(|source| IngestError::ReadPdu { peer, source })?;
     if got < length as usize {
@@ -81,7 +92,7 @@ pub(crate) async fn read_pdu<R: AsyncRead + Unpin>(
             ),
         });
     }
-    decode(&buf, peer).map(Some)
+    decode(buf, peer).map(Some)
 }
 
 /// Decodes one complete PDU (header included) with dicom-ul.
