@@ -68,6 +68,12 @@ pub const COMPACT_AFTER_PAUSE: Duration = Duration::from_secs(1);
 const BACKLOG_LIMIT: u64 = 2 * 1024 * 1024 * 1024;
 /// ...or beyond this share of the free space (1/8).
 const BACKLOG_FREE_SHARE: u64 = 8;
+/// While instances arrive, the backlog (a sum over the intake list, which holds the connection for
+/// as long as it runs) is measured again at most this often.
+const BACKLOG_RECHECK: Duration = Duration::from_secs(5);
+
+/// The last backlog verdict while ingest was busy, and when it was reached.
+pub(crate) type BacklogVerdict = std::sync::Mutex<Option<(Instant, bool)>>;
 
 impl Spool {
     /// Records that an instance was just stored (the compactor waits for a pause in ingest).
@@ -81,7 +87,8 @@ impl Spool {
 
     /// Whether the compactor should work now: ingest has paused for `COMPACT_AFTER_PAUSE`, or
     /// intake files take more than 2 GiB or an eighth of the free space (then compaction competes
-    /// with ingest for the CPU, so that the disk does not fill with uncompressed files).
+    /// with ingest for the CPU, so that the disk does not fill with uncompressed files; measured at
+    /// most every 5 s while instances arrive).
     pub fn compaction_due(&self) -> Result<bool> {
         let last = *self
             .inner
@@ -90,6 +97,16 @@ impl Spool {
             .unwrap_or_else(|p| p.into_inner());
         if last.is_none_or(|t| t.elapsed() >= COMPACT_AFTER_PAUSE) {
             return Ok(true);
+        }
+        let mut verdict = self
+            .inner
+            .backlog_verdict
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some((at, due)) = *verdict {
+            if at.elapsed() < BACKLOG_RECHECK {
+                return Ok(due);
+            }
         }
         let backlog: i64 = self
             .conn()
@@ -100,7 +117,9 @@ impl Spool {
             )
             .ctx("measure the intake backlog")?;
         let backlog = to_u64(backlog);
-        Ok(backlog >= BACKLOG_LIMIT || backlog >= self.free_bytes()? / BACKLOG_FREE_SHARE)
+        let due = backlog >= BACKLOG_LIMIT || backlog >= self.free_bytes()? / BACKLOG_FREE_SHARE;
+        *verdict = Some((Instant::now(), due));
+        Ok(due)
     }
 
     /// Recompresses up to `max` intake files at the configured zstd level (see the module

@@ -400,6 +400,7 @@ struct Inner {
     evicting: Mutex<()>,
     /// When this process last stored an instance (for the compactor, which waits for a pause).
     last_store: Mutex<Option<std::time::Instant>>,
+    backlog_verdict: compact::BacklogVerdict,
     /// Pre-created files ready for ingest (`pool`); empty in processes that do not own the spool.
     free: pool::Free,
     /// Tests simulate a small disk through this.
@@ -540,6 +541,7 @@ impl Spool {
                 owner_lock,
                 evicting: Mutex::new(()),
                 last_store: Mutex::new(None),
+                backlog_verdict: Mutex::new(None),
                 free: pool::Free::default(),
                 #[cfg(test)]
                 free_probe: Mutex::new(None),
