@@ -196,15 +196,9 @@ impl Spool {
                 })
             })
             .ctx("list intake files")?;
-        let pending = rows
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .ctx("list intake files")?;
-        drop(stmt);
-        // Rows deleted from `instances` (none today) would otherwise stay listed forever.
-        conn.prepare_cached("DELETE FROM intake WHERE id NOT IN (SELECT id FROM instances)")
-            .and_then(|mut s| s.execute([]))
-            .ctx("forget intake rows without instance")?;
-        Ok(pending)
+        // (Rows are never deleted from `instances`, so every listed id has its row.)
+        rows.collect::<rusqlite::Result<Vec<_>>>()
+            .ctx("list intake files")
     }
 
     /// Whether row `id` still owns its file: not evicted, lost or quarantined.
