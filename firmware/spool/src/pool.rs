@@ -273,6 +273,15 @@ impl Spool {
                     }
                 }
                 if let Some((id, _)) = held {
+                    // Never remove a file a row names (a database restored from an older copy of
+                    // this spool could list a file both ways): only the pool entry goes.
+                    let named: bool = tx
+                        .prepare_cached("SELECT EXISTS (SELECT 1 FROM instances WHERE path = ?1)")
+                        .and_then(|mut s| s.query_row([rel], |r| r.get(0)))
+                        .ctx("look up a file's row")?;
+                    if named {
+                        continue;
+                    }
                     // Held already: this copy was a duplicate whose file was not emptied yet.
                     log::info!(
                         "A pre-created spool file held a second copy of an instance already queued; it is removed. sop_instance_uid={} id={id} path={}",
