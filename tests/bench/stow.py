@@ -24,9 +24,30 @@ def _body(batch: list[Instance]):
 
 def direct_stow(o: Orthanc, instances: list[Instance], batch: int, connections: int) -> float:
     """Posts every instance; returns the wall time. Raises on any non-200 answer."""
+    t0, done = direct_stow_timed(o, instances, batch, connections)
+    return done[-1][0] - t0
+
+
+def drain_rate(done: list[tuple[float, int]], total: int) -> float:
+    """Instances per second from the first confirmed request to the last, given each request's
+    (monotonic time, instances) in completion order: the instances of the first request are not
+    counted (their time before it is not measured). The same measure for the direct client and for
+    passerelled's uplink."""
+    t_first, n_first = done[0]
+    t_last = done[-1][0]
+    if t_last <= t_first or total <= n_first:
+        raise AssertionError(f"cannot compute a drain rate from {len(done)} request(s) for {total} instances")
+    return (total - n_first) / (t_last - t_first)
+
+
+def direct_stow_timed(o: Orthanc, instances: list[Instance], batch: int,
+                      connections: int) -> tuple[float, list[tuple[float, int]]]:
+    """Posts every instance; returns the start time and each request's (completion time, instances),
+    in completion order (time.monotonic()). Raises on any non-200 answer."""
     batches = [instances[k:k + batch] for k in range(0, len(instances), batch)]
     lock = threading.Lock()
     errors: list[str] = []
+    done: list[tuple[float, int]] = []
 
     def worker() -> None:
         with o.session() as s:
@@ -38,9 +59,11 @@ def direct_stow(o: Orthanc, instances: list[Instance], batch: int, connections: 
                 r = s.post(o.stow_url, data=_body(b), timeout=600, headers={
                     "Content-Type": f'multipart/related; type="application/dicom"; boundary={BOUNDARY}',
                     "Accept": "application/dicom+json"})
-                if r.status_code != 200:
-                    with lock:
+                with lock:
+                    if r.status_code != 200:
                         errors.append(f"{r.status_code} {r.text[:300]}")
+                    else:
+                        done.append((time.monotonic(), len(b)))
 
     t0 = time.monotonic()
     threads = [threading.Thread(target=worker) for _ in range(connections)]
@@ -50,7 +73,7 @@ def direct_stow(o: Orthanc, instances: list[Instance], batch: int, connections: 
         t.join()
     if errors:
         raise AssertionError(f"direct STOW-RS failed: {errors[0]}")
-    return time.monotonic() - t0
+    return t0, done
 
 
 def main() -> int:
