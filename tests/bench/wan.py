@@ -1,8 +1,12 @@
-"""The WAN scenario's network: a namespace `pbench` joined to the host by a veth pair, with tc netem on both
-ends (100 Mbit/s each way, 20 ms each way = 40 ms RTT, 0.1% loss on the data direction). passerelled and the
-sender run inside the namespace; Orthanc's TLS front (nginx) also listens on the host end, 10.77.0.1. Inside
-the namespace `localhost` resolves to 10.77.0.1 (/etc/netns/pbench/hosts, bind-mounted by `ip netns exec`),
-so the front's certificate (for localhost) still verifies."""
+"""The WAN scenario's network: a namespace `pbench` joined to the host by a link of 100 Mbit/s each way, 20 ms
+each way (40 ms RTT), 0.1% random loss on the data direction (namespace -> host), drop-tail at 10000 frames.
+Where the kernel has sch_netem the link is a veth pair with tc netem on both ends; otherwise it is the
+userspace delay line shims/delayline.c (compiled with cc into the given work dir): two TAP devices, the
+host end and one moved into the namespace, the program forwarding frames between them with the same
+serialisation, delay and loss. Both ways the devices are pbh0 (host, 10.77.0.1) and pbn0 (namespace,
+10.77.0.2). passerelled and the sender run inside the namespace; Orthanc's TLS front (nginx) also listens
+on the host end, 10.77.0.1. Inside the namespace `localhost` resolves to 10.77.0.1 (/etc/netns/pbench/hosts,
+bind-mounted by `ip netns exec`), so the front's certificate (for localhost) still verifies."""
 
 from __future__ import annotations
 
@@ -26,26 +30,71 @@ def _sh(*argv: str) -> None:
     run(list(argv), timeout=30, check=True)
 
 
-def setup() -> None:
+DELAY_MS = 20
+LOSS = 0.001  # on the data direction, namespace -> host
+LIMIT = 10000
+SHIM = Path(__file__).resolve().parent / "shims" / "delayline.c"
+_delayline: subprocess.Popen | None = None
+
+
+def setup(work: Path) -> str:
+    """Builds the link; returns how it is emulated ("netem" or "delay line"), for the report."""
     teardown()
     _sh("ip", "netns", "add", NS)
+    inns = ["ip", "netns", "exec", NS]
     _sh("ip", "link", "add", HOST_IF, "type", "veth", "peer", "name", NS_IF)
     _sh("ip", "link", "set", NS_IF, "netns", NS)
+    netem = ["root", "netem", "delay", f"{DELAY_MS}ms", "rate", f"{RATE_MBIT}mbit", "limit", str(LIMIT)]
+    if run(["tc", "qdisc", "add", "dev", HOST_IF, *netem], timeout=30, check=False).returncode == 0:
+        _sh(*inns, "tc", "qdisc", "add", "dev", NS_IF, *netem, "loss", f"{LOSS * 100:g}%")
+        how = "netem"
+    else:
+        _sh("ip", "link", "del", HOST_IF)
+        _start_delayline(work)
+        _sh("ip", "link", "set", NS_IF, "netns", NS)
+        how = "delay line"
     _sh("ip", "addr", "add", f"{HOST_IP}/24", "dev", HOST_IF)
     _sh("ip", "link", "set", HOST_IF, "up")
-    inns = ["ip", "netns", "exec", NS]
     _sh(*inns, "ip", "addr", "add", f"{NS_IP}/24", "dev", NS_IF)
     _sh(*inns, "ip", "link", "set", NS_IF, "up")
     _sh(*inns, "ip", "link", "set", "lo", "up")
-    _sh("tc", "qdisc", "add", "dev", HOST_IF, "root", "netem", "delay", "20ms", "rate", f"{RATE_MBIT}mbit",
-        "limit", "10000")
-    _sh(*inns, "tc", "qdisc", "add", "dev", NS_IF, "root", "netem", "delay", "20ms", "rate", f"{RATE_MBIT}mbit",
-        "loss", "0.1%", "limit", "10000")
     HOSTS_DIR.mkdir(parents=True, exist_ok=True)
     (HOSTS_DIR / "hosts").write_text(f"127.0.0.1 ns-loopback\n{HOST_IP} localhost\n")
+    return how
+
+
+def _start_delayline(work: Path) -> None:
+    global _delayline
+    work.mkdir(parents=True, exist_ok=True)
+    exe = work / "delayline"
+    _sh("cc", "-O2", "-o", str(exe), str(SHIM))
+    log = open(work / "delayline.log", "ab")
+    try:
+        # stdin is a pipe the program watches: it exits when the pipe closes, also if the benchmark dies.
+        _delayline = subprocess.Popen([str(exe), HOST_IF, NS_IF, str(RATE_MBIT * 1_000_000), str(DELAY_MS * 1000),
+                                       str(LOSS), "0", str(LIMIT)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+    finally:
+        log.close()
+    assert _delayline.stdout is not None
+    line = _delayline.stdout.readline()
+    if line.strip() != b"ready":
+        _delayline.wait(timeout=10)
+        raise AssertionError(f"the delay line did not start (exit code {_delayline.returncode}); "
+                             f"see {work / 'delayline.log'}")
 
 
 def teardown() -> None:
+    global _delayline
+    if _delayline is not None:
+        assert _delayline.stdin is not None
+        _delayline.stdin.close()  # the program exits and its TAP devices go with it
+        try:
+            _delayline.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            _delayline.kill()
+            _delayline.wait(timeout=10)
+        _delayline = None
     subprocess.run(["ip", "netns", "del", NS], capture_output=True)
     subprocess.run(["ip", "link", "del", HOST_IF], capture_output=True)
     shutil.rmtree(HOSTS_DIR, ignore_errors=True)
