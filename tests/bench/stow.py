@@ -78,7 +78,9 @@ def direct_stow_timed(o: Orthanc, instances: list[Instance], batch: int,
 
 def main() -> int:
     """`python3 -m bench.stow URL CA CERT KEY USER PASSWORD CONNECTIONS FILE...`: posts FILEs in batches of
-    10 and prints the wall time in seconds (used inside the WAN namespace)."""
+    10 and prints, as one JSON line, the start time and each request's [completion time, instances] in
+    completion order (time.monotonic(); used inside the WAN namespace, fed to `drain_rate`)."""
+    import json
     import sys
     from pathlib import Path
     from types import SimpleNamespace
@@ -96,7 +98,8 @@ def main() -> int:
     fake = SimpleNamespace(stow_url=url, session=session)
     inst = [Instance(path=Path(f), name="", sop_class_uid="", sop_instance_uid="", study_instance_uid="",
                      transfer_syntax_uid="") for f in files]
-    print(f"{direct_stow(fake, inst, batch=10, connections=int(conns)):.3f}")  # type: ignore[arg-type]
+    t0, done = direct_stow_timed(fake, inst, batch=10, connections=int(conns))  # type: ignore[arg-type]
+    print(json.dumps({"t0": t0, "done": done}))
     return 0
 
 
