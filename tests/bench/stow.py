@@ -22,17 +22,13 @@ def _body(batch: list[Instance]):
     yield f"--{BOUNDARY}--\r\n".encode()
 
 
-def direct_stow(o: Orthanc, instances: list[Instance], batch: int, connections: int) -> float:
-    """Posts every instance; returns the wall time. Raises on any non-200 answer."""
-    t0, done = direct_stow_timed(o, instances, batch, connections)
-    return done[-1][0] - t0
-
-
 def drain_rate(done: list[tuple[float, int]], total: int) -> float:
     """Instances per second from the first confirmed request to the last, given each request's
-    (monotonic time, instances) in completion order: the instances of the first request are not
-    counted (their time before it is not measured). The same measure for the direct client and for
-    passerelled's uplink."""
+    (time, instances) in completion order, all on one clock (the client's monotonic clock, or the wall
+    clock of passerelled's log lines): the instances of the first request are not counted (their time
+    before it is not measured). The same measure for the direct client and for passerelled's uplink.
+    Bytes of other requests already in flight at the first confirmation count as after it, so with
+    several connections the rate can exceed what the link carries."""
     t_first, n_first = done[0]
     t_last = done[-1][0]
     if t_last <= t_first or total <= n_first:
