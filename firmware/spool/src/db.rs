@@ -91,6 +91,42 @@ impl<T> DbContext<T> for rusqlite::Result<T> {
     }
 }
 
+/// Runs `f` on `conn` with `synchronous=NORMAL` and restores `FULL` afterwards: the commits `f`
+/// makes reach the WAL file but are not fsynced. They become durable with the next fsync of the WAL
+/// (a later `FULL` commit, a checkpoint, or [`sync_wal`]); until then a power cut may lose them.
+pub(crate) fn with_normal_sync<T>(
+    conn: &mut Connection,
+    f: impl FnOnce(&mut Connection) -> Result<T>,
+) -> Result<T> {
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .ctx("set synchronous=NORMAL")?;
+    let result = f(conn);
+    let restored = conn
+        .pragma_update(None, "synchronous", "FULL")
+        .ctx("set synchronous=FULL");
+    let value = result?;
+    restored?;
+    Ok(value)
+}
+
+/// Makes every transaction committed to the database at `db_path` so far durable, without its
+/// connection: an fsync of its WAL file (fsync flushes a file whatever descriptor wrote it). The
+/// spool calls it after a `synchronous=NORMAL` commit, outside the connection's lock, so that other
+/// commits (an instance's) do not wait behind this fsync. Frames a checkpoint has already copied
+/// out were fsynced in the database by that checkpoint before the WAL could restart. Without a WAL
+/// file (the database did not switch to WAL mode), commits wrote the database file: it is fsynced.
+pub(crate) fn sync_wal(db_path: &Path) -> Result<()> {
+    let mut wal = db_path.as_os_str().to_owned();
+    wal.push("-wal");
+    let wal = std::path::PathBuf::from(wal);
+    let sync = |path: &Path| std::fs::File::open(path).and_then(|f| f.sync_data());
+    match sync(&wal) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => sync(db_path),
+        other => other,
+    }
+    .map_err(|source| SpoolError::Sync { path: wal, source })
+}
+
 /// Opens the database, sets the pragmas and creates or checks the schema.
 pub(crate) fn open(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path).ctx("open the database")?;

@@ -2087,10 +2087,7 @@ impl Spool {
     /// pool and inserts the row. A duplicate gives the file back to the pool (emptied).
     fn commit_pooled(&self, new: &NewRow<'_>, mut slot: pool::Slot) -> Result<Committed> {
         let uid = new.meta.sop_instance_uid.as_str();
-        let mut conn = self.conn();
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .ctx("set synchronous=NORMAL")?;
-        let result = (|| {
+        let committed = db::with_normal_sync(&mut self.conn(), |conn| {
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .ctx("start storing an instance")?;
@@ -2129,13 +2126,7 @@ impl Spool {
             tx.commit().ctx("commit an instance row")?;
             slot.disarm();
             Ok(committed)
-        })();
-        let restored = conn
-            .pragma_update(None, "synchronous", "FULL")
-            .ctx("set synchronous=FULL");
-        drop(conn);
-        let committed = result?;
-        restored?;
+        })?;
         if let Committed::Duplicate(id) = &committed {
             log_duplicate(new.meta, id.0);
         }

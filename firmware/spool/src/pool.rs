@@ -3,8 +3,9 @@
 //! Storing through a temporary file costs, after the data's fdatasync, a rename, an fsync of the
 //! directory (to make the new name durable) and an fsync of the WAL (to make the row durable). The
 //! pool removes both: a filler thread creates empty files ahead, in place under `objects/<xx>/`
-//! (named `<32 hex>.dcm.zst`), fsyncs their directory and lists them in the `pool` table (a
-//! `synchronous=FULL` commit). Ingest writes an instance straight into a pooled file, fdatasyncs it
+//! (named `<32 hex>.dcm.zst`), fsyncs their directory, lists them in the `pool` table and fsyncs
+//! the WAL after releasing the connection (so an instance's commit never waits behind that fsync);
+//! only then are they free for ingest. Ingest writes an instance straight into a pooled file, fdatasyncs it
 //! (its name is already durable), and commits the row, the `intake` entry and the pool entry's
 //! removal in one transaction with `synchronous=NORMAL`: written to the WAL, not yet fsynced.
 //!
@@ -30,7 +31,7 @@ use std::time::Duration;
 use rusqlite::params;
 
 use crate::db::QUEUED;
-use crate::db::{to_i64, to_ms, DbContext};
+use crate::db::{self, to_i64, to_ms, DbContext};
 use crate::files::{self, TempGuard};
 use crate::{rebuild, Result, Spool, SpoolError};
 
@@ -177,16 +178,20 @@ impl Spool {
             created.push(rel);
         }
         files::fsync_dir(&dir)?;
-        {
-            let mut conn = self.conn();
+        // The listing must be durable before ingest writes into these files (a whole instance in a
+        // file listed nowhere would be lost at the next start). A `FULL` commit would fsync the WAL
+        // with the connection locked, and the instance being acknowledged meanwhile would wait for
+        // it: commit with `NORMAL` and fsync the WAL once the lock is released.
+        db::with_normal_sync(&mut self.conn(), |conn| {
             let tx = conn.transaction().ctx("start listing pre-created files")?;
             for rel in &created {
                 tx.prepare_cached("INSERT INTO pool (path) VALUES (?1)")
                     .and_then(|mut s| s.execute([rel]))
                     .ctx("list a pre-created file")?;
             }
-            tx.commit().ctx("list pre-created files")?;
-        }
+            tx.commit().ctx("list pre-created files")
+        })?;
+        db::sync_wal(&self.inner.dir.join("spool.db"))?;
         let n = created.len();
         self.free().extend(created);
         Ok(n)

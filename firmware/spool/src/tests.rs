@@ -1674,6 +1674,30 @@ fn an_instance_goes_straight_into_a_precreated_file_whose_name_was_durable_befor
 }
 
 #[test]
+fn the_pool_listing_is_fsynced_through_the_wal_file_after_a_normal_commit() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    assert_eq!(spool.refill_pool().unwrap(), 16);
+    assert_eq!(synchronous(&spool), 2, "back to synchronous=FULL");
+    // The listing's frames are in the WAL file that `sync_wal` fsyncs (not only in SQLite's cache).
+    let wal = fx.path("spool.db-wal");
+    let wal_bytes = fs::read(&wal).unwrap();
+    let rel = pool_rows(&spool).pop().unwrap();
+    let needle = rel.as_bytes();
+    assert!(
+        wal_bytes.windows(needle.len()).any(|w| w == needle),
+        "{rel} is not in {}",
+        wal.display()
+    );
+    db::sync_wal(&fx.path("spool.db")).unwrap();
+    // Without a WAL file (a database left in rollback-journal mode) the database file is fsynced.
+    let plain = fx.path("plain.db");
+    fs::write(&plain, b"").unwrap();
+    db::sync_wal(&plain).unwrap();
+    assert!(db::sync_wal(&fx.path("missing.db")).is_err());
+}
+
+#[test]
 fn a_row_lost_with_the_wal_tail_is_taken_back_in_from_its_precreated_file() {
     let fx = Fixture::new();
     let (rel, whole) = {
