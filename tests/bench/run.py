@@ -128,19 +128,28 @@ def ingest(rx: Receiver, instances: list[Instance], assocs: int, workdir: Path) 
     return Sent(secs, len(instances), datasets.total_bytes(instances), rx.cpu() - cpu0)
 
 
-DELIVERED_RE = re.compile(r"^\[(\S+) INFO +passerelle_uplink\] Delivered batch\..* instances=(\d+) ")
+DELIVERED_RE = re.compile(
+    r"^\[(\S+) INFO +passerelle_uplink\] Delivered batch\..* instances=(\d+) .*elapsed_ms=(\d+) ")
 
 
-def delivered(log_path: Path) -> list[tuple[float, int]]:
-    """(wall time, instances) of every request passerelled's uplink delivered, in order, from its "Delivered
-    batch" log lines (millisecond timestamps): the confirmations as the daemon saw them, with no polling
-    load (`passerelled status` starts a process that opens the spool). Feed to `stow.drain_rate`."""
-    out = []
+def delivered(log_path: Path) -> tuple[float, list[tuple[float, int]]]:
+    """When passerelled's uplink started its first delivered request, and (wall time, instances) of every
+    request it delivered, in order, from its "Delivered batch" log lines (millisecond timestamps; a request
+    started `elapsed_ms` before its line): the confirmations as the daemon saw them, with no polling load
+    (`passerelled status` starts a process that opens the spool). Feed to `stow.drain_rate`."""
+    out: list[tuple[float, int]] = []
+    started = float("inf")
     for line in log_path.read_text(errors="replace").splitlines():
         m = DELIVERED_RE.match(line)
         if m:
-            out.append((dt.datetime.fromisoformat(m[1].replace("Z", "+00:00")).timestamp(), int(m[2])))
-    return out
+            t = dt.datetime.fromisoformat(m[1].replace("Z", "+00:00")).timestamp()
+            out.append((t, int(m[2])))
+            started = min(started, t - int(m[3]) / 1000)
+    return started, out
+
+
+def delivered_count(log_path: Path) -> int:
+    return sum(k for _, k in delivered(log_path)[1])
 
 
 # -- scenarios ------------------------------------------------------------------------------------------
@@ -280,7 +289,7 @@ class Bench:
     # 3 + 5. forwarding while ingest continues, peak RSS; the direct STOW-RS client
     def forward_run(self, run: int) -> None:
         """The CT set forwarded into Orthanc over HTTPS (nginx TLS front), measured four ways; see `method`.
-        Every rate is a drain rate: instances per second from the first confirmed request to the last
+        Every rate is a drain rate: instances per second from the start of the first request to the last
         (`stow.drain_rate`), taken from passerelled's "Delivered batch" log lines (no polling load) and
         from the direct client's own request times."""
         from harness.gateway import gateway_for
@@ -300,8 +309,9 @@ class Bench:
             "the sender differs. (3) *Stock comparison*: the direct client on an otherwise idle machine, as "
             "earlier reports measured it. (4) *Uplink alone*: passerelled first ingests the whole set with "
             "the TLS front down, finishes compacting, then the front comes up and the backlog drains with "
-            "nothing else running. Every rate counts from the first confirmed request to the last "
-            "(passerelled's \"Delivered batch\" log lines; the client's own request times)."
+            "nothing else running. Every rate counts every instance, from the start of the first request to the "
+            "completion of the last (passerelled's \"Delivered batch\" log lines, each with its request's "
+            "elapsed time; the client's own clock)."
         )
         if method not in self.notes:
             self.notes.append(method)
@@ -319,7 +329,7 @@ class Bench:
                 o.stop_front()
             return o
 
-        def wait_delivered(rx: Passerelled, what: str) -> list[tuple[float, int]]:
+        def wait_delivered(rx: Passerelled, what: str) -> tuple[float, list[tuple[float, int]]]:
             g = rx.gateway
             assert g is not None
             hwm = 0
@@ -327,7 +337,7 @@ class Bench:
             def all_in() -> bool:
                 nonlocal hwm
                 hwm = max(hwm, vm_hwm_kib(rx.pid))
-                return sum(k for _, k in delivered(g.log_path)) >= n
+                return delivered_count(g.log_path) >= n
 
             wait_until(all_in, 1800, what, interval=0.1)
             assert g.status()["sent"] == n, "passerelled's log and its status disagree on what was delivered"
@@ -344,12 +354,12 @@ class Bench:
             sender = threading.Thread(target=lambda: ingest_secs.append(
                 storescu_send(rx.port, rx.ae_title, inst, 4, d / "send")))
             sender.start()
-            done = wait_delivered(rx, "passerelled to deliver every instance")
+            started, done = wait_delivered(rx, "passerelled to deliver every instance")
             sender.join()
         finally:
             rx.stop()
             o.stop()
-        drain = drain_rate(done, n)
+        drain = drain_rate(started, done, n)
         secs = done[-1][0] - wall0
         self.r.add("fwd drain ips", drain)
         self.r.add("fwd e2e ips", n / secs)
@@ -368,20 +378,20 @@ class Bench:
                 sender = threading.Thread(target=storescu_send, args=(load.port, load.ae_title, inst, 4,
                                                                      d / f"load-send-{conns}"))
                 sender.start()
-                _, done = direct_stow_timed(o, inst, batch=10, connections=conns)
+                started, done = direct_stow_timed(o, inst, batch=10, connections=conns)
                 sender.join()
             finally:
                 load.stop()
                 o.stop()
-            rate = drain_rate(done, n)
+            rate = drain_rate(started, done, n)
             self.r.add(f"stow{conns} load ips", rate)
             log(f"run {run} direct STOW-RS {conns} connection(s) under the same ingest load: {rate:.1f}/s")
             o = fresh_orthanc()
             try:
-                _, done = direct_stow_timed(o, inst, batch=10, connections=conns)
+                started, done = direct_stow_timed(o, inst, batch=10, connections=conns)
             finally:
                 o.stop()
-            rate = drain_rate(done, n)
+            rate = drain_rate(started, done, n)
             self.r.add(f"stow{conns} ips", rate)
             log(f"run {run} direct STOW-RS {conns} connection(s), idle machine: {rate:.1f}/s")
 
@@ -393,11 +403,11 @@ class Bench:
             storescu_send(rx.port, rx.ae_title, inst, 4, d / "send-backlog")
             compacted_status(rx.gateway)
             o.start_front()
-            done = wait_delivered(rx, "passerelled to deliver its backlog")
+            started, done = wait_delivered(rx, "passerelled to deliver its backlog")
         finally:
             rx.stop()
             o.stop()
-        rate = drain_rate(done, n)
+        rate = drain_rate(started, done, n)
         self.r.add("fwd alone ips", rate)
         log(f"run {run} forward, uplink alone (compacted backlog, no ingest): {rate:.1f}/s")
         wipe(d)
@@ -447,11 +457,11 @@ class Bench:
             "WAN method. 200 CT slices go from a sender in the namespace over the emulated link to a fresh "
             "Orthanc (nginx TLS front) for each measure: passerelled fed by 4 storescu associations (shipped "
             "uplink settings), then the direct STOW-RS client (batches of 10) over 1 and over 4 connections. "
-            "Utilisation is the payload (Part-10 file bytes) delivered after the first confirmed request, over "
-            "the time from that confirmation to the last one, over the link's 100 Mbit/s; passerelled's "
-            "confirmations come from its \"Delivered batch\" log lines, the client's from its own request times. "
-            "The requests still in flight at the first confirmation had already carried part of their bytes, "
-            "which count as after it: the measure favours senders with several connections and can exceed 1."
+            "Utilisation is the whole payload (Part-10 file bytes), over the time from the start of the first "
+            "request to the completion of the last (handshakes and slow start included), over the link's "
+            "100 Mbit/s; passerelled's requests come from its \"Delivered batch\" log lines (each with its "
+            "request's elapsed time), the client's from its own clock. Earlier reports counted from the first "
+            "confirmation, which let bytes already in flight on other connections count as after it."
         )
         if method not in self.notes:
             self.notes.append(method)
@@ -490,18 +500,18 @@ class Bench:
                 sender.start()
                 # Reading the log is cheap (no process, no spool open), but once a second is plenty: the
                 # times come from the log lines themselves, not from when this loop notices them.
-                wait_until(lambda: sum(k for _, k in delivered(g.log_path)) >= n, 1800,
+                wait_until(lambda: delivered_count(g.log_path) >= n, 1800,
                            "passerelled to deliver every instance over the WAN", interval=1.0)
-                done = delivered(g.log_path)
+                started, done = delivered(g.log_path)
                 sender.join()
                 assert g.status()["sent"] == n, "passerelled's log and its status disagree on what was delivered"
                 g.stop_ok()
             finally:
                 g.cleanup()
-            util = drain_rate(done, n) * raw / n / capacity
+            util = drain_rate(started, done, n) * raw / n / capacity
             self.r.add("wan util", util)
             log(f"run {run} WAN: passerelled {n} instances in {done[-1][0] - wall0:.1f} s from the first C-STORE, "
-                f"{done[-1][0] - done[0][0]:.1f} s from the first confirmed request to the last "
+                f"{done[-1][0] - started:.1f} s from the start of its first request to the last confirmation "
                 f"({len(done)} requests), utilisation {util:.2f}")
             o.stop()
             wipe(d / "orthanc")
@@ -522,11 +532,10 @@ class Bench:
                     raise AssertionError(f"direct STOW-RS over the WAN failed:\n{cp.stderr[-3000:]}")
                 timed = json.loads(cp.stdout.strip().splitlines()[-1])
                 sdone = [(t, k) for t, k in timed["done"]]
-                u = drain_rate(sdone, n) * raw / n / capacity
+                u = drain_rate(timed["t0"], sdone, n) * raw / n / capacity
                 self.r.add(f"wan stow{conns} util", u)
                 log(f"run {run} WAN: direct STOW-RS, {conns} connection(s): {sdone[-1][0] - timed['t0']:.1f} s from "
-                    f"the start, {sdone[-1][0] - sdone[0][0]:.1f} s from the first confirmed request to the last, "
-                    f"utilisation {u:.2f}")
+                    f"the start of its first request to the last confirmation, utilisation {u:.2f}")
         finally:
             o.stop()
             wan.teardown()

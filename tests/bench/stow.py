@@ -22,18 +22,16 @@ def _body(batch: list[Instance]):
     yield f"--{BOUNDARY}--\r\n".encode()
 
 
-def drain_rate(done: list[tuple[float, int]], total: int) -> float:
-    """Instances per second from the first confirmed request to the last, given each request's
-    (time, instances) in completion order, all on one clock (the client's monotonic clock, or the wall
-    clock of passerelled's log lines): the instances of the first request are not counted (their time
-    before it is not measured). The same measure for the direct client and for passerelled's uplink.
-    Bytes of other requests already in flight at the first confirmation count as after it, so with
-    several connections the rate can exceed what the link carries."""
-    t_first, n_first = done[0]
-    t_last = done[-1][0]
-    if t_last <= t_first or total <= n_first:
+def drain_rate(started: float, done: list[tuple[float, int]], total: int) -> float:
+    """Instances per second from the start of the first request to the completion of the last, every
+    instance counted, given that start and each request's (completion time, instances), all on one clock
+    (the client's monotonic clock, or the wall clock of passerelled's log lines, whose first request
+    started `elapsed_ms` before its line). The same measure for the direct client and for passerelled's
+    uplink, whatever the number of connections: the whole transfer, handshakes and slow start included."""
+    t_last = max(t for t, _ in done)
+    if t_last <= started or sum(k for _, k in done) < total:
         raise AssertionError(f"cannot compute a drain rate from {len(done)} request(s) for {total} instances")
-    return (total - n_first) / (t_last - t_first)
+    return total / (t_last - started)
 
 
 def direct_stow_timed(o: Orthanc, instances: list[Instance], batch: int,
