@@ -11,7 +11,7 @@ use dicom_ul::pdu::{
 };
 use log::{debug, error, info, warn};
 use passerelle_config::DicomConfig;
-use passerelle_spool::{IncomingMeta, Spool, StoreOutcome};
+use passerelle_spool::{IncomingMeta, RawDigest, Spool, StoreOutcome};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
@@ -239,6 +239,8 @@ enum InFlight {
         pc_id: u8,
         /// `None` once the store task stopped taking data (it failed): the rest is discarded.
         tx: Option<mpsc::Sender<Chunk>>,
+        /// The SHA-256 of what was sent to the store task (`None` when it could not start).
+        digest: Option<RawDigest>,
         task: JoinHandle<Result<Stored>>,
         bytes: u64,
     },
@@ -509,11 +511,20 @@ impl Association {
         };
         let (tx, rx) = mpsc::channel(STORE_CHANNEL_DEPTH);
         let spool = self.shared.spool.clone();
-        let task = tokio::task::spawn_blocking(move || store::receive(spool, meta, rx));
+        // The header is hashed here and written there; a header that cannot be built fails the
+        // store task, whose error is reported when it is joined.
+        let (digest, task) = match store::part10_header(&meta) {
+            Ok(header) => (
+                Some(RawDigest::new(&header)),
+                tokio::task::spawn_blocking(move || store::receive(spool, meta, header, rx)),
+            ),
+            Err(e) => (None, tokio::task::spawn_blocking(move || Err(e))),
+        };
         self.current = Some(InFlight::Store {
             cmd,
             pc_id,
             tx: Some(tx),
+            digest,
             task,
             bytes: 0,
         });
@@ -522,10 +533,15 @@ impl Association {
     async fn on_data(&mut self, pc_id: u8, bytes: Vec<u8>, last: bool) -> Result<()> {
         match &mut self.current {
             Some(InFlight::Store {
-                tx, bytes: count, ..
+                tx,
+                digest,
+                bytes: count,
+                ..
             }) => {
                 *count += bytes.len() as u64;
-                if let Some(sender) = tx {
+                if let (Some(sender), Some(digest)) = (tx.as_ref(), digest.as_mut()) {
+                    // Hashed here, on this core, while the store task compresses and writes.
+                    digest.update(&bytes);
                     if sender.send(Chunk::Data(bytes)).await.is_err() {
                         // The store task failed; it reports why when joined. Discard the rest.
                         *tx = None;
@@ -558,11 +574,12 @@ impl Association {
                 cmd,
                 pc_id,
                 tx,
+                digest,
                 task,
                 bytes,
             }) => {
-                if let Some(sender) = tx {
-                    let _ = sender.send(Chunk::End).await;
+                if let (Some(sender), Some(digest)) = (tx, digest) {
+                    let _ = sender.send(Chunk::End(digest)).await;
                 }
                 let result = match task.await {
                     Ok(r) => r,

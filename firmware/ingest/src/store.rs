@@ -3,7 +3,7 @@
 
 use dicom_object::meta::FileMetaTableBuilder;
 use passerelle_spool::leading::Leading;
-use passerelle_spool::{IncomingMeta, InstanceIndex, Spool, StoreOutcome};
+use passerelle_spool::{IncomingMeta, InstanceIndex, RawDigest, Spool, StoreOutcome};
 use tokio::sync::mpsc;
 
 use crate::error::{IngestError, Result};
@@ -14,8 +14,10 @@ use crate::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME};
 #[derive(Debug)]
 pub(crate) enum Chunk {
     Data(Vec<u8>),
-    /// The last data fragment was sent: finish, check and commit.
-    End,
+    /// The last data fragment was sent: finish, check and commit. The digest is the association
+    /// task's SHA-256 of the Part-10 header and every data fragment it sent, hashed there so that
+    /// hashing runs on another core than this task's compressing and writing.
+    End(RawDigest),
 }
 
 /// A committed instance.
@@ -80,11 +82,13 @@ pub(crate) fn check_leading(leading: Leading, meta: &IncomingMeta) -> Result<Ins
     Ok(leading.index)
 }
 
-/// The store task: ensure space, write header and data as they arrive, finish, check, commit.
-/// Returns early (dropping `rx`, which tells the sender to discard the rest) on the first error.
+/// The store task: ensure space, write `header` (from [`part10_header`]) and the data as they
+/// arrive, finish, check, commit. Returns early (dropping `rx`, which tells the sender to discard
+/// the rest) on the first error.
 pub(crate) fn receive(
     spool: Spool,
     meta: IncomingMeta,
+    header: Vec<u8>,
     mut rx: mpsc::Receiver<Chunk>,
 ) -> Result<Stored> {
     let uid = meta.sop_instance_uid.clone();
@@ -94,29 +98,30 @@ pub(crate) fn receive(
             sop_instance_uid: uid.clone(),
             source,
         })?;
-    let header = part10_header(&meta)?;
     let write_err = |source| IngestError::WriteSpool {
         sop_instance_uid: uid.clone(),
         source,
     };
-    let mut incoming = spool.begin(meta.clone(), &header).map_err(write_err)?;
-    loop {
+    let mut incoming = spool
+        .begin_hashed_by_caller(meta.clone(), &header)
+        .map_err(write_err)?;
+    let digest = loop {
         match rx.blocking_recv() {
             Some(Chunk::Data(bytes)) => {
                 incoming.write_all(&bytes).map_err(write_err)?;
                 // Part of the data set is in the spool's temporary file, more PDVs are to come.
                 passerelle_spool::crash_point!("ingest::receive::mid_dataset");
             }
-            Some(Chunk::End) => break,
+            Some(Chunk::End(digest)) => break digest,
             None => {
                 return Err(IngestError::ReceiveDataset {
                     sop_instance_uid: uid,
                 })
             }
         }
-    }
+    };
     drop(rx);
-    let mut written = incoming.finish().map_err(write_err)?;
+    let mut written = incoming.finish_with(digest).map_err(write_err)?;
     // Found as the bytes streamed in (the file is read back only for leading elements over 1 MiB).
     let leading =
         written

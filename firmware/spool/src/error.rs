@@ -71,6 +71,12 @@ pub enum SpoolError {
         path: PathBuf,
     },
 
+    #[error("The spool refused to store SOP Instance {sop_instance_uid}: its hash does not fit the bytes written ({detail}). This is a defect in passerelled, not in the data; nothing was stored and the modality is told to send it again. Report it to the vendor")]
+    Digest {
+        sop_instance_uid: String,
+        detail: String,
+    },
+
     #[error("No spool row with id {id}")]
     NoSuchRow { id: i64 },
 

@@ -15,8 +15,9 @@
 //!   persisted `next_attempt_at`, or to `failed`), plus `lost` (file missing at start-up) and
 //!   `quarantined` (hash mismatch).
 //! - Storing is: write an *intake* file, a zstd frame at `compact`'s fastest level (the leading
-//!   elements are scanned as the bytes stream in, [`leading::StreamScan`], and disk writes are
-//!   started every MiB), then make it durable: into a pre-created file, fdatasync it and commit
+//!   elements are scanned as the bytes stream in, [`leading::StreamScan`], the SHA-256 is computed
+//!   by the spool or, beside it, by the caller in a [`RawDigest`] that must have seen exactly the
+//!   bytes written, and disk writes are started every MiB), then make it durable: into a pre-created file, fdatasync it and commit
 //!   the row with `synchronous=NORMAL` (the file is the durable record until the WAL is synced: a
 //!   start-up after a power cut takes whole pre-created files back in, see `pool`); or, when the
 //!   pool is empty, into a temporary file, fdatasync, rename into place, fsync the directory, and
@@ -1013,8 +1014,31 @@ impl Spool {
     }
 
     /// Starts receiving an instance: creates a temporary file and writes `part10_header` (preamble,
-    /// `DICM`, group 0002, built by ingest) into its zstd stream.
+    /// `DICM`, group 0002, built by ingest) into its zstd stream. The spool hashes the bytes as they
+    /// are written; end with [`Incoming::finish`].
     pub fn begin(&self, meta: IncomingMeta, part10_header: &[u8]) -> Result<Incoming> {
+        self.begin_inner(meta, part10_header, Some(Sha256::new()))
+    }
+
+    /// Like [`Spool::begin`], but the caller hashes the raw bytes itself, in a [`RawDigest`] it
+    /// started with the same `part10_header` and feeds every dataset byte it passes to
+    /// [`Incoming::write_all`], in the same order (ingest does it in the association task, on
+    /// another core than the thread that writes the file). End with [`Incoming::finish_with`],
+    /// which refuses a digest that did not see as many bytes as the file.
+    pub fn begin_hashed_by_caller(
+        &self,
+        meta: IncomingMeta,
+        part10_header: &[u8],
+    ) -> Result<Incoming> {
+        self.begin_inner(meta, part10_header, None)
+    }
+
+    fn begin_inner(
+        &self,
+        meta: IncomingMeta,
+        part10_header: &[u8],
+        hasher: Option<Sha256>,
+    ) -> Result<Incoming> {
         let (file, guard) = match self.take_pooled() {
             Some(slot) => (pool::open_slot(&slot)?, pool::Target::Pooled(slot)),
             None => {
@@ -1035,7 +1059,7 @@ impl Spool {
         encoder.include_checksum(true).map_err(write_err)?;
         let mut incoming = Incoming {
             encoder,
-            hasher: Sha256::new(),
+            hasher,
             raw_len: 0,
             header_len: part10_header.len() as u64,
             written_back: 0,
@@ -1767,7 +1791,8 @@ pub struct Incoming {
     // Field order matters: the encoder (and its file) drop before the guard removes (or empties)
     // the file.
     encoder: zstd::stream::write::Encoder<'static, BufWriter<File>>,
-    hasher: Sha256,
+    /// `None`: the caller hashes (`Spool::begin_hashed_by_caller`).
+    hasher: Option<Sha256>,
     raw_len: u64,
     header_len: u64,
     /// File offset up to which disk writes were started (`write_behind`).
@@ -1796,7 +1821,9 @@ impl Incoming {
                 path: self.guard.path().to_path_buf(),
                 source,
             })?;
-        self.hasher.update(bytes);
+        if let Some(hasher) = &mut self.hasher {
+            hasher.update(bytes);
+        }
         self.raw_len += bytes.len() as u64;
         self.write_behind();
         Ok(())
@@ -1838,8 +1865,19 @@ impl Incoming {
         self.raw_len
     }
 
-    /// Ends the zstd stream. The file is complete but not yet fsynced nor in place.
+    /// Ends the zstd stream of an instance begun with [`Spool::begin`]. The file is complete but
+    /// not yet fsynced nor in place.
     pub fn finish(self) -> Result<Written> {
+        self.finish_inner(None)
+    }
+
+    /// [`Incoming::finish`] for an instance begun with [`Spool::begin_hashed_by_caller`]: `digest`
+    /// is the caller's hash of the same bytes.
+    pub fn finish_with(self, digest: RawDigest) -> Result<Written> {
+        self.finish_inner(Some(digest))
+    }
+
+    fn finish_inner(self, digest: Option<RawDigest>) -> Result<Written> {
         let Incoming {
             encoder,
             hasher,
@@ -1851,6 +1889,30 @@ impl Incoming {
             spool,
             guard,
         } = self;
+        let refuse = |detail: String| SpoolError::Digest {
+            sop_instance_uid: meta.sop_instance_uid.clone(),
+            detail,
+        };
+        let sha256 = match (hasher, digest) {
+            (Some(hasher), None) => hasher.finalize(),
+            (None, Some(digest)) if digest.len == raw_len => digest.hasher.finalize(),
+            (None, Some(digest)) => {
+                return Err(refuse(format!(
+                    "the caller hashed {} bytes, the spool wrote {raw_len}",
+                    digest.len
+                )))
+            }
+            (Some(_), Some(_)) => {
+                return Err(refuse(
+                    "the spool hashed the bytes itself, yet the caller passed a digest".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(refuse(
+                    "the caller was to hash the bytes, yet passed no digest".into(),
+                ))
+            }
+        };
         let write_err = |source| SpoolError::Write {
             path: guard.path().to_path_buf(),
             source,
@@ -1863,7 +1925,7 @@ impl Incoming {
         let stored_len = file.metadata().map_err(write_err)?.len();
         Ok(Written {
             file,
-            sha256: hex::encode(hasher.finalize()),
+            sha256: hex::encode(sha256),
             raw_len,
             header_len,
             leading: scan.finish(),
@@ -1872,6 +1934,35 @@ impl Incoming {
             spool,
             guard,
         })
+    }
+}
+
+/// The SHA-256 of an instance's raw Part-10 bytes, computed by the caller that holds the bytes
+/// before the spool writes them, so that hashing runs beside the writing instead of before it
+/// (see [`Spool::begin_hashed_by_caller`]). It counts the bytes it saw: [`Incoming::finish_with`]
+/// refuses a digest of another length than the file, so that a missed or repeated chunk can never
+/// name a file by a wrong hash.
+#[derive(Debug, Clone)]
+pub struct RawDigest {
+    hasher: Sha256,
+    len: u64,
+}
+
+impl RawDigest {
+    /// A digest that has seen `part10_header`, the bytes the spool writes first.
+    pub fn new(part10_header: &[u8]) -> Self {
+        let mut digest = RawDigest {
+            hasher: Sha256::new(),
+            len: 0,
+        };
+        digest.update(part10_header);
+        digest
+    }
+
+    /// Hashes the next dataset bytes.
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.hasher.update(bytes);
+        self.len += bytes.len() as u64;
     }
 }
 

@@ -228,6 +228,75 @@ fn spool_file_is_content_addressed_zstd_with_checksum_and_row_holds_every_field(
 }
 
 #[test]
+fn a_caller_hashed_instance_is_named_and_recorded_by_the_same_sha256_as_a_spool_hashed_one() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    let inst = Inst::new("1.2.3.20", "1.2.3", 100_000, 20);
+    let mut incoming = spool
+        .begin_hashed_by_caller(inst.meta(), &inst.header)
+        .unwrap();
+    let mut digest = RawDigest::new(&inst.header);
+    for chunk in inst.dataset.chunks(16 * 1024 + 3) {
+        digest.update(chunk);
+        incoming.write_all(chunk).unwrap();
+    }
+    let written = incoming.finish_with(digest).unwrap();
+    let sha = hex::encode(Sha256::digest(inst.raw()));
+    assert_eq!(written.sha256(), sha);
+    let StoreOutcome::Stored { id } = written.commit(inst.index()).unwrap() else {
+        panic!("expected Stored");
+    };
+    assert_eq!(row_str(&spool, id, "sha256").unwrap(), sha);
+    assert_eq!(
+        row_str(&spool, id, "path").unwrap(),
+        format!("objects/{}/{sha}.dcm.zst", &sha[..2])
+    );
+    // The same bytes hashed by the spool itself: an identical copy, not a new version.
+    assert!(matches!(inst.store(&spool), StoreOutcome::Duplicate { .. }));
+    let claimed = claim_one(&spool);
+    assert_eq!(read_all(&spool, &claimed).unwrap(), inst.raw());
+}
+
+#[test]
+fn a_caller_digest_that_missed_or_repeated_bytes_is_refused_and_nothing_is_stored() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    let inst = Inst::new("1.2.3.21", "1.2.3", 50_000, 21);
+    let chunks: Vec<&[u8]> = inst.dataset.chunks(4096).collect();
+    // A chunk written but not hashed, then a chunk hashed twice.
+    for (skip, repeat) in [(Some(3), None), (None, Some(5))] {
+        let mut incoming = spool
+            .begin_hashed_by_caller(inst.meta(), &inst.header)
+            .unwrap();
+        let mut digest = RawDigest::new(&inst.header);
+        for (k, chunk) in chunks.iter().enumerate() {
+            if skip != Some(k) {
+                digest.update(chunk);
+            }
+            if repeat == Some(k) {
+                digest.update(chunk);
+            }
+            incoming.write_all(chunk).unwrap();
+        }
+        let err = incoming.finish_with(digest).err().expect("refused");
+        assert!(matches!(err, SpoolError::Digest { .. }), "{err}");
+        assert!(err.to_string().contains("1.2.3.21"), "{err}");
+    }
+    // Finishing the wrong way round is refused too.
+    let incoming = spool
+        .begin_hashed_by_caller(inst.meta(), &inst.header)
+        .unwrap();
+    assert!(matches!(incoming.finish(), Err(SpoolError::Digest { .. })));
+    let incoming = spool.begin(inst.meta(), &inst.header).unwrap();
+    assert!(matches!(
+        incoming.finish_with(RawDigest::new(&inst.header)),
+        Err(SpoolError::Digest { .. })
+    ));
+    assert_eq!(spool.status(SystemTime::now()).unwrap().queued, 0);
+    assert_eq!(tmp_entries(&fx), 0);
+}
+
+#[test]
 fn the_leading_elements_come_from_the_stream_and_from_the_file_only_past_the_prefix_cap() {
     let fx = Fixture::new();
     let spool = fx.spool();
