@@ -17,7 +17,7 @@
 //! - Storing is: write an *intake* file, a zstd frame at `compact`'s fastest level (the leading
 //!   elements are scanned as the bytes stream in, [`leading::StreamScan`], the SHA-256 is computed
 //!   by the spool or, beside it, by the caller in a [`RawDigest`] that must have seen exactly the
-//!   bytes written, and disk writes are started every MiB), then make it durable: into a pre-created file, fdatasync it and commit
+//!   bytes written, and disk writes are started every 128 KiB), then make it durable: into a pre-created file, fdatasync it and commit
 //!   the row with `synchronous=NORMAL` (the file is the durable record until the WAL is synced: a
 //!   start-up after a power cut takes whole pre-created files back in, see `pool`); or, when the
 //!   pool is empty, into a temporary file, fdatasync, rename into place, fsync the directory, and
@@ -154,7 +154,7 @@ use files::{HashOutcome, TempGuard, MIB};
 /// Buffer between the zstd encoder and the temporary file.
 pub(crate) const WRITE_BUFFER: usize = 256 * 1024;
 /// Disk writes of a file being received are started every this many bytes (`write_behind`).
-const WRITE_BEHIND: u64 = 1024 * 1024;
+const WRITE_BEHIND: u64 = 128 * 1024;
 /// A retry scheduled further ahead than this is taken as set by a wrong clock (see recovery).
 const MAX_SCHEDULE: Duration = Duration::from_secs(7 * 86_400);
 /// Rows handled per eviction page (bounds memory whatever the size of the cache).
