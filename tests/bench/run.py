@@ -37,6 +37,8 @@ TESTS = Path(__file__).resolve().parents[1]
 WORK = Path(os.environ.get("BENCH_WORK", TESTS / ".work" / "bench-run"))
 CALLING_AE = "MODALITY1"
 STOCK_SUBSET = 200
+# passerelled forwards with its shipped uplink settings (the harness pins a batch size for the system tests).
+SHIPPED_UPLINK: dict[str, object] = {"batch_max_instances": None}
 
 
 def log(msg: str) -> None:
@@ -303,7 +305,7 @@ class Bench:
         method = (
             "Forwarding method. The CT set goes into a fresh Orthanc behind its nginx TLS front for every "
             "measure. (1) *While ingest continues*: passerelled (shipped uplink settings: 4 connections, "
-            "batches of up to 50 instances of one study) forwards while 4 storescu associations feed it. "
+            "batches of up to 10 instances of one study) forwards while 4 storescu associations feed it. "
             "(2) *Direct client under the same ingest load*: the direct STOW-RS client (Python requests, "
             "batches of 10, 1 or 4 connections) posts the same files while the same 4 storescu associations "
             "feed a second passerelled whose upstream never answers (its ingest, compaction and storescu take "
@@ -349,7 +351,8 @@ class Bench:
 
         # (1) passerelled forwarding while 4 associations feed it.
         o = fresh_orthanc()
-        rx = Passerelled(self.pki, gateway_factory=lambda gd: gateway_for(gd, o, self.pki))
+        rx = Passerelled(self.pki,
+                         gateway_factory=lambda gd: gateway_for(gd, o, self.pki, extra_uplink=SHIPPED_UPLINK))
         try:
             rx.start(d / "gw")
             wall0, t0 = time.time(), time.monotonic()
@@ -400,7 +403,8 @@ class Bench:
 
         # (4) the uplink alone: a compacted backlog drained with nothing else running.
         o = fresh_orthanc(front=False)
-        rx = Passerelled(self.pki, gateway_factory=lambda gd: gateway_for(gd, o, self.pki))
+        rx = Passerelled(self.pki,
+                         gateway_factory=lambda gd: gateway_for(gd, o, self.pki, extra_uplink=SHIPPED_UPLINK))
         try:
             rx.start(d / "gw-backlog")
             storescu_send(rx.port, rx.ae_title, inst, 4, d / "send-backlog")
@@ -495,7 +499,7 @@ class Bench:
             o.start()
             g = wan.NsGateway(dir=d / "gw", stow_url=o.stow_url, ca_file=self.pki.ca_cert,
                               client_cert=self.pki.client_cert, client_key=self.pki.client_key,
-                              username=USERNAME, password=PASSWORD)
+                              username=USERNAME, password=PASSWORD, extra_uplink=SHIPPED_UPLINK)
             g.write_config()
             g.start()
             try:

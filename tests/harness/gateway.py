@@ -130,6 +130,7 @@ class Gateway:
             "batch_max_instances": 50,
             **self.extra_uplink,
         }
+        uplink = {k: v for k, v in uplink.items() if v is not None}  # None: the shipped default
         lines = [
             "[dicom]",
             f"ae_title = {toml_str(self.ae_title)}",

@@ -131,6 +131,9 @@ pub struct UplinkConfig {
     pub bearer_token: String,
     /// Optional HTTP CONNECT proxy, e.g. `http://proxy.hospital.local:3128`.
     pub proxy: String,
+    /// Instances of one study per request. Small enough that the requests of a large study keep
+    /// every connection busy and fall out of step (one waits for the PACS while others send), and that
+    /// a failed request over a slow link resends little.
     pub batch_max_instances: usize,
     pub batch_max_mb: u64,
     pub connect_timeout_secs: u64,
@@ -155,7 +158,7 @@ impl Default for UplinkConfig {
             password: String::new(),
             bearer_token: String::new(),
             proxy: String::new(),
-            batch_max_instances: 50,
+            batch_max_instances: 10,
             batch_max_mb: 256,
             connect_timeout_secs: 15,
             idle_timeout_secs: 60,

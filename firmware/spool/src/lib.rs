@@ -230,6 +230,25 @@ pub struct QueuedInstance {
     pub attempts: u32,
 }
 
+/// What [`Spool::claim_batch_lingering`] found.
+#[derive(Debug)]
+pub enum Claim {
+    /// The claimed instances (now `uploading`); empty if nothing is due.
+    Batch(Vec<QueuedInstance>),
+    /// A study is still arriving and its batch is not full: nothing was claimed; look again at this
+    /// time (or sooner, when woken).
+    Wait(SystemTime),
+}
+
+/// How long a short batch of a study that is still arriving may wait to fill up.
+#[derive(Debug, Clone, Copy)]
+pub struct Linger {
+    /// The batch waits while its newest instance was received less than this long ago.
+    pub quiet: Duration,
+    /// ...but never once its oldest instance was received this long ago.
+    pub max_wait: Duration,
+}
+
 /// How the uplink is doing, persisted so that `passerelled status` (another process) can show it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UplinkState {
@@ -1081,17 +1100,38 @@ impl Spool {
         max_bytes: u64,
         now: SystemTime,
     ) -> Result<Vec<QueuedInstance>> {
-        const COLUMNS: &str = "id, sop_class_uid, sop_instance_uid, study_instance_uid, transfer_syntax_uid, raw_size, attempts";
-        fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<QueuedInstance> {
-            Ok(QueuedInstance {
-                id: InstanceId(r.get(0)?),
-                sop_class_uid: r.get(1)?,
-                sop_instance_uid: r.get(2)?,
-                study_instance_uid: r.get(3)?,
-                transfer_syntax_uid: r.get(4)?,
-                raw_size: to_u64(r.get(5)?),
-                attempts: u32::try_from(r.get::<_, i64>(6)?).unwrap_or(u32::MAX),
-            })
+        match self.claim_batch_lingering(max_count, max_bytes, now, None)? {
+            Claim::Batch(batch) => Ok(batch),
+            Claim::Wait(_) => Ok(Vec::new()),
+        }
+    }
+
+    /// Like [`Spool::claim_batch`], but while a study is still arriving it waits for a fuller batch:
+    /// when the batch would be short of `max_count` and `max_bytes`, none of its instances was tried
+    /// before, its newest instance was received less than `linger.quiet` before `now` and its oldest
+    /// less than `linger.max_wait` before `now`, nothing is claimed and [`Claim::Wait`] says when to
+    /// look again. Retries are never held back.
+    pub fn claim_batch_lingering(
+        &self,
+        max_count: usize,
+        max_bytes: u64,
+        now: SystemTime,
+        linger: Option<Linger>,
+    ) -> Result<Claim> {
+        const COLUMNS: &str = "id, sop_class_uid, sop_instance_uid, study_instance_uid, transfer_syntax_uid, raw_size, attempts, received_at";
+        fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(QueuedInstance, i64)> {
+            Ok((
+                QueuedInstance {
+                    id: InstanceId(r.get(0)?),
+                    sop_class_uid: r.get(1)?,
+                    sop_instance_uid: r.get(2)?,
+                    study_instance_uid: r.get(3)?,
+                    transfer_syntax_uid: r.get(4)?,
+                    raw_size: to_u64(r.get(5)?),
+                    attempts: u32::try_from(r.get::<_, i64>(6)?).unwrap_or(u32::MAX),
+                },
+                r.get(7)?,
+            ))
         }
         let now = to_ms(now);
         let max_count = max_count.max(1);
@@ -1100,6 +1140,7 @@ impl Spool {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .ctx("start a claim")?;
         let mut batch = Vec::new();
+        let mut full = false;
         {
             let first = tx
                 .prepare_cached(&format!(
@@ -1107,9 +1148,10 @@ impl Spool {
                 ))
                 .and_then(|mut s| s.query_row([now], row).optional())
                 .ctx("find the next due instance")?;
-            let Some(first) = first else {
-                return Ok(batch);
+            let Some((first, received)) = first else {
+                return Ok(Claim::Batch(batch));
             };
+            let (mut oldest, mut newest) = (received, received);
             let mut total = first.raw_size;
             let study = first.study_instance_uid.clone();
             let first_id = first.id.0;
@@ -1125,12 +1167,24 @@ impl Spool {
                     .query_map(params![study, now, first_id, limit], row)
                     .ctx("find due instances of the study")?;
                 for inst in rows {
-                    let inst = inst.ctx("read a due instance")?;
+                    let (inst, received) = inst.ctx("read a due instance")?;
                     if total.saturating_add(inst.raw_size) > max_bytes {
+                        full = true;
                         break;
                     }
                     total += inst.raw_size;
+                    (oldest, newest) = (oldest.min(received), newest.max(received));
                     batch.push(inst);
+                }
+            }
+            full = full || batch.len() >= max_count;
+            if let Some(linger) = linger {
+                let quiet_until = newest.saturating_add(duration_ms(linger.quiet));
+                let wait_until = oldest.saturating_add(duration_ms(linger.max_wait));
+                let fresh = batch.iter().all(|i| i.attempts == 0);
+                if !full && fresh && quiet_until > now && wait_until > now {
+                    // Nothing was updated: dropping the transaction rolls it back.
+                    return Ok(Claim::Wait(from_ms(quiet_until.min(wait_until))));
                 }
             }
             let mut update = tx
@@ -1143,7 +1197,7 @@ impl Spool {
             }
         }
         tx.commit().ctx("commit a claim")?;
-        Ok(batch)
+        Ok(Claim::Batch(batch))
     }
 
     /// When the next queued instance becomes due (None if nothing is queued).
@@ -2373,3 +2427,8 @@ impl Read for InstanceReader {
 
 #[cfg(test)]
 mod tests;
+
+/// A duration in whole milliseconds, the unit of the database's times.
+fn duration_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}

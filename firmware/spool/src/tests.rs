@@ -1931,3 +1931,64 @@ fn a_lost_replacement_of_a_missing_file_is_redone_at_start_up() {
     let status = spool.status(SystemTime::now()).unwrap();
     assert_eq!((status.uploading, status.lost, status.queued), (1, 0, 0));
 }
+
+#[test]
+fn lingering_claim_waits_for_a_study_still_arriving_but_never_for_full_batches_or_retries() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    let ids = store_studies(&spool, &[("1.9.1", 100), ("1.9.1", 100), ("1.9.1", 100)]);
+    let received =
+        |id: InstanceId| from_ms(row_str(&spool, id, "received_at").unwrap().parse().unwrap());
+    let (oldest, newest) = (received(ids[0]), received(ids[2]));
+    let quiet = Linger {
+        quiet: Duration::from_millis(150),
+        max_wait: Duration::from_secs(1),
+    };
+    let claim = |max_count, now, linger| {
+        spool
+            .claim_batch_lingering(max_count, u64::MAX, now, linger)
+            .unwrap()
+    };
+
+    // Short batch, newest instance just in: nothing claimed, look again when the study went quiet.
+    match claim(10, newest, Some(quiet)) {
+        Claim::Wait(at) => assert_eq!(at, newest + quiet.quiet),
+        other => panic!("expected a wait, got {other:?}"),
+    }
+    assert!(
+        ids.iter().all(|id| state(&spool, *id) == "queued"),
+        "a wait claims nothing"
+    );
+    // A full batch goes at once (the first two; the third stays queued).
+    match claim(2, newest, Some(quiet)) {
+        Claim::Batch(b) => assert_eq!(b.iter().map(|q| q.id).collect::<Vec<_>>(), ids[..2]),
+        other => panic!("expected a full batch, got {other:?}"),
+    }
+    spool.release(ids[0]).unwrap();
+    spool.release(ids[1]).unwrap();
+    // A study that keeps trickling in still goes once its oldest instance waited max_wait.
+    let trickle = Linger {
+        quiet: Duration::from_secs(3600),
+        max_wait: Duration::from_secs(1),
+    };
+    match claim(10, newest, Some(trickle)) {
+        Claim::Wait(at) => assert_eq!(at, oldest + trickle.max_wait),
+        other => panic!("expected a wait, got {other:?}"),
+    }
+    match claim(10, oldest + trickle.max_wait, Some(trickle)) {
+        Claim::Batch(b) => assert_eq!(b.len(), 3),
+        other => panic!("expected the batch after max_wait, got {other:?}"),
+    }
+    // A retry is never held back, and without a linger nothing waits.
+    spool.mark_retry(ids[0], "503", newest).unwrap();
+    spool.release(ids[1]).unwrap();
+    spool.release(ids[2]).unwrap();
+    match claim(10, newest, Some(quiet)) {
+        Claim::Batch(b) => assert_eq!(b.len(), 3, "{b:?}"),
+        other => panic!("a batch with a retry must go at once, got {other:?}"),
+    }
+    for id in &ids {
+        spool.release(*id).unwrap();
+    }
+    assert_eq!(spool.claim_batch(10, u64::MAX, newest).unwrap().len(), 3);
+}

@@ -240,3 +240,35 @@ async fn an_upstream_that_is_down_sees_one_request_at_a_time_spaced_by_the_backo
     running.stop().await;
     assert!(stub.overlapping_uids().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_study_arriving_instance_by_instance_goes_out_in_full_batches() {
+    let env = Env::new();
+    let spool = spool_in(env.dir.path());
+    let stub = env.stub(answering(200)).await;
+    let mut cfg = uplink_config(&stub.url(), &env.ca);
+    cfg.connections = 2;
+    cfg.batch_max_instances = 5;
+    let running = start(cfg, &spool);
+    prove(&spool, &stub, &running).await;
+
+    // A modality's pace: an instance every 10 ms, each waking the uplink as ingest does. Without
+    // the linger, every arrival found an idle worker and went out alone (about 20 requests).
+    let n = 20;
+    for i in 1..=n {
+        let uid = format!("{STUDY}.{i}");
+        let raw = store(&spool, STUDY, &uid, 2000);
+        stub.knows(&raw, &uid);
+        running.wake.notify_one();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    wait_for("all 21 sent", WAIT, || status(&spool).sent == n + 1).await;
+    running.stop().await;
+
+    let sizes: Vec<usize> = stub.seen().iter().skip(1).map(|s| s.uids.len()).collect();
+    assert_eq!(sizes.iter().sum::<usize>(), n as usize, "{sizes:?}");
+    assert!(
+        sizes.len() <= 6,
+        "a study still arriving waits for full batches of 5: {sizes:?}"
+    );
+}
