@@ -1,7 +1,7 @@
 //! Compaction: recompressing intake files at the configured zstd level, off the acknowledgement path.
 //!
-//! Ingest writes each instance as an *intake* file: a zstd frame made at [`INTAKE_LEVEL`], which
-//! stores the bytes almost as they are (about 5 GB/s, ratio 1.0) but is a complete, checksummed
+//! Ingest writes each instance as an *intake* file: a zstd frame of raw blocks ([`crate::rawframe`]),
+//! the bytes as received behind 3-byte block headers, but a complete, checksummed
 //! zstd stream like any other spool file. The row is listed in the `intake` table, in the same
 //! transaction that inserts it. [`Spool::compact_batch`] (the daemon's low-priority compactor
 //! thread) then rewrites each listed file at `spool.zstd_level`:
@@ -28,9 +28,6 @@ use rusqlite::{params, OptionalExtension};
 use crate::db::{to_i64, to_u64, DbContext, LOST, QUARANTINED};
 use crate::files::{self, HashOutcome, TempGuard};
 use crate::{crash_point, Result, Spool, SpoolError};
-
-/// The zstd level of intake files: zstd's fastest, which stores the bytes nearly as they are.
-pub(crate) const INTAKE_LEVEL: i32 = -1000;
 
 /// What one [`Spool::compact_batch`] call did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

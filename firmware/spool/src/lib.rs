@@ -14,7 +14,7 @@
 //!   row per instance and its state: `queued → uploading → sent` (or back to `queued` with a
 //!   persisted `next_attempt_at`, or to `failed`), plus `lost` (file missing at start-up) and
 //!   `quarantined` (hash mismatch).
-//! - Storing is: write an *intake* file, a zstd frame at `compact`'s fastest level (the leading
+//! - Storing is: write an *intake* file, a zstd frame of raw blocks (`rawframe`; the leading
 //!   elements are scanned as the bytes stream in, [`leading::StreamScan`], the SHA-256 is computed
 //!   by the spool or, beside it, by the caller in a [`RawDigest`] that must have seen exactly the
 //!   bytes written, and disk writes are started every 128 KiB), then make it durable: into a pre-created file, fdatasync it and commit
@@ -108,6 +108,7 @@ mod files;
 mod identity;
 pub mod leading;
 mod pool;
+mod rawframe;
 mod rebuild;
 
 pub use compact::CompactReport;
@@ -135,7 +136,7 @@ pub fn __crash_now(point: &str) -> ! {
 }
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -1069,13 +1070,8 @@ impl Spool {
             path: guard.path().to_path_buf(),
             source,
         };
-        // The intake level: compression happens later, off the acknowledgement path (`compact`).
-        let mut encoder = zstd::stream::write::Encoder::new(
-            BufWriter::with_capacity(WRITE_BUFFER, file),
-            compact::INTAKE_LEVEL,
-        )
-        .map_err(write_err)?;
-        encoder.include_checksum(true).map_err(write_err)?;
+        // Stored as received: compression happens later, off the acknowledgement path (`compact`).
+        let encoder = rawframe::RawFrameWriter::new(file).map_err(write_err)?;
         let mut incoming = Incoming {
             encoder,
             hasher,
@@ -1844,7 +1840,7 @@ fn read_uplink_state(conn: &Connection) -> Result<UplinkState> {
 pub struct Incoming {
     // Field order matters: the encoder (and its file) drop before the guard removes (or empties)
     // the file.
-    encoder: zstd::stream::write::Encoder<'static, BufWriter<File>>,
+    encoder: rawframe::RawFrameWriter<File>,
     /// `None`: the caller hashes (`Spool::begin_hashed_by_caller`).
     hasher: Option<Sha256>,
     raw_len: u64,
@@ -1889,7 +1885,7 @@ impl Incoming {
     /// only means the fdatasync does all the work.
     fn write_behind(&mut self) {
         use std::os::fd::AsRawFd;
-        let file = self.encoder.get_ref().get_ref();
+        let file = self.encoder.get_ref();
         let Ok(end) = (&mut &*file).stream_position() else {
             return;
         };
@@ -1971,11 +1967,7 @@ impl Incoming {
             path: guard.path().to_path_buf(),
             source,
         };
-        let file = encoder
-            .finish()
-            .map_err(write_err)?
-            .into_inner()
-            .map_err(|e| write_err(e.into_error()))?;
+        let file = encoder.finish().map_err(write_err)?;
         let stored_len = file.metadata().map_err(write_err)?.len();
         Ok(Written {
             file,

@@ -4,6 +4,7 @@ use super::*;
 use passerelle_config::SpoolConfig;
 use rand::{RngCore, SeedableRng};
 use std::collections::BTreeSet;
+use std::io::Write;
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -1130,9 +1131,9 @@ fn low_space_evicts_oldest_sent_first_and_only_as_much_as_needed() {
         c.zstd_level = -5;
     });
     let spool = fx.spool();
-    // Random data does not compress: each file is about 400 KiB.
+    // Intake files hold the bytes as received (nothing is compacted here): each is about 400 KiB.
     let ids: Vec<_> = (0..8)
-        .map(|i| Inst::new(&format!("1.14.{i}"), "1.14", 800 * 1024, 600 + i).stored_id(&spool))
+        .map(|i| Inst::new(&format!("1.14.{i}"), "1.14", 400 * 1024, 600 + i).stored_id(&spool))
         .collect();
     let size = fs::metadata(file_of(&fx, &spool, ids[0])).unwrap().len();
     // Send in the order 3, 1, 0, 2; 4..8 stay queued.
