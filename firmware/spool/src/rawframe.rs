@@ -8,6 +8,11 @@
 //! ratio 1.0) after copying each byte into its window and trying to match it, about 0.16 ms per
 //! 0.5 MB CT slice on the store thread, which sits between the last PDV and the response. Here each
 //! piece the caller hands over is written as it is, behind a 3-byte block header, in one `writev`.
+//! (No maintained crate writes raw blocks as they are pushed: ruzstd's uncompressed level pulls from
+//! a reader and panics on an I/O error, such as a full disk. Decoding stays with the zstd library.)
+//!
+//! It must never write a frame that the zstd library would not decode to exactly the bytes given,
+//! nor one that still decodes when cut short.
 //!
 //! The frame: magic number; a frame header descriptor with only the checksum flag; a window
 //! descriptor of 128 KiB (raw blocks are at most that long); the blocks; an empty last block; the
