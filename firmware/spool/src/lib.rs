@@ -152,7 +152,7 @@ use db::{
 };
 use files::{HashOutcome, TempGuard, MIB};
 
-/// Buffer between the zstd encoder and the temporary file.
+/// Buffer of the compactor's reads and writes.
 pub(crate) const WRITE_BUFFER: usize = 256 * 1024;
 /// Disk writes of a file being received are started every this many bytes (`write_behind`).
 const WRITE_BEHIND: u64 = 128 * 1024;
@@ -1885,10 +1885,8 @@ impl Incoming {
     /// only means the fdatasync does all the work.
     fn write_behind(&mut self) {
         use std::os::fd::AsRawFd;
-        let file = self.encoder.get_ref();
-        let Ok(end) = (&mut &*file).stream_position() else {
-            return;
-        };
+        // Every byte goes straight to the file: the writer's count is the file's end, no lseek.
+        let end = self.encoder.written();
         if end < self.written_back + WRITE_BEHIND {
             return;
         }
@@ -1899,7 +1897,7 @@ impl Incoming {
             return;
         };
         if nix::fcntl::posix_fadvise(
-            file.as_raw_fd(),
+            self.encoder.get_ref().as_raw_fd(),
             offset,
             len,
             nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,

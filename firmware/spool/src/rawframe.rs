@@ -29,12 +29,14 @@ const DESCRIPTOR: u8 = 0b0000_0100;
 /// Window descriptor: exponent 7, mantissa 0, that is a 2^17 = 128 KiB window.
 const WINDOW: u8 = 7 << 3;
 /// The largest block: the smaller of the window and 128 KiB.
-pub(crate) const MAX_BLOCK: usize = 128 * 1024;
+const MAX_BLOCK: usize = 128 * 1024;
 
 /// Writes one zstd frame of raw blocks into `inner`.
 pub(crate) struct RawFrameWriter<W: Write> {
     inner: W,
     checksum: Xxh64,
+    /// Bytes written to `inner` so far (headers included): the file's length, with no buffer between.
+    written: u64,
 }
 
 impl<W: Write> RawFrameWriter<W> {
@@ -48,13 +50,14 @@ impl<W: Write> RawFrameWriter<W> {
         Ok(RawFrameWriter {
             inner,
             checksum: Xxh64::new(0),
+            written: header.len() as u64,
         })
     }
 
     /// Appends `bytes` as raw blocks of at most [`MAX_BLOCK`] bytes.
     pub(crate) fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
         for piece in bytes.chunks(MAX_BLOCK) {
-            self.block(false, piece)?;
+            self.block(piece)?;
             self.checksum.update(piece);
         }
         Ok(())
@@ -62,10 +65,14 @@ impl<W: Write> RawFrameWriter<W> {
 
     /// Ends the frame (an empty last block, then the checksum) and returns the writer.
     pub(crate) fn finish(mut self) -> io::Result<W> {
-        self.block(true, &[])?;
-        // zstd keeps the low 32 bits of the XXH64.
+        // One write on the acknowledgement path: the empty last block's header, then the low 32
+        // bits of the XXH64, which is what zstd keeps.
         let checksum = (self.checksum.digest() & 0xFFFF_FFFF) as u32;
-        self.inner.write_all(&checksum.to_le_bytes())?;
+        write_all_two(
+            &mut self.inner,
+            &block_header(true, 0),
+            &checksum.to_le_bytes(),
+        )?;
         Ok(self.inner)
     }
 
@@ -74,13 +81,28 @@ impl<W: Write> RawFrameWriter<W> {
         &self.inner
     }
 
-    /// One raw block: its 3-byte header (last-block flag, type 0 = raw, size) and its bytes.
-    fn block(&mut self, last: bool, payload: &[u8]) -> io::Result<()> {
-        debug_assert!(payload.len() <= MAX_BLOCK);
-        let field = (payload.len() as u32) << 3 | u32::from(last);
-        let header = field.to_le_bytes();
-        write_all_two(&mut self.inner, &header[..3], payload)
+    /// Bytes written so far.
+    pub(crate) fn written(&self) -> u64 {
+        self.written
     }
+
+    /// One raw block that is not the last: its 3-byte header and its bytes.
+    fn block(&mut self, payload: &[u8]) -> io::Result<()> {
+        write_all_two(
+            &mut self.inner,
+            &block_header(false, payload.len()),
+            payload,
+        )?;
+        self.written += 3 + payload.len() as u64;
+        Ok(())
+    }
+}
+
+/// A raw block's 3-byte header: last-block flag, block type 0 (raw), size.
+fn block_header(last: bool, len: usize) -> [u8; 3] {
+    debug_assert!(len <= MAX_BLOCK);
+    let [a, b, c, _] = ((len as u32) << 3 | u32::from(last)).to_le_bytes();
+    [a, b, c]
 }
 
 /// Writes `a` then `b` with vectored writes (one `writev` when the kernel takes both at once).
@@ -170,6 +192,7 @@ mod tests {
         })
         .unwrap();
         w.write_all(&data).unwrap();
+        assert_eq!(w.written(), w.get_ref().out.len() as u64);
         let out = w.finish().unwrap().out;
         assert_eq!(out, frame(&[&data]));
         assert_eq!(zstd::stream::decode_all(&out[..]).unwrap(), data);
