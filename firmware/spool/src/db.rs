@@ -80,6 +80,13 @@ const INTAKE_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS intake (id INTEGER PRIMA
 /// Empty files created ahead under `objects/`, for ingest to write into (see `pool`).
 const POOL_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS pool (path TEXT PRIMARY KEY);";
 
+/// The size and XXH3-128 of each file the compactor wrote, verified against its row's SHA-256 as it
+/// was written (see `compact`): the uplink checks a file against it instead of decompressing it a
+/// second time. Not behind the schema version: an older passerelled ignores it, and a digest that no
+/// longer matches its file only sends the uplink back to the full check.
+const FILE_DIGEST_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS file_digest \
+    (id INTEGER PRIMARY KEY, stored_size INTEGER NOT NULL, xxh3 BLOB NOT NULL);";
+
 /// Attaches an action to a rusqlite error.
 pub(crate) trait DbContext<T> {
     fn ctx(self, action: &'static str) -> Result<T>;
@@ -173,6 +180,7 @@ fn migrate(conn: &Connection, path: &Path) -> Result<()> {
         ("meta", META_SCHEMA),
         ("intake", INTAKE_SCHEMA),
         ("pool", POOL_SCHEMA),
+        ("file_digest", FILE_DIGEST_SCHEMA),
     ] {
         let exists: bool = conn
             .query_row(

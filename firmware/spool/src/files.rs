@@ -1,4 +1,4 @@
-//! File-system helpers: directory fsync, temporary-file cleanup, free space, streaming hash.
+//! File-system helpers: directory fsync, temporary-file cleanup, free space, streaming hashes.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -6,6 +6,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
+use xxhash_rust::xxh3::Xxh3;
 
 use crate::{Result, SpoolError};
 
@@ -142,6 +143,48 @@ impl<R: Read> Read for TrackingReader<R> {
             }
         })
     }
+}
+
+/// A writer that computes the XXH3-128 of every byte written through it.
+pub(crate) struct DigestWriter<W> {
+    inner: W,
+    hasher: Xxh3,
+}
+
+impl<W> DigestWriter<W> {
+    pub(crate) fn new(inner: W) -> Self {
+        Self {
+            inner,
+            hasher: Xxh3::new(),
+        }
+    }
+
+    /// The inner writer and the digest of what went into it.
+    pub(crate) fn finish(self) -> (W, u128) {
+        (self.inner, self.hasher.digest128())
+    }
+}
+
+impl<W: Write> Write for DigestWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Reads `file` to its end and returns its length and XXH3-128, holding only a small buffer.
+pub(crate) fn digest_stored<R: Read>(file: R) -> io::Result<(u64, u128)> {
+    let mut sink = DigestWriter::new(io::sink());
+    let len = io::copy(
+        &mut io::BufReader::with_capacity(128 * 1024, file),
+        &mut sink,
+    )?;
+    Ok((len, sink.finish().1))
 }
 
 /// The result of hashing a decompressed stream.

@@ -13,7 +13,9 @@
 //! - One SQLite database (`spool.db`, WAL, `synchronous=FULL` except the one commit below) with a
 //!   row per instance and its state: `queued → uploading → sent` (or back to `queued` with a
 //!   persisted `next_attempt_at`, or to `failed`), plus `lost` (file missing at start-up) and
-//!   `quarantined` (hash mismatch).
+//!   `quarantined` (hash mismatch). Side tables: `intake` (files awaiting the compactor), `pool`
+//!   (pre-created files) and `file_digest` (size and XXH3-128 of each file the compactor wrote, which
+//!   [`Spool::open_verified`] checks instead of decompressing the file twice).
 //! - Storing is: write an *intake* file, a zstd frame of raw blocks (`rawframe`; the leading
 //!   elements are scanned as the bytes stream in, [`leading::StreamScan`], the SHA-256 is computed
 //!   by the spool or, beside it, by the caller in a [`RawDigest`] that must have seen exactly the
@@ -1206,7 +1208,10 @@ impl Spool {
         Ok(due.map(from_ms))
     }
 
-    /// Verifies the instance's SHA-256 against its row, then returns a reader of its raw Part-10 bytes.
+    /// Verifies the instance's file, then returns a reader of its raw Part-10 bytes. A file the
+    /// compactor wrote is checked against the size and XXH3-128 recorded when it was written
+    /// (`file_digest`, see `compact`), without decompressing it; any other file, or one that no
+    /// longer matches its digest, is decompressed and its SHA-256 and length checked against the row.
     /// On a mismatch or a zstd error the file is moved to `quarantine/`, the row becomes `quarantined`,
     /// an ERROR is logged, and [`SpoolError::Corrupt`] is returned: corrupt bytes are never sent.
     pub fn open_verified(&self, inst: &QueuedInstance) -> Result<InstanceReader> {
@@ -1219,12 +1224,18 @@ impl Spool {
             String,
             Option<i64>,
             Option<String>,
+            Option<(i64, Vec<u8>)>,
         );
         let row: Option<Row> = self
             .conn()
-            .prepare_cached("SELECT sop_instance_uid, path, sha256, raw_size, state, evicted_at, last_error FROM instances WHERE id = ?1")
+            .prepare_cached(
+                "SELECT i.sop_instance_uid, i.path, i.sha256, i.raw_size, i.state, i.evicted_at, i.last_error, d.stored_size, d.xxh3
+                 FROM instances i LEFT JOIN file_digest d ON d.id = i.id WHERE i.id = ?1",
+            )
             .and_then(|mut s| {
                 s.query_row([id], |r| {
+                    let size: Option<i64> = r.get(7)?;
+                    let xxh3: Option<Vec<u8>> = r.get(8)?;
                     Ok((
                         r.get(0)?,
                         r.get(1)?,
@@ -1233,12 +1244,14 @@ impl Spool {
                         r.get(4)?,
                         r.get(5)?,
                         r.get(6)?,
+                        size.zip(xxh3),
                     ))
                 })
                 .optional()
             })
             .ctx("read an instance row")?;
-        let Some((uid, rel, expected, raw_size, state, evicted_at, last_error)) = row else {
+        let Some((uid, rel, expected, raw_size, state, evicted_at, last_error, digest)) = row
+        else {
             return Err(SpoolError::NoSuchRow { id });
         };
         let path = self.inner.dir.join(&rel);
@@ -1289,6 +1302,33 @@ impl Spool {
             Err(source) => return Err(SpoolError::Read { path, source }),
         };
         let raw_size = to_u64(raw_size);
+        let recorded = digest.and_then(|(size, xxh3)| {
+            Some((
+                to_u64(size),
+                u128::from_le_bytes(<[u8; 16]>::try_from(xxh3).ok()?),
+            ))
+        });
+        if let Some(recorded) = recorded {
+            let found = files::digest_stored(&file).map_err(|source| SpoolError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            file.seek(SeekFrom::Start(0))
+                .map_err(|source| SpoolError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+            if found == recorded {
+                return InstanceReader::new(file, raw_size, Verified::StoredDigest)
+                    .map_err(|source| SpoolError::Read { path, source });
+            }
+            log::warn!(
+                "A compacted spool file no longer matches the digest recorded when it was written; checking its content in full before sending it. sop_instance_uid={uid} path={} recorded_bytes={} found_bytes={}",
+                path.display(),
+                recorded.0,
+                found.0
+            );
+        }
         let detail = match files::hash_decompressed(&file) {
             // Hashing only writes to a sink that never fails; no other source of error.
             HashOutcome::ReadFailed(source) | HashOutcome::WriteFailed(source) => {
@@ -1306,13 +1346,8 @@ impl Spool {
                         path: path.clone(),
                         source,
                     })?;
-                let decoder = zstd::stream::read::Decoder::new(file)
-                    .map_err(|source| SpoolError::Read { path, source })?;
-                return Ok(InstanceReader {
-                    decoder,
-                    len: raw_size,
-                    read: 0,
-                });
+                return InstanceReader::new(file, raw_size, Verified::Content)
+                    .map_err(|source| SpoolError::Read { path, source });
             }
         };
         drop(file);
@@ -2386,9 +2421,34 @@ pub struct InstanceReader {
     decoder: zstd::stream::read::Decoder<'static, BufReader<File>>,
     len: u64,
     read: u64,
+    verified: Verified,
+}
+
+/// How [`Spool::open_verified`] checked a file before handing out its reader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verified {
+    /// The stored bytes match the size and XXH3-128 the compactor recorded when it wrote them
+    /// (after checking their content against the row's SHA-256).
+    StoredDigest,
+    /// The file was decompressed and its content's SHA-256 and length match the row.
+    Content,
 }
 
 impl InstanceReader {
+    fn new(file: File, len: u64, verified: Verified) -> io::Result<InstanceReader> {
+        Ok(InstanceReader {
+            decoder: zstd::stream::read::Decoder::new(file)?,
+            len,
+            read: 0,
+            verified,
+        })
+    }
+
+    /// How the file was checked.
+    pub fn verified(&self) -> Verified {
+        self.verified
+    }
+
     pub fn len(&self) -> u64 {
         self.len
     }

@@ -517,10 +517,24 @@ fn a_second_process_opening_the_spool_does_not_run_recovery() {
 
 /// Applies `damage` to the file of a freshly stored instance and checks it is never readable.
 fn check_corruption_is_quarantined(damage: impl FnOnce(&Path), detail_contains: &str) {
+    check_corruption_is_quarantined_in(false, damage, detail_contains)
+}
+
+/// As [`check_corruption_is_quarantined`], the file damaged after the compactor rewrote it (and
+/// recorded its digest) if `compacted`.
+fn check_corruption_is_quarantined_in(
+    compacted: bool,
+    damage: impl FnOnce(&Path),
+    detail_contains: &str,
+) {
     let fx = Fixture::new();
     let spool = fx.spool();
     let inst = Inst::new("1.2.3.30", "1.2.3", 300_000, 30);
     let id = inst.stored_id(&spool);
+    if compacted {
+        assert_eq!(spool.compact_batch(1).unwrap().compacted, 1);
+        assert_eq!(query_i64(&spool, "SELECT COUNT(*) FROM file_digest"), 1);
+    }
     let path = file_of(&fx, &spool, id);
     damage(&path);
     let claimed = claim_one(&spool);
@@ -564,6 +578,90 @@ fn a_flipped_byte_quarantines_the_file() {
         },
         "",
     );
+}
+
+#[test]
+fn a_compacted_file_with_a_flipped_byte_fails_its_digest_then_its_content_check() {
+    check_corruption_is_quarantined_in(
+        true,
+        |p| {
+            let mut bytes = fs::read(p).unwrap();
+            let mid = bytes.len() / 2;
+            bytes[mid] ^= 0x40;
+            fs::write(p, bytes).unwrap();
+        },
+        "",
+    );
+}
+
+#[test]
+fn a_compacted_file_replaced_by_other_valid_content_is_quarantined() {
+    check_corruption_is_quarantined_in(
+        true,
+        |p| {
+            let other = Inst::new("1.2.3.30", "1.2.3", 300_000, 31).raw();
+            fs::write(p, zstd::encode_all(other.as_slice(), 1).unwrap()).unwrap();
+        },
+        "actual_sha256=",
+    );
+}
+
+#[test]
+fn a_compacted_file_is_verified_by_its_digest_and_one_that_drifted_by_its_content() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    let insts: Vec<_> = (0..2u64)
+        .map(|i| Inst::new(&format!("1.2.3.4{i}"), "1.2.3", 200_000, 40 + i))
+        .collect();
+    let ids: Vec<_> = insts.iter().map(|i| i.stored_id(&spool)).collect();
+    // Intake files have no digest: their content is checked.
+    let claimed = claim_one(&spool);
+    assert_eq!(
+        spool.open_verified(&claimed).unwrap().verified(),
+        Verified::Content
+    );
+    spool.release(claimed.id).unwrap();
+    assert_eq!(spool.compact_batch(10).unwrap().compacted, 2);
+    // The second file is re-encoded (as another compressor would): the same content, other bytes.
+    let drifted = file_of(&fx, &spool, ids[1]);
+    let recoded = zstd::encode_all(insts[1].raw().as_slice(), 19).unwrap();
+    assert_ne!(fs::read(&drifted).unwrap(), recoded);
+    fs::write(&drifted, &recoded).unwrap();
+    for (inst, how) in insts
+        .iter()
+        .zip([Verified::StoredDigest, Verified::Content])
+    {
+        let claimed = claim_one(&spool);
+        assert_eq!(claimed.sop_instance_uid, inst.uid);
+        let mut reader = spool.open_verified(&claimed).unwrap();
+        assert_eq!(reader.verified(), how);
+        let mut bytes = Vec::new();
+        reader.read_to_end(&mut bytes).unwrap();
+        assert_eq!(bytes, inst.raw());
+        spool.mark_sent(claimed.id, false).unwrap();
+    }
+    assert_eq!(spool.status(SystemTime::now()).unwrap().quarantined, 0);
+}
+
+#[test]
+fn a_database_from_before_file_digests_gets_the_table_and_compacts_into_it() {
+    let fx = Fixture::new();
+    let inst = Inst::new("1.2.3.50", "1.2.3", 100_000, 50);
+    {
+        let spool = fx.spool();
+        inst.stored_id(&spool);
+    }
+    let conn = rusqlite::Connection::open(fx.path("spool.db")).unwrap();
+    conn.execute_batch("DROP TABLE file_digest").unwrap();
+    drop(conn);
+    let spool = fx.spool();
+    assert_eq!(spool.compact_batch(1).unwrap().compacted, 1);
+    let claimed = claim_one(&spool);
+    let mut reader = spool.open_verified(&claimed).unwrap();
+    assert_eq!(reader.verified(), Verified::StoredDigest);
+    let mut bytes = Vec::new();
+    reader.read_to_end(&mut bytes).unwrap();
+    assert_eq!(bytes, inst.raw());
 }
 
 #[test]
