@@ -567,43 +567,32 @@ fn check_corruption_is_quarantined_in(
     assert_eq!(spool.status(SystemTime::now()).unwrap().quarantined, 1);
 }
 
+fn flip_a_middle_byte(p: &Path) {
+    let mut bytes = fs::read(p).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    fs::write(p, bytes).unwrap();
+}
+
+/// A valid zstd stream of another instance's bytes.
+fn write_other_valid_content(p: &Path) {
+    let other = Inst::new("1.2.3.30", "1.2.3", 300_000, 31).raw();
+    fs::write(p, zstd::encode_all(other.as_slice(), 1).unwrap()).unwrap();
+}
+
 #[test]
 fn a_flipped_byte_quarantines_the_file() {
-    check_corruption_is_quarantined(
-        |p| {
-            let mut bytes = fs::read(p).unwrap();
-            let mid = bytes.len() / 2;
-            bytes[mid] ^= 0x40;
-            fs::write(p, bytes).unwrap();
-        },
-        "",
-    );
+    check_corruption_is_quarantined(flip_a_middle_byte, "");
 }
 
 #[test]
 fn a_compacted_file_with_a_flipped_byte_fails_its_digest_then_its_content_check() {
-    check_corruption_is_quarantined_in(
-        true,
-        |p| {
-            let mut bytes = fs::read(p).unwrap();
-            let mid = bytes.len() / 2;
-            bytes[mid] ^= 0x40;
-            fs::write(p, bytes).unwrap();
-        },
-        "",
-    );
+    check_corruption_is_quarantined_in(true, flip_a_middle_byte, "");
 }
 
 #[test]
 fn a_compacted_file_replaced_by_other_valid_content_is_quarantined() {
-    check_corruption_is_quarantined_in(
-        true,
-        |p| {
-            let other = Inst::new("1.2.3.30", "1.2.3", 300_000, 31).raw();
-            fs::write(p, zstd::encode_all(other.as_slice(), 1).unwrap()).unwrap();
-        },
-        "actual_sha256=",
-    );
+    check_corruption_is_quarantined_in(true, write_other_valid_content, "actual_sha256=");
 }
 
 #[test]
@@ -687,13 +676,7 @@ fn an_empty_file_quarantines_the_file() {
 
 #[test]
 fn valid_zstd_with_other_content_quarantines_the_file_on_hash_mismatch() {
-    check_corruption_is_quarantined(
-        |p| {
-            let other = Inst::new("1.2.3.30", "1.2.3", 300_000, 31).raw();
-            fs::write(p, zstd::encode_all(other.as_slice(), 1).unwrap()).unwrap();
-        },
-        "actual_sha256=",
-    );
+    check_corruption_is_quarantined(write_other_valid_content, "actual_sha256=");
 }
 
 #[test]
