@@ -231,11 +231,9 @@ impl Spool {
             tx.prepare_cached("UPDATE instances SET stored_size = ?2 WHERE id = ?1")
                 .and_then(|mut s| s.execute(params![id, to_i64(stored)]))
                 .ctx("record a compacted size")?;
-            tx.prepare_cached(
-                "INSERT OR REPLACE INTO file_digest (id, stored_size, xxh3) VALUES (?1, ?2, ?3)",
-            )
-            .and_then(|mut s| s.execute(params![id, to_i64(stored), digest.to_le_bytes()]))
-            .ctx("record a compacted file's digest")?;
+            tx.prepare_cached("INSERT OR REPLACE INTO file_digest (id, xxh3) VALUES (?1, ?2)")
+                .and_then(|mut s| s.execute(params![id, digest.to_le_bytes()]))
+                .ctx("record a compacted file's digest")?;
         }
         tx.prepare_cached("DELETE FROM intake WHERE id = ?1")
             .and_then(|mut s| s.execute([id]))

@@ -80,12 +80,12 @@ const INTAKE_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS intake (id INTEGER PRIMA
 /// Empty files created ahead under `objects/`, for ingest to write into (see `pool`).
 const POOL_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS pool (path TEXT PRIMARY KEY);";
 
-/// The size and XXH3-128 of each file the compactor wrote, verified against its row's SHA-256 as it
-/// was written (see `compact`): the uplink checks a file against it instead of decompressing it a
+/// The XXH3-128 of each file the compactor wrote, whose content it checked against the row's SHA-256
+/// as it wrote it (see `compact`): the uplink checks a file against it instead of decompressing it a
 /// second time. Not behind the schema version: an older passerelled ignores it, and a digest that no
 /// longer matches its file only sends the uplink back to the full check.
-const FILE_DIGEST_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS file_digest \
-    (id INTEGER PRIMARY KEY, stored_size INTEGER NOT NULL, xxh3 BLOB NOT NULL);";
+const FILE_DIGEST_SCHEMA: &str =
+    "CREATE TABLE IF NOT EXISTS file_digest (id INTEGER PRIMARY KEY, xxh3 BLOB NOT NULL);";
 
 /// Attaches an action to a rusqlite error.
 pub(crate) trait DbContext<T> {

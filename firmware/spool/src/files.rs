@@ -177,14 +177,14 @@ impl<W: Write> Write for DigestWriter<W> {
     }
 }
 
-/// Reads `file` to its end and returns its length and XXH3-128, holding only a small buffer.
-pub(crate) fn digest_stored<R: Read>(file: R) -> io::Result<(u64, u128)> {
+/// Reads `file` to its end and returns its XXH3-128, holding only a small buffer.
+pub(crate) fn digest_stored<R: Read>(file: R) -> io::Result<u128> {
     let mut sink = DigestWriter::new(io::sink());
-    let len = io::copy(
+    io::copy(
         &mut io::BufReader::with_capacity(128 * 1024, file),
         &mut sink,
     )?;
-    Ok((len, sink.finish().1))
+    Ok(sink.finish().1)
 }
 
 /// The result of hashing a decompressed stream.

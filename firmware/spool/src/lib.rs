@@ -14,7 +14,7 @@
 //!   row per instance and its state: `queued → uploading → sent` (or back to `queued` with a
 //!   persisted `next_attempt_at`, or to `failed`), plus `lost` (file missing at start-up) and
 //!   `quarantined` (hash mismatch). Side tables: `intake` (files awaiting the compactor), `pool`
-//!   (pre-created files) and `file_digest` (size and XXH3-128 of each file the compactor wrote, which
+//!   (pre-created files) and `file_digest` (the XXH3-128 of each file the compactor wrote, which
 //!   [`Spool::open_verified`] checks instead of decompressing the file twice).
 //! - Storing is: write an *intake* file, a zstd frame of raw blocks (`rawframe`; the leading
 //!   elements are scanned as the bytes stream in, [`leading::StreamScan`], the SHA-256 is computed
@@ -88,7 +88,9 @@
 //! - An older passerelled (rolled back) ignores the `pool` and `intake` tables: empty pre-created
 //!   files stay unused in `objects/` (its rebuild-index would quarantine them as unreadable), intake
 //!   files stay uncompressed, and a row lost with the WAL's tail in a power cut just before the
-//!   rollback is not taken back in from its pooled file (this build's rebuild-index does).
+//!   rollback is not taken back in from its pooled file (this build's rebuild-index does). It also
+//!   ignores `file_digest`: it verifies every file by its content, and never rewrites a file that has a
+//!   digest (those rows left the `intake` list in the transaction that recorded it).
 //! - Times are wall-clock unix milliseconds. If the clock steps back while running, rows scheduled
 //!   under the old time wait for it; at start-up, a schedule more than 7 days ahead is reset to now.
 //! - Free space is measured with `statvfs` on the spool directory; other writers on the same file
@@ -1209,7 +1211,7 @@ impl Spool {
     }
 
     /// Verifies the instance's file, then returns a reader of its raw Part-10 bytes. A file the
-    /// compactor wrote is checked against the size and XXH3-128 recorded when it was written
+    /// compactor wrote is checked against the XXH3-128 recorded when it was written
     /// (`file_digest`, see `compact`), without decompressing it; any other file, or one that no
     /// longer matches its digest, is decompressed and its SHA-256 and length checked against the row.
     /// On a mismatch or a zstd error the file is moved to `quarantine/`, the row becomes `quarantined`,
@@ -1224,18 +1226,16 @@ impl Spool {
             String,
             Option<i64>,
             Option<String>,
-            Option<(i64, Vec<u8>)>,
+            Option<Vec<u8>>,
         );
         let row: Option<Row> = self
             .conn()
             .prepare_cached(
-                "SELECT i.sop_instance_uid, i.path, i.sha256, i.raw_size, i.state, i.evicted_at, i.last_error, d.stored_size, d.xxh3
+                "SELECT i.sop_instance_uid, i.path, i.sha256, i.raw_size, i.state, i.evicted_at, i.last_error, d.xxh3
                  FROM instances i LEFT JOIN file_digest d ON d.id = i.id WHERE i.id = ?1",
             )
             .and_then(|mut s| {
                 s.query_row([id], |r| {
-                    let size: Option<i64> = r.get(7)?;
-                    let xxh3: Option<Vec<u8>> = r.get(8)?;
                     Ok((
                         r.get(0)?,
                         r.get(1)?,
@@ -1244,7 +1244,7 @@ impl Spool {
                         r.get(4)?,
                         r.get(5)?,
                         r.get(6)?,
-                        size.zip(xxh3),
+                        r.get(7)?,
                     ))
                 })
                 .optional()
@@ -1302,12 +1302,7 @@ impl Spool {
             Err(source) => return Err(SpoolError::Read { path, source }),
         };
         let raw_size = to_u64(raw_size);
-        let recorded = digest.and_then(|(size, xxh3)| {
-            Some((
-                to_u64(size),
-                u128::from_le_bytes(<[u8; 16]>::try_from(xxh3).ok()?),
-            ))
-        });
+        let recorded = digest.and_then(|xxh3| Some(u128::from_le_bytes(xxh3.try_into().ok()?)));
         if let Some(recorded) = recorded {
             let found = files::digest_stored(&file).map_err(|source| SpoolError::Read {
                 path: path.clone(),
@@ -1323,10 +1318,8 @@ impl Spool {
                     .map_err(|source| SpoolError::Read { path, source });
             }
             log::warn!(
-                "A compacted spool file no longer matches the digest recorded when it was written; checking its content in full before sending it. sop_instance_uid={uid} path={} recorded_bytes={} found_bytes={}",
-                path.display(),
-                recorded.0,
-                found.0
+                "A compacted spool file no longer matches the digest recorded when it was written; checking its content in full before sending it. sop_instance_uid={uid} path={}",
+                path.display()
             );
         }
         let detail = match files::hash_decompressed(&file) {
@@ -2427,7 +2420,7 @@ pub struct InstanceReader {
 /// How [`Spool::open_verified`] checked a file before handing out its reader.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verified {
-    /// The stored bytes match the size and XXH3-128 the compactor recorded when it wrote them
+    /// The stored bytes match the XXH3-128 the compactor recorded when it wrote them
     /// (after checking their content against the row's SHA-256).
     StoredDigest,
     /// The file was decompressed and its content's SHA-256 and length match the row.
