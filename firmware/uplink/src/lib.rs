@@ -77,7 +77,10 @@
 //!   after a 2xx, failed for good after a 400 (with the PACS's message) or a 409.
 //!   413 splits the batch; 401/403/407/415, wrong endpoints and certificate failures pause the
 //!   uplink for `uplink.auth_pause_secs` with an ERROR that says what to fix; 5xx, 408, 429 and
-//!   network errors back off exponentially with ±20% jitter, honouring Retry-After.
+//!   network errors back off exponentially with ±20% jitter, honouring Retry-After. A network error
+//!   from a PACS that asked for our client certificate and has answered no request since start is
+//!   its refusal of the certificate: with TLS 1.3 that refusal comes after the request started, and
+//!   often as a connection closed under the body instead of its alert (`tls::ClientAuth`).
 //! - The uplink's health (`UplinkState`: pause, last error, last success) is persisted in the
 //!   spool for `passerelled status`.
 //! - Shutdown during a request gives it 3 seconds to finish; otherwise it is aborted and its rows
@@ -111,6 +114,7 @@ pub use error::{Result, UplinkError};
 
 use std::collections::{HashSet, VecDeque};
 use std::error::Error as StdError;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -176,6 +180,10 @@ struct Link {
     changed: watch::Sender<u64>,
     /// The uplink state is saved by one worker at a time, each time with the newest state.
     saving: tokio::sync::Mutex<()>,
+    /// The TLS client-certificate resolver: whether the PACS asked for a certificate.
+    client_auth: Arc<tls::ClientAuth>,
+    /// The PACS has answered a request (any status) since start.
+    answered: AtomicBool,
 }
 
 /// How the upstream is doing, as every worker sees it. Locked briefly, never across an await.
@@ -240,7 +248,7 @@ impl Uplink {
                 detail: "studies may only leave the box over TLS: use an https:// URL".into(),
             });
         }
-        let tls = tls::client_config(&cfg)?;
+        let (tls, client_auth) = tls::client_config(&cfg)?;
         let mut builder = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .https_only(true)
@@ -293,6 +301,8 @@ impl Uplink {
                 }),
                 changed,
                 saving: tokio::sync::Mutex::new(()),
+                client_auth,
+                answered: AtomicBool::new(false),
             },
         })
     }
@@ -504,10 +514,22 @@ impl Link {
             None => Sent::Aborted {
                 body_complete: shared.body_complete(),
             },
-            Some(Ok(answer)) => Sent::Done(Exchange::Answered(answer)),
+            Some(Ok(answer)) => {
+                self.answered.store(true, Ordering::Relaxed);
+                Sent::Done(Exchange::Answered(answer))
+            }
             Some(Err(failure)) => match shared.failure() {
                 Some(local) => Sent::Done(Exchange::Failed(TransportFailure::LocalRead(local))),
-                None => Sent::Done(Exchange::Failed(failure)),
+                None => Sent::Done(Exchange::Failed(
+                    outcome::refused_after_certificate_request(
+                        failure,
+                        outcome::CertificateRequest {
+                            asked: self.client_auth.asked(),
+                            have_one: self.client_auth.has_certificate(),
+                            answered_before: self.answered.load(Ordering::Relaxed),
+                        },
+                    ),
+                )),
             },
         };
         (sent, report)

@@ -450,6 +450,41 @@ pub(crate) fn classify_transport(err: &(dyn StdError + 'static)) -> TransportFai
     TransportFailure::Network(chain)
 }
 
+/// What the PACS asked of our TLS client certificate, as the uplink knows it when a request fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CertificateRequest {
+    /// The PACS asked for a client certificate in a handshake.
+    pub(crate) asked: bool,
+    /// A client certificate is configured.
+    pub(crate) have_one: bool,
+    /// The PACS has answered a request (any HTTP status) since passerelled started: it takes our
+    /// connections as they are.
+    pub(crate) answered_before: bool,
+}
+
+/// A network failure from a PACS that asked for our client certificate and never answered a request
+/// is its refusal of the certificate: with TLS 1.3 the PACS sends its alert only after our side of
+/// the handshake is done and the request is on its way, and a body write that meets the closed
+/// connection first (broken pipe, reset) hides the alert. Any other failure is left as it is.
+pub(crate) fn refused_after_certificate_request(
+    failure: TransportFailure,
+    request: CertificateRequest,
+) -> TransportFailure {
+    match failure {
+        TransportFailure::Network(detail) if request.asked && !request.answered_before => {
+            let asked = if request.have_one {
+                "the PACS asked for our client certificate"
+            } else {
+                "the PACS asked for a client certificate and none is configured"
+            };
+            TransportFailure::ClientCertificateRefused(format!(
+                "{asked}; it then closed the connection and has answered no request since passerelled started: {detail}"
+            ))
+        }
+        other => other,
+    }
+}
+
 fn classify_tls(tls: &rustls::Error, whole: &(dyn StdError + 'static)) -> TransportFailure {
     use rustls::AlertDescription as A;
     match tls {

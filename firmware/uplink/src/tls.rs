@@ -2,16 +2,58 @@
 //! certificates of `uplink.ca_file` as trust anchors (no system or bundled roots; environment
 //! variables such as SSL_CERT_FILE are never read), host name verification (rustls' WebPKI
 //! verifier), and the optional client certificate for mutual TLS.
+//!
+//! The client certificate goes through [`ClientAuth`], which also remembers that a PACS asked for
+//! one. With TLS 1.3 a PACS refuses our certificate (or its absence) only after our side of the
+//! handshake is over and the request is on its way, so the refusal often reaches us as a connection
+//! closed under the request body (broken pipe, reset) rather than as its alert; knowing the PACS
+//! asked lets the uplink say what is wrong (`outcome::refused_after_certificate_request`).
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use passerelle_config::UplinkConfig;
+use rustls::client::ResolvesClientCert;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
+use rustls::SignatureScheme;
 
 use crate::error::{Result, UplinkError};
 
-pub(crate) fn client_config(cfg: &UplinkConfig) -> Result<rustls::ClientConfig> {
+/// Our client certificate, if one is configured, and whether a PACS has asked for one.
+#[derive(Debug)]
+pub(crate) struct ClientAuth {
+    key: Option<Arc<CertifiedKey>>,
+    asked: AtomicBool,
+}
+
+impl ClientAuth {
+    /// True once a PACS asked for a client certificate during a handshake.
+    pub(crate) fn asked(&self) -> bool {
+        self.asked.load(Ordering::Relaxed)
+    }
+
+    /// True if a client certificate is configured.
+    pub(crate) fn has_certificate(&self) -> bool {
+        self.key.is_some()
+    }
+}
+
+impl ResolvesClientCert for ClientAuth {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        self.asked.store(true, Ordering::Relaxed);
+        self.key.clone()
+    }
+
+    fn has_certs(&self) -> bool {
+        self.key.is_some()
+    }
+}
+
+/// The TLS configuration, and the client-certificate resolver it uses (to ask it later whether the
+/// PACS requested a certificate).
+pub(crate) fn client_config(cfg: &UplinkConfig) -> Result<(rustls::ClientConfig, Arc<ClientAuth>)> {
     let mut roots = rustls::RootCertStore::empty();
     let ca_certs = read_certs(&cfg.ca_file).map_err(|e| match e {
         PemError::Read(source) => UplinkError::ReadCaFile {
@@ -37,15 +79,26 @@ pub(crate) fn client_config(cfg: &UplinkConfig) -> Result<rustls::ClientConfig> 
     }
 
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|source| UplinkError::BuildTlsConfig { source })?
         .with_root_certificates(roots);
+    let auth = Arc::new(ClientAuth {
+        key: client_key(cfg, &provider)?.map(Arc::new),
+        asked: AtomicBool::new(false),
+    });
+    Ok((builder.with_client_cert_resolver(auth.clone()), auth))
+}
 
+/// The configured client certificate chain and its key, checked to go together; `None` if unset.
+fn client_key(
+    cfg: &UplinkConfig,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<Option<CertifiedKey>> {
     let has_cert = !cfg.client_cert.as_os_str().is_empty();
     let has_key = !cfg.client_key.as_os_str().is_empty();
     match (has_cert, has_key) {
-        (false, false) => return Ok(builder.with_no_client_auth()),
+        (false, false) => return Ok(None),
         (true, false) | (false, true) => {
             return Err(UplinkError::LoadClientCert {
                 path: cfg.client_cert.clone(),
@@ -71,8 +124,8 @@ pub(crate) fn client_config(cfg: &UplinkConfig) -> Result<rustls::ClientConfig> 
         });
     }
     let key = read_key(&cfg.client_key)?;
-    builder
-        .with_client_auth_cert(chain, key)
+    CertifiedKey::from_der(chain, key, provider)
+        .map(Some)
         .map_err(|e| UplinkError::LoadClientKey {
             path: cfg.client_key.clone(),
             detail: format!("it does not go with uplink.client_cert ({e})"),
