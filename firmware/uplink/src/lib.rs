@@ -78,9 +78,11 @@
 //!   413 splits the batch; 401/403/407/415, wrong endpoints and certificate failures pause the
 //!   uplink for `uplink.auth_pause_secs` with an ERROR that says what to fix; 5xx, 408, 429 and
 //!   network errors back off exponentially with ±20% jitter, honouring Retry-After. A network error
-//!   from a PACS that asked for our client certificate and has answered no request since start is
-//!   its refusal of the certificate: with TLS 1.3 that refusal comes after the request started, and
-//!   often as a connection closed under the body instead of its alert (`tls::ClientAuth`).
+//!   from a PACS that asked for a client certificate while none is configured, and that has answered
+//!   no request since start, is its refusal: with TLS 1.3 that refusal comes after the request
+//!   started, often as a connection closed under the body instead of its alert (`tls::ClientAuth`).
+//!   With a certificate configured, a PACS refusing it that way is still retried as a network error
+//!   (a reset before the first answer is also what a flaky link gives).
 //! - The uplink's health (`UplinkState`: pause, last error, last success) is persisted in the
 //!   spool for `passerelled status`.
 //! - Shutdown during a request gives it 3 seconds to finish; otherwise it is aborted and its rows

@@ -462,23 +462,22 @@ pub(crate) struct CertificateRequest {
     pub(crate) answered_before: bool,
 }
 
-/// A network failure from a PACS that asked for our client certificate and never answered a request
-/// is its refusal of the certificate: with TLS 1.3 the PACS sends its alert only after our side of
-/// the handshake is done and the request is on its way, and a body write that meets the closed
-/// connection first (broken pipe, reset) hides the alert. Any other failure is left as it is.
+/// A network failure from a PACS that asked for a client certificate while none is configured, and
+/// that never answered a request, is its refusal of the missing certificate: with TLS 1.3 the PACS
+/// sends its alert only after our side of the handshake is done and the request is on its way, and a
+/// body write that meets the closed connection first (broken pipe, reset) hides the alert. With a
+/// certificate configured a closed connection stays a network failure (a reset before the first answer
+/// is also what a flaky link gives). Any other failure is left as it is.
 pub(crate) fn refused_after_certificate_request(
     failure: TransportFailure,
     request: CertificateRequest,
 ) -> TransportFailure {
     match failure {
-        TransportFailure::Network(detail) if request.asked && !request.answered_before => {
-            let asked = if request.have_one {
-                "the PACS asked for our client certificate"
-            } else {
-                "the PACS asked for a client certificate and none is configured"
-            };
+        TransportFailure::Network(detail)
+            if request.asked && !request.have_one && !request.answered_before =>
+        {
             TransportFailure::ClientCertificateRefused(format!(
-                "{asked}; it then closed the connection and has answered no request since passerelled started: {detail}"
+                "the PACS asked for a client certificate and none is configured; it then closed the connection and has answered no request since passerelled started: {detail}"
             ))
         }
         other => other,

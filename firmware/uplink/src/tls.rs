@@ -4,10 +4,10 @@
 //! verifier), and the optional client certificate for mutual TLS.
 //!
 //! The client certificate goes through [`ClientAuth`], which also remembers that a PACS asked for
-//! one. With TLS 1.3 a PACS refuses our certificate (or its absence) only after our side of the
-//! handshake is over and the request is on its way, so the refusal often reaches us as a connection
-//! closed under the request body (broken pipe, reset) rather than as its alert; knowing the PACS
-//! asked lets the uplink say what is wrong (`outcome::refused_after_certificate_request`).
+//! one. With TLS 1.3 a PACS refuses a missing certificate only after our side of the handshake is
+//! over and the request is on its way, so the refusal often reaches us as a connection closed under
+//! the request body (broken pipe, reset) rather than as its alert; knowing the PACS asked lets the
+//! uplink say what is wrong (`outcome::refused_after_certificate_request`).
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
