@@ -20,10 +20,12 @@
 //! a reader that opened the intake file keeps reading it after the rename. An older passerelled
 //! (rolled back) ignores the `intake` table and reads intake files as the zstd streams they are.
 //!
-//! The digest lets [`Spool::open_verified`] check a compacted file by hashing its stored bytes
-//! (XXH3, several GB/s) instead of decompressing it and hashing the content with SHA-256 before
-//! decompressing it again to send it: the compactor verified the content while writing exactly
-//! those bytes. A file that does not match its digest (or has none) gets the full check.
+//! The digest replaces the one ingest recorded for the intake file (see `rawframe`). It lets
+//! [`Spool::open_verified`] check a file by hashing its stored bytes (XXH3, several GB/s) instead of
+//! decompressing it and hashing the content with SHA-256 before decompressing it again to send it:
+//! the compactor verified the content while writing exactly those bytes, and ingest hashed the
+//! bytes it wrote from the very buffers whose SHA-256 names the row. A file that does not match its
+//! digest (or has none) gets the full check.
 
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter};

@@ -14,8 +14,9 @@
 //!   row per instance and its state: `queued → uploading → sent` (or back to `queued` with a
 //!   persisted `next_attempt_at`, or to `failed`), plus `lost` (file missing at start-up) and
 //!   `quarantined` (hash mismatch). Side tables: `intake` (files awaiting the compactor), `pool`
-//!   (pre-created files) and `file_digest` (the XXH3-128 of each file the compactor wrote, which
-//!   [`Spool::open_verified`] checks instead of decompressing the file twice).
+//!   (pre-created files) and `file_digest` (the XXH3-128 of each file as ingest or the compactor
+//!   wrote it, which [`Spool::open_verified`] checks instead of decompressing the file and hashing
+//!   its content before decompressing it again to send it).
 //! - Storing is: write an *intake* file, a zstd frame of raw blocks (`rawframe`; the leading
 //!   elements are scanned as the bytes stream in, [`leading::StreamScan`], the SHA-256 is computed
 //!   by the spool or, beside it, by the caller in a [`RawDigest`] that must have seen exactly the
@@ -89,8 +90,9 @@
 //!   files stay unused in `objects/` (its rebuild-index would quarantine them as unreadable), intake
 //!   files stay uncompressed, and a row lost with the WAL's tail in a power cut just before the
 //!   rollback is not taken back in from its pooled file (this build's rebuild-index does). It also
-//!   ignores `file_digest`: it verifies every file by its content, and never rewrites a file that has a
-//!   digest (those rows left the `intake` list in the transaction that recorded it).
+//!   ignores `file_digest`: it verifies every file by its content. Builds that compact but predate
+//!   `file_digest` rewrite intake files without updating their digest; rolled forward again, this
+//!   build finds such a file no longer matching, logs it, checks its content in full and sends it.
 //! - Times are wall-clock unix milliseconds. If the clock steps back while running, rows scheduled
 //!   under the old time wait for it; at start-up, a schedule more than 7 days ahead is reset to now.
 //! - Free space is measured with `statvfs` on the spool directory; other writers on the same file
@@ -1210,10 +1212,11 @@ impl Spool {
         Ok(due.map(from_ms))
     }
 
-    /// Verifies the instance's file, then returns a reader of its raw Part-10 bytes. A file the
-    /// compactor wrote is checked against the XXH3-128 recorded when it was written
-    /// (`file_digest`, see `compact`), without decompressing it; any other file, or one that no
-    /// longer matches its digest, is decompressed and its SHA-256 and length checked against the row.
+    /// Verifies the instance's file, then returns a reader of its raw Part-10 bytes. A file is
+    /// checked against the XXH3-128 recorded when ingest or the compactor wrote it (`file_digest`),
+    /// without decompressing it; a file without one (taken back in after a power cut, an older
+    /// database, a rebuilt index) or no longer matching it is decompressed and its SHA-256 and
+    /// length checked against the row.
     /// On a mismatch or a zstd error the file is moved to `quarantine/`, the row becomes `quarantined`,
     /// an ERROR is logged, and [`SpoolError::Corrupt`] is returned: corrupt bytes are never sent.
     pub fn open_verified(&self, inst: &QueuedInstance) -> Result<InstanceReader> {
@@ -1318,7 +1321,7 @@ impl Spool {
                     .map_err(|source| SpoolError::Read { path, source });
             }
             log::warn!(
-                "A compacted spool file no longer matches the digest recorded when it was written; checking its content in full before sending it. sop_instance_uid={uid} path={}",
+                "A spool file no longer matches the digest recorded when it was written; checking its content in full before sending it. sop_instance_uid={uid} path={}",
                 path.display()
             );
         }
@@ -1993,10 +1996,11 @@ impl Incoming {
             path: guard.path().to_path_buf(),
             source,
         };
-        let file = encoder.finish().map_err(write_err)?;
+        let (file, stored_digest) = encoder.finish().map_err(write_err)?;
         let stored_len = file.metadata().map_err(write_err)?.len();
         Ok(Written {
             file,
+            stored_digest,
             sha256: hex::encode(sha256),
             raw_len,
             header_len,
@@ -2041,6 +2045,8 @@ impl RawDigest {
 /// A fully written temporary file. Dropping it without [`Written::commit`] removes it.
 pub struct Written {
     file: File,
+    /// The XXH3-128 of the file's bytes, as written (`file_digest`).
+    stored_digest: u128,
     sha256: String,
     raw_len: u64,
     header_len: u64,
@@ -2110,6 +2116,7 @@ impl Written {
     pub fn commit(self, index: InstanceIndex) -> Result<StoreOutcome> {
         let Written {
             file,
+            stored_digest,
             sha256,
             raw_len,
             header_len: _,
@@ -2133,6 +2140,7 @@ impl Written {
             sha256: &sha256,
             raw_len,
             stored_len,
+            stored_digest,
         };
         let (id, previous) = match guard {
             pool::Target::Pooled(slot) => match spool.commit_pooled(&new, slot)? {
@@ -2156,6 +2164,7 @@ struct NewRow<'a> {
     sha256: &'a str,
     raw_len: u64,
     stored_len: u64,
+    stored_digest: u128,
 }
 
 /// The newest earlier row under the same SOP Instance UID: (id, sha256, state).
@@ -2206,7 +2215,16 @@ impl NewRow<'_> {
         tx.prepare_cached("INSERT INTO intake (id) VALUES (?1)")
             .and_then(|mut s| s.execute([id]))
             .ctx("list an intake file")?;
+        self.record_digest(tx, id)?;
         Ok((id, previous))
+    }
+
+    /// Records this file's digest as row `id`'s: the file is now at the row's path.
+    fn record_digest(&self, tx: &rusqlite::Transaction<'_>, id: i64) -> Result<()> {
+        tx.prepare_cached("INSERT OR REPLACE INTO file_digest (id, xxh3) VALUES (?1, ?2)")
+            .and_then(|mut s| s.execute(params![id, self.stored_digest.to_le_bytes()]))
+            .ctx("record a spool file's digest")
+            .map(drop)
     }
 
     /// Logs the new row and says what it is.
@@ -2269,6 +2287,7 @@ impl Spool {
                     tx.prepare_cached("INSERT OR IGNORE INTO intake (id) VALUES (?1)")
                         .and_then(|mut s| s.execute([id]))
                         .ctx("list an intake file")?;
+                    new.record_digest(&tx, id)?;
                     Committed::Duplicate(InstanceId(id))
                 }
                 Some((id, _)) => {
@@ -2345,8 +2364,10 @@ impl Spool {
         if files::create_dir(&subdir)? {
             files::fsync_dir(&self.inner.objects_dir)?;
         }
-        // Renaming over an existing file of the same name is harmless: same name, same bytes (a
-        // file left by a crash between rename and row, or a concurrent identical commit).
+        // Renaming over an existing file of the same name is harmless: same name, same content (a
+        // file left by a crash between rename and row, or a concurrent identical commit), though
+        // not always the same bytes (raw blocks follow how the PDVs came): a row already naming
+        // this path gets this file's digest below.
         fs::rename(&guard.path, &target).map_err(|source| SpoolError::Write {
             path: target.clone(),
             source,
@@ -2366,6 +2387,13 @@ impl Spool {
                 tx.prepare_cached("UPDATE instances SET path = ?2 WHERE id = ?1")
                     .and_then(|mut s| s.execute(params![id, rel]))
                     .ctx("point a row at its new file")?;
+            }
+            let held_path: String = tx
+                .prepare_cached("SELECT path FROM instances WHERE id = ?1")
+                .and_then(|mut s| s.query_row([id], |r| r.get(0)))
+                .ctx("read an instance row")?;
+            if held_path == rel {
+                new.record_digest(&tx, id)?;
             }
             db::bump_counter(&tx, DUPLICATES_RECEIVED)?;
             tx.prepare_cached("INSERT OR IGNORE INTO intake (id) VALUES (?1)")

@@ -273,6 +273,11 @@ impl Spool {
                         tx.prepare_cached("INSERT OR IGNORE INTO intake (id) VALUES (?1)")
                             .and_then(|mut s| s.execute([id]))
                             .ctx("list an intake file")?;
+                        // The recorded digest is the missing file's: this one's content is
+                        // checked in full before it is sent.
+                        tx.prepare_cached("DELETE FROM file_digest WHERE id = ?1")
+                            .and_then(|mut s| s.execute([id]))
+                            .ctx("forget a missing file's digest")?;
                         recovered += 1;
                         continue;
                     }

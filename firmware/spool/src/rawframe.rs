@@ -17,9 +17,14 @@
 //! The frame: magic number; a frame header descriptor with only the checksum flag; a window
 //! descriptor of 128 KiB (raw blocks are at most that long); the blocks; an empty last block; the
 //! low 32 bits of the XXH64 (seed 0) of the content, little-endian.
+//!
+//! The writer also computes the XXH3-128 of every byte it writes (headers included), the digest
+//! the spool records for the file (`file_digest`): the uplink checks a file by it before sending
+//! it, without decompressing it and hashing its content.
 
 use std::io::{self, IoSlice, Write};
 
+use xxhash_rust::xxh3::Xxh3;
 use xxhash_rust::xxh64::Xxh64;
 
 /// The zstd frame magic number, little-endian on disk.
@@ -35,6 +40,8 @@ const MAX_BLOCK: usize = 128 * 1024;
 pub(crate) struct RawFrameWriter<W: Write> {
     inner: W,
     checksum: Xxh64,
+    /// The XXH3-128 of the bytes written to `inner`, headers included.
+    stored: Xxh3,
     /// Bytes written to `inner` so far (headers included): the file's length, with no buffer between.
     written: u64,
 }
@@ -47,9 +54,12 @@ impl<W: Write> RawFrameWriter<W> {
         header[4] = DESCRIPTOR;
         header[5] = WINDOW;
         inner.write_all(&header)?;
+        let mut stored = Xxh3::new();
+        stored.update(&header);
         Ok(RawFrameWriter {
             inner,
             checksum: Xxh64::new(0),
+            stored,
             written: header.len() as u64,
         })
     }
@@ -63,17 +73,17 @@ impl<W: Write> RawFrameWriter<W> {
         Ok(())
     }
 
-    /// Ends the frame (an empty last block, then the checksum) and returns the writer.
-    pub(crate) fn finish(mut self) -> io::Result<W> {
+    /// Ends the frame (an empty last block, then the checksum) and returns the writer and the
+    /// XXH3-128 of every byte written to it.
+    pub(crate) fn finish(mut self) -> io::Result<(W, u128)> {
         // One write on the acknowledgement path: the empty last block's header, then the low 32
         // bits of the XXH64, which is what zstd keeps.
         let checksum = (self.checksum.digest() & 0xFFFF_FFFF) as u32;
-        write_all_two(
-            &mut self.inner,
-            &block_header(true, 0),
-            &checksum.to_le_bytes(),
-        )?;
-        Ok(self.inner)
+        let (last, checksum) = (block_header(true, 0), checksum.to_le_bytes());
+        write_all_two(&mut self.inner, &last, &checksum)?;
+        self.stored.update(&last);
+        self.stored.update(&checksum);
+        Ok((self.inner, self.stored.digest128()))
     }
 
     /// The writer the frame goes to.
@@ -88,11 +98,10 @@ impl<W: Write> RawFrameWriter<W> {
 
     /// One raw block that is not the last: its 3-byte header and its bytes.
     fn block(&mut self, payload: &[u8]) -> io::Result<()> {
-        write_all_two(
-            &mut self.inner,
-            &block_header(false, payload.len()),
-            payload,
-        )?;
+        let header = block_header(false, payload.len());
+        write_all_two(&mut self.inner, &header, payload)?;
+        self.stored.update(&header);
+        self.stored.update(payload);
         self.written += 3 + payload.len() as u64;
         Ok(())
     }
@@ -135,7 +144,9 @@ mod tests {
         for p in pieces {
             w.write_all(p).unwrap();
         }
-        w.finish().unwrap()
+        let (out, digest) = w.finish().unwrap();
+        assert_eq!(digest, xxhash_rust::xxh3::xxh3_128(&out));
+        out
     }
 
     fn content(len: usize) -> Vec<u8> {
@@ -193,8 +204,10 @@ mod tests {
         .unwrap();
         w.write_all(&data).unwrap();
         assert_eq!(w.written(), w.get_ref().out.len() as u64);
-        let out = w.finish().unwrap().out;
+        let (out, digest) = w.finish().unwrap();
+        let out = out.out;
         assert_eq!(out, frame(&[&data]));
+        assert_eq!(digest, xxhash_rust::xxh3::xxh3_128(&out));
         assert_eq!(zstd::stream::decode_all(&out[..]).unwrap(), data);
     }
 

@@ -93,8 +93,13 @@ impl Inst {
     }
 
     fn written(&self, spool: &Spool) -> Written {
+        self.written_in(spool, 16 * 1024 + 3)
+    }
+
+    /// Written in pieces of `piece` bytes (as PDVs of that size would hand them over).
+    fn written_in(&self, spool: &Spool, piece: usize) -> Written {
         let mut incoming = spool.begin(self.meta(), &self.header).unwrap();
-        for chunk in self.dataset.chunks(16 * 1024 + 3) {
+        for chunk in self.dataset.chunks(piece) {
             incoming.write_all(chunk).unwrap();
         }
         incoming.finish().unwrap()
@@ -596,18 +601,29 @@ fn a_compacted_file_replaced_by_other_valid_content_is_quarantined() {
 }
 
 #[test]
-fn a_compacted_file_is_verified_by_its_digest_and_one_that_drifted_by_its_content() {
+fn every_file_is_verified_by_the_digest_recorded_as_it_was_written_and_one_that_drifted_by_its_content(
+) {
     let fx = Fixture::new();
     let spool = fx.spool();
     let insts: Vec<_> = (0..2u64)
         .map(|i| Inst::new(&format!("1.2.3.4{i}"), "1.2.3", 200_000, 40 + i))
         .collect();
     let ids: Vec<_> = insts.iter().map(|i| i.stored_id(&spool)).collect();
-    // Intake files have no digest: their content is checked.
+    // Intake files: ingest recorded the digest of the bytes it wrote.
+    for (inst, id) in insts.iter().zip(&ids) {
+        let digest: Vec<u8> = spool
+            .conn()
+            .query_row("SELECT xxh3 FROM file_digest WHERE id = ?1", [id.0], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        let on_disk = xxhash_rust::xxh3::xxh3_128(&fs::read(file_of(&fx, &spool, *id)).unwrap());
+        assert_eq!(digest, on_disk.to_le_bytes(), "{}", inst.uid);
+    }
     let claimed = claim_one(&spool);
     assert_eq!(
         spool.open_verified(&claimed).unwrap().verified(),
-        Verified::Content
+        Verified::StoredDigest
     );
     spool.release(claimed.id).unwrap();
     assert_eq!(spool.compact_batch(10).unwrap().compacted, 2);
@@ -1304,10 +1320,25 @@ fn an_identical_resend_restores_the_missing_file_of_a_queued_instance() {
     let spool = fx.spool();
     let inst = Inst::new("1.16.1", "1.16", 100_000, 800);
     let id = inst.stored_id(&spool);
-    fs::remove_file(file_of(&fx, &spool, id)).unwrap();
-    assert_eq!(inst.store(&spool), StoreOutcome::Duplicate { id });
+    let file = file_of(&fx, &spool, id);
+    let before = fs::read(&file).unwrap();
+    fs::remove_file(&file).unwrap();
+    // Sent in other PDVs: the same content in other raw blocks, so other bytes on disk.
+    assert_eq!(
+        inst.written_in(&spool, 100_000)
+            .commit(inst.index())
+            .unwrap(),
+        StoreOutcome::Duplicate { id }
+    );
     assert_eq!(tmp_entries(&fx), 0);
-    assert_eq!(read_all(&spool, &claim_one(&spool)).unwrap(), inst.raw());
+    assert_ne!(fs::read(&file).unwrap(), before);
+    // The new file's digest is the row's: it is checked by it.
+    let claimed = claim_one(&spool);
+    assert_eq!(
+        spool.open_verified(&claimed).unwrap().verified(),
+        Verified::StoredDigest
+    );
+    assert_eq!(read_all(&spool, &claimed).unwrap(), inst.raw());
     // Once sent and evicted, a resend is a plain duplicate and leaves no file behind.
     spool.mark_sent(id, false).unwrap();
     spool.evict(far_future()).unwrap();
@@ -1864,6 +1895,8 @@ fn a_row_lost_with_the_wal_tail_is_taken_back_in_from_its_precreated_file() {
             .unwrap();
         conn.execute("DELETE FROM instances WHERE id = ?1", [id.0])
             .unwrap();
+        conn.execute("DELETE FROM file_digest WHERE id = ?1", [id.0])
+            .unwrap();
         conn.execute("INSERT INTO pool (path) VALUES (?1)", [&rel])
             .unwrap();
         (rel, whole)
@@ -1879,7 +1912,12 @@ fn a_row_lost_with_the_wal_tail_is_taken_back_in_from_its_precreated_file() {
         row_str(&spool, claimed.id, "study_instance_uid").unwrap(),
         "1.2.10"
     );
-    assert_eq!(read_all(&spool, &claimed).unwrap(), whole);
+    // No digest came back with it: the content is checked in full.
+    let mut reader = spool.open_verified(&claimed).unwrap();
+    assert_eq!(reader.verified(), Verified::Content);
+    let mut bytes = Vec::new();
+    reader.read_to_end(&mut bytes).unwrap();
+    assert_eq!(bytes, whole);
     assert_eq!(
         spool.status(SystemTime::now()).unwrap().awaiting_compaction,
         1
@@ -1987,6 +2025,8 @@ fn a_lost_replacement_of_a_missing_file_is_redone_at_start_up() {
         let claimed = claim_one(&spool);
         let whole = read_all(&spool, &claimed).unwrap();
         spool.release(claimed.id).unwrap();
+        // Another file's digest than the new file's (as when the resend came in other PDVs).
+        let old_digest = [0x5au8; 16].to_vec();
         // The queued instance's file disappears; the modality sends it again, which replaces it.
         fs::remove_file(fx.path(&old)).unwrap();
         assert!(matches!(
@@ -1995,11 +2035,17 @@ fn a_lost_replacement_of_a_missing_file_is_redone_at_start_up() {
         ));
         let new = row_str(&spool, id, "path").unwrap();
         assert_ne!(new, old);
-        // A power cut loses that transaction: the row names the missing file, the new file is pooled.
+        // A power cut loses that transaction: the row names the missing file (and has its digest),
+        // the new file is pooled.
         let conn = spool.conn();
         conn.execute(
             "UPDATE instances SET path = ?2 WHERE id = ?1",
             params![id.0, old],
+        )
+        .unwrap();
+        conn.execute(
+            "UPDATE file_digest SET xxh3 = ?2 WHERE id = ?1",
+            params![id.0, old_digest],
         )
         .unwrap();
         conn.execute("INSERT INTO pool (path) VALUES (?1)", [&new])
@@ -2009,7 +2055,22 @@ fn a_lost_replacement_of_a_missing_file_is_redone_at_start_up() {
     let (spool, report) = fx.open();
     assert_eq!(report.pooled_taken_in, 1);
     let claimed = claim_one(&spool);
-    assert_eq!(read_all(&spool, &claimed).unwrap(), whole);
+    // The missing file's digest went with it: the new file's content is checked.
+    assert_eq!(
+        query_i64(
+            &spool,
+            &format!(
+                "SELECT COUNT(*) FROM file_digest WHERE id = {}",
+                claimed.id.0
+            )
+        ),
+        0
+    );
+    let mut reader = spool.open_verified(&claimed).unwrap();
+    assert_eq!(reader.verified(), Verified::Content);
+    let mut bytes = Vec::new();
+    reader.read_to_end(&mut bytes).unwrap();
+    assert_eq!(bytes, whole);
     let status = spool.status(SystemTime::now()).unwrap();
     assert_eq!((status.uploading, status.lost, status.queued), (1, 0, 0));
 }
