@@ -463,9 +463,12 @@ class Bench:
         method = (
             "WAN method. 200 CT slices go from a sender in the namespace over the emulated link to a fresh "
             "Orthanc (nginx TLS front) for each measure: passerelled fed by 4 storescu associations (shipped "
-            "uplink settings; one MR instance of another study delivered first, as on a box already "
-            "forwarding, because a freshly started uplink probes the upstream with one connection), then "
-            "the direct STOW-RS client (batches of 10) over 1 and over 4 connections. "
+            "uplink settings, HTTP/1.1; one MR instance of another study delivered first, as on a box already "
+            "forwarding, because a freshly started uplink probes the upstream with one connection); the same "
+            "with `uplink.http2 = true` to a front end that also speaks HTTP/2 with request-body windows of "
+            "1 MiB per stream (http2_body_preread_size, client_body_buffer_size), its four requests then "
+            "streams of one connection; then the direct STOW-RS client (batches of 10, HTTP/1.1) over 1 and "
+            "over 4 connections. "
             "Utilisation is the whole payload (Part-10 file bytes), over the time from the start of the first "
             "request to the completion of the last (handshakes and slow start included), over the link's "
             "100 Mbit/s; passerelled's requests come from its \"Delivered batch\" log lines (each with its "
@@ -494,42 +497,58 @@ class Bench:
                     "this kernel has no sch_netem): same rate, delay, loss and queue limit as the netem setup.")
             if note not in self.notes:
                 self.notes.append(note)
-        o = wan.WanOrthanc(dir=d / "orthanc", pki=self.pki)
-        try:
-            o.start()
-            g = wan.NsGateway(dir=d / "gw", stow_url=o.stow_url, ca_file=self.pki.ca_cert,
-                              client_cert=self.pki.client_cert, client_key=self.pki.client_key,
-                              username=USERNAME, password=PASSWORD, extra_uplink=SHIPPED_UPLINK)
-            g.write_config()
-            g.start()
+
+        def passerelled_over_wan(http2: bool) -> None:
+            """passerelled fed by 4 associations, its upload over the link to a fresh Orthanc whose front end
+            speaks HTTP/2 (`uplink.http2` on) or HTTP/1.1 only (the shipped settings)."""
+            o = wan.WanOrthanc(dir=d / "orthanc", pki=self.pki, http2=http2)
             try:
-                # Warm-up: one MR instance (another study) delivered first, as on a box already forwarding.
-                # Until its upstream has confirmed a request the uplink sends on one connection only (it does
-                # not open four against a PACS that may refuse them all); that probe is not the link's use.
-                storescu_send(g.port, g.ae_title, self.sets["mr"][:1], 1, d / "warm", netns=wan.NS)
-                wait_until(lambda: delivered_count(g.log_path) >= 1, 120, "passerelled to deliver the warm-up "
-                           "instance over the WAN", interval=0.2)
-                wall0 = time.time()
-                sender = threading.Thread(target=storescu_send, args=(g.port, g.ae_title, inst, 4, d / "send"),
-                                          kwargs={"netns": wan.NS})
-                sender.start()
-                # Reading the log is cheap (no process, no spool open), but once a second is plenty: the
-                # times come from the log lines themselves, not from when this loop notices them.
-                wait_until(lambda: delivered_count(g.log_path, skip=1) >= n, 1800,
-                           "passerelled to deliver every instance over the WAN", interval=1.0)
-                started, done = delivered(g.log_path, skip=1)
-                sender.join()
-                assert g.status()["sent"] == n + 1, "passerelled's log and its status disagree on what was delivered"
-                g.stop_ok()
+                o.start()
+                g = wan.NsGateway(dir=d / "gw", stow_url=o.stow_url, ca_file=self.pki.ca_cert,
+                                  client_cert=self.pki.client_cert, client_key=self.pki.client_key,
+                                  username=USERNAME, password=PASSWORD,
+                                  extra_uplink={**SHIPPED_UPLINK, "http2": http2})
+                g.write_config()
+                g.start()
+                try:
+                    # Warm-up: one MR instance (another study) delivered first, as on a box already forwarding.
+                    # Until its upstream has confirmed a request the uplink sends on one connection only (it
+                    # does not open four against a PACS that may refuse them all); that probe is not the
+                    # link's use.
+                    storescu_send(g.port, g.ae_title, self.sets["mr"][:1], 1, d / "warm", netns=wan.NS)
+                    wait_until(lambda: delivered_count(g.log_path) >= 1, 120, "passerelled to deliver the warm-up "
+                               "instance over the WAN", interval=0.2)
+                    wall0 = time.time()
+                    sender = threading.Thread(target=storescu_send, args=(g.port, g.ae_title, inst, 4, d / "send"),
+                                              kwargs={"netns": wan.NS})
+                    sender.start()
+                    # Reading the log is cheap (no process, no spool open), but once a second is plenty: the
+                    # times come from the log lines themselves, not from when this loop notices them.
+                    wait_until(lambda: delivered_count(g.log_path, skip=1) >= n, 1800,
+                               "passerelled to deliver every instance over the WAN", interval=1.0)
+                    started, done = delivered(g.log_path, skip=1)
+                    sender.join()
+                    assert g.status()["sent"] == n + 1, "passerelled's log and its status disagree on what was delivered"
+                    versions = set(re.findall(r"Delivered batch\..* http_version=(\S+)", g.log_path.read_text()))
+                    assert versions == {"HTTP/2" if http2 else "HTTP/1.1"}, f"passerelled spoke {versions}"
+                    g.stop_ok()
+                finally:
+                    g.cleanup()
             finally:
-                g.cleanup()
+                o.stop()
+                for sub in ("orthanc", "gw", "warm", "send"):
+                    wipe(d / sub)
             util = drain_rate(started, done, n) * raw / n / capacity
-            self.r.add("wan util", util)
-            log(f"run {run} WAN: passerelled {n} instances in {done[-1][0] - wall0:.1f} s from the first C-STORE, "
-                f"{done[-1][0] - started:.1f} s from the start of its first request to the last confirmation "
-                f"({len(done)} requests), utilisation {util:.2f}")
-            o.stop()
-            wipe(d / "orthanc")
+            key, how = ("wan h2 util", "HTTP/2") if http2 else ("wan util", "HTTP/1.1")
+            self.r.add(key, util)
+            log(f"run {run} WAN: passerelled ({how}) {n} instances in {done[-1][0] - wall0:.1f} s from the first "
+                f"C-STORE, {done[-1][0] - started:.1f} s from the start of its first request to the last "
+                f"confirmation ({len(done)} requests), utilisation {util:.2f}")
+
+        o = None
+        try:
+            passerelled_over_wan(http2=False)
+            passerelled_over_wan(http2=True)
             o = wan.WanOrthanc(dir=d / "orthanc", pki=self.pki)
             o.start()
             for conns in (1, 4):
@@ -552,7 +571,8 @@ class Bench:
                 log(f"run {run} WAN: direct STOW-RS, {conns} connection(s): {sdone[-1][0] - timed['t0']:.1f} s from "
                     f"the start of its first request to the last confirmation, utilisation {u:.2f}")
         finally:
-            o.stop()
+            if o is not None:
+                o.stop()
             wan.teardown()
             wipe(d)
 
@@ -666,8 +686,13 @@ def table(r: Results) -> str:
            f"connection{'s' if conns > 1 else ''}", "fwd alone ips", f"stow{conns} ips", None)
     vs("WAN: passerelled utilisation / direct STOW-RS, 1 connection", "wan util", "wan stow1 util", None)
     vs("WAN: passerelled utilisation / direct STOW-RS, 4 connections", "wan util", "wan stow4 util", None)
+    vs("WAN: passerelled utilisation with uplink.http2 / direct STOW-RS, 4 connections", "wan h2 util",
+       "wan stow4 util", None)
     for key, label, target, hib in (
-        ("wan util", "WAN utilisation (payload bytes/s / 100 Mbit/s)", 0.9, True),
+        ("wan util", "WAN utilisation (payload bytes/s / 100 Mbit/s), shipped settings (HTTP/1.1, 4 connections)",
+         0.9, True),
+        ("wan h2 util", "WAN utilisation, uplink.http2 to an HTTP/2 front end with 1 MiB stream windows (4 streams, "
+         "one connection)", 0.9, True),
         ("rss MB", "Peak RSS (VmHWM), 4-assoc ingest + upload, MiB", 64, False),
         ("ready s", "Start to first C-ECHO with 100,000 queued (5,000 in --quick), s", 2, False),
         ("storage ct raw/stored", "Storage ratio, CT (raw / on disk)", 2.0, True),

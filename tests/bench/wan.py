@@ -106,8 +106,9 @@ class WanOrthanc(Orthanc):
     def _write_configs(self) -> None:
         super()._write_configs()
         conf = self.dir / "nginx.conf"
-        line = f"listen 127.0.0.1:{self.https_port} ssl;"
-        conf.write_text(conf.read_text().replace(line, f"{line}\n        listen {HOST_IP}:{self.https_port} ssl;"))
+        ssl = "ssl http2" if self.http2 else "ssl"
+        line = f"listen 127.0.0.1:{self.https_port} {ssl};"
+        conf.write_text(conf.read_text().replace(line, f"{line}\n        listen {HOST_IP}:{self.https_port} {ssl};"))
 
 
 class NsGateway(Gateway):

@@ -43,21 +43,32 @@ def find_dicomweb_plugin() -> str:
     )
 
 
+# An HTTP/2 front end as the uplink's documentation asks for (README, `uplink.http2`): each request
+# stream may send 1 MiB ahead (http2_body_preread_size is the initial window, client_body_buffer_size
+# what nginx keeps granting while it passes the body on unbuffered). nginx's defaults (64 KiB, 16 KiB)
+# would cap each stream at a window per round trip.
+HTTP2_WINDOWS = """
+        http2_body_preread_size 1m;
+        client_body_buffer_size 1m;"""
+
 NGINX_CONF = """\
 worker_processes 1;
 pid {dir}/nginx.pid;
 error_log {dir}/nginx-error.log info;
 events {{ worker_connections 256; }}
 http {{
-    access_log {dir}/nginx-access.log;
+    # The combined format, plus the connection each request came on (HTTP/2 streams share one).
+    log_format pb '$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent '
+                  '"$http_referer" "$http_user_agent" connection=$connection end=$msec took=$request_time';
+    access_log {dir}/nginx-access.log pb;
     client_body_temp_path {dir}/client_body;
     proxy_temp_path {dir}/proxy;
     fastcgi_temp_path {dir}/fastcgi;
     uwsgi_temp_path {dir}/uwsgi;
     scgi_temp_path {dir}/scgi;
     server {{
-        listen 127.0.0.1:{port} ssl;
-        server_name localhost;
+        listen 127.0.0.1:{port} ssl{http2};
+        server_name localhost;{http2_windows}
         ssl_certificate {server_cert};
         ssl_certificate_key {server_key};
         ssl_protocols TLSv1.2 TLSv1.3;
@@ -92,6 +103,9 @@ class Orthanc:
     server_key: Path | None = None
     # Lua scripts Orthanc loads (e.g. a ReceivedInstanceFilter that records every instance received).
     lua_scripts: list[Path] = field(default_factory=list)
+    # The front door also speaks HTTP/2 (ALPN), with request-body windows of 1 MiB per stream
+    # (HTTP2_WINDOWS); otherwise HTTP/1.1 only.
+    http2: bool = False
     orthanc_proc: subprocess.Popen | None = None
     nginx_proc: subprocess.Popen | None = None
 
@@ -149,6 +163,8 @@ class Orthanc:
                 server_cert=self.server_cert or self.pki.server_cert,
                 server_key=self.server_key or self.pki.server_key,
                 ca_cert=self.pki.ca_cert,
+                http2=" http2" if self.http2 else "",
+                http2_windows=HTTP2_WINDOWS if self.http2 else "",
             )
         )
 

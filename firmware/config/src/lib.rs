@@ -143,8 +143,12 @@ pub struct UplinkConfig {
     pub retry_max_secs: u64,
     /// After an authentication or certificate failure, the uplink pauses this long before trying again.
     pub auth_pause_secs: u64,
-    /// Requests in flight at once (1..=8), each on its own connection.
+    /// Requests in flight at once (1..=8), each on its own connection, or, with `http2` agreed by
+    /// the PACS, each a stream of one shared connection.
     pub connections: usize,
+    /// Offer HTTP/2 (TLS ALPN). Off by default: worth it only when the PACS front end gives each
+    /// request stream a flow-control window of at least the link's bandwidth × round trip.
+    pub http2: bool,
 }
 
 impl Default for UplinkConfig {
@@ -166,6 +170,7 @@ impl Default for UplinkConfig {
             retry_max_secs: 600,
             auth_pause_secs: 600,
             connections: 4,
+            http2: false,
         }
     }
 }

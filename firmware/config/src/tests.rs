@@ -228,3 +228,17 @@ fn uplink_connections_default_to_4_and_stay_within_1_to_8() {
         );
     }
 }
+
+#[test]
+fn http2_is_off_unless_asked_for() {
+    let ca = ca_pem();
+    assert!(!Config::parse(&minimal(ca.path())).unwrap().uplink.http2);
+    let text = minimal(ca.path()).replace("[uplink]\n", "[uplink]\nhttp2 = true\n");
+    let cfg = Config::parse(&text).unwrap();
+    assert!(cfg.uplink.http2);
+    assert!(cfg.validate().is_empty());
+    assert!(Config::parse(
+        &minimal(ca.path()).replace("[uplink]\n", "[uplink]\nhttp2 = \"yes\"\n")
+    )
+    .is_err());
+}

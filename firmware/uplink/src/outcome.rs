@@ -26,6 +26,8 @@ pub(crate) struct Answer {
     pub(crate) retry_after: Option<Duration>,
     /// The Location header (redirects).
     pub(crate) location: Option<String>,
+    /// The HTTP version the PACS answered in ("HTTP/1.1", "HTTP/2"), for the log.
+    pub(crate) http_version: &'static str,
 }
 
 /// Why no HTTP response came back.

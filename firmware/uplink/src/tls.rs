@@ -87,7 +87,13 @@ pub(crate) fn client_config(cfg: &UplinkConfig) -> Result<(rustls::ClientConfig,
         key: client_key(cfg, &provider)?.map(Arc::new),
         asked: AtomicBool::new(false),
     });
-    Ok((builder.with_client_cert_resolver(auth.clone()), auth))
+    let mut config = builder.with_client_cert_resolver(auth.clone());
+    // HTTP/2 only where the operator asked for it (see `uplink.http2`); the PACS may still answer
+    // HTTP/1.1. Without ALPN the connection is HTTP/1.1.
+    if cfg.http2 {
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    }
+    Ok((config, auth))
 }
 
 /// The configured client certificate chain and its key, checked to go together; `None` if unset.

@@ -23,6 +23,7 @@ fn answer(status: u16, body: &str) -> Exchange {
         body: body.as_bytes().to_vec(),
         retry_after: None,
         location: None,
+        http_version: "HTTP/1.1",
     })
 }
 
