@@ -68,7 +68,7 @@ http {{
     scgi_temp_path {dir}/scgi;
     server {{
         listen 127.0.0.1:{port} ssl{http2};
-        server_name localhost;{http2_windows}
+        server_name localhost;{http2_windows}{front_directives}
         ssl_certificate {server_cert};
         ssl_certificate_key {server_key};
         ssl_protocols TLSv1.2 TLSv1.3;
@@ -106,6 +106,8 @@ class Orthanc:
     # The front door also speaks HTTP/2 (ALPN), with request-body windows of 1 MiB per stream
     # (HTTP2_WINDOWS); otherwise HTTP/1.1 only.
     http2: bool = False
+    # More nginx directives for the front door's server block, e.g. "keepalive_requests 2;".
+    front_directives: list[str] = field(default_factory=list)
     orthanc_proc: subprocess.Popen | None = None
     nginx_proc: subprocess.Popen | None = None
 
@@ -165,6 +167,7 @@ class Orthanc:
                 ca_cert=self.pki.ca_cert,
                 http2=" http2" if self.http2 else "",
                 http2_windows=HTTP2_WINDOWS if self.http2 else "",
+                front_directives="".join(f"\n        {d}" for d in self.front_directives),
             )
         )
 

@@ -81,6 +81,27 @@ def test_a_front_end_speaking_http2_gets_every_request_as_a_stream_of_one_connec
     gw.stop_ok()
 
 
+def test_a_front_end_ending_its_http2_connection_every_two_requests_loses_nothing(
+    tmp_path: Path, pki, make_gateway, ct_study: Study
+) -> None:
+    """nginx closes an HTTP/2 connection after `keepalive_requests` requests with GOAWAY; a stream the client
+    opened meanwhile is refused. Every instance must still arrive, once the uplink retried what was refused."""
+    o = Orthanc(dir=tmp_path / "orthanc-goaway", pki=pki, http2=True, front_directives=["keepalive_requests 2;"])
+    try:
+        o.start()
+        gw = deliver(o, make_gateway, ct_study, tmp_path, http2=True)
+        stored = [r for r in timed_posts(o) if r[1] == 200]
+        assert {proto for proto, *_ in timed_posts(o)} == {"HTTP/2.0"}, timed_posts(o)
+        assert len({conn for _, _, conn, _, _ in stored}) >= 4, f"the front end did not renew its connections: {stored}"
+        # A request the front end did not take is sent again at once, not met as a failure with a backoff.
+        log = gw.log_path.read_text(errors="replace").splitlines()
+        failed = [ln for ln in log if " WARN " in ln and "http2" in ln]
+        assert not failed, "\n".join(failed)
+        gw.stop_ok()
+    finally:
+        o.stop()
+
+
 def test_http2_offered_to_a_front_end_without_it_falls_back_to_http1(
     orthanc, make_gateway, ct_study: Study, tmp_path: Path
 ) -> None:

@@ -99,7 +99,11 @@
 //!   it (tests/PERFORMANCE.md). It is off by default because the PACS front end sets each stream's
 //!   flow-control window: below the link's bandwidth × round trip (nginx's defaults are 64 KiB) a
 //!   stream sends one window per round trip, and the upload runs at half the link or less. A failed
-//!   connection fails every request on it at once; each is retried as a network error.
+//!   connection fails every request on it at once; each is retried as a network error. A request
+//!   the front end did not process (its GOAWAY came before the request's stream, or it refused the
+//!   stream: nginx ends a connection so every `keepalive_requests`, 1,000 by default) had no effect
+//!   (RFC 9113 §6.8, §8.7): its rows are released and it goes out again at once on a new connection,
+//!   with neither an attempt nor an outage counted, up to [`MAX_UNPROCESSED_IN_ROW`] in a row.
 //! - A PACS that takes the whole body and then never answers holds the uplink for the idle
 //!   timeout plus the drain allowance (up to about 17 minutes for large batches) before the batch
 //!   is retried. Likewise, a PACS that stops reading once the whole body fits in the kernel's send
@@ -124,7 +128,7 @@ pub use error::{Result, UplinkError};
 
 use std::collections::{HashSet, VecDeque};
 use std::error::Error as StdError;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -194,7 +198,15 @@ struct Link {
     client_auth: Arc<tls::ClientAuth>,
     /// The PACS has answered a request (any status) since start.
     answered: AtomicBool,
+    /// Requests in a row the PACS's HTTP/2 front end did not process (GOAWAY, REFUSED_STREAM);
+    /// reset by any answer. Past [`MAX_UNPROCESSED_IN_ROW`] they count as an outage.
+    unprocessed_in_row: AtomicU32,
 }
+
+/// Requests in a row the PACS may leave unprocessed (HTTP/2 GOAWAY, REFUSED_STREAM) before the next
+/// is held back like any network failure: a front end renewing its connections refuses a few
+/// streams each time; one that refuses every request must not be met with a tight loop.
+const MAX_UNPROCESSED_IN_ROW: u32 = 8;
 
 /// How the upstream is doing, as every worker sees it. Locked briefly, never across an await.
 struct Health {
@@ -313,6 +325,7 @@ impl Uplink {
                 saving: tokio::sync::Mutex::new(()),
                 client_auth,
                 answered: AtomicBool::new(false),
+                unprocessed_in_row: AtomicU32::new(0),
             },
         })
     }
@@ -527,6 +540,7 @@ impl Link {
             },
             Some(Ok(answer)) => {
                 self.answered.store(true, Ordering::Relaxed);
+                self.unprocessed_in_row.store(0, Ordering::Relaxed);
                 Sent::Done(Exchange::Answered(answer))
             }
             Some(Err(failure)) => match shared.failure() {
@@ -746,7 +760,7 @@ impl Worker {
                     ));
                 }
             }
-            let exchange = match sent {
+            let mut exchange = match sent {
                 Sent::Nothing => continue,
                 Sent::Aborted { body_complete } => {
                     info!(
@@ -769,7 +783,29 @@ impl Worker {
                 }
                 Sent::Done(exchange) => exchange,
             };
-            match outcome::decide(&in_request, &exchange) {
+            let mut decision = outcome::decide(&in_request, &exchange);
+            if let Decision::Resend { detail } = &decision {
+                let in_row = link.unprocessed_in_row.fetch_add(1, Ordering::Relaxed) + 1;
+                if in_row > MAX_UNPROCESSED_IN_ROW {
+                    exchange = Exchange::Failed(TransportFailure::Network(format!(
+                        "{detail} ({in_row} requests in a row were not processed by the PACS)"
+                    )));
+                    decision = outcome::decide(&in_request, &exchange);
+                }
+            }
+            match decision {
+                Decision::Resend { detail } => {
+                    info!(
+                        "The PACS's front end closed its HTTP/2 connection or refused the request's stream before taking it; it had no effect and goes out again at once. study_instance_uid={} instances={} detail=\"{detail}\"",
+                        study_of(&in_request),
+                        in_request.len()
+                    );
+                    marks.extend(
+                        in_request
+                            .into_iter()
+                            .map(|i| (i.id, i.sop_instance_uid, Outcome::Release)),
+                    );
+                }
                 Decision::Split => {
                     let second = in_request.split_off(in_request.len().div_ceil(2));
                     info!(

@@ -43,6 +43,10 @@ pub(crate) enum TransportFailure {
     ProxyAuthRefused(String),
     /// Connection refused or reset, DNS, proxy, TLS handshake interrupted, connect timeout...
     Network(String),
+    /// The PACS's HTTP/2 front end said it did not process the request: it closed the connection
+    /// (GOAWAY) before taking the request's stream, or refused the stream (REFUSED_STREAM). HTTP/2
+    /// guarantees such a request had no effect (RFC 9113 §6.8, §8.7): it may go out again at once.
+    NotProcessed(String),
     /// Nothing was sent or received for this long.
     IdleTimeout(Duration),
     /// Reading the spool failed while the body was being sent.
@@ -76,6 +80,11 @@ pub(crate) enum Decision {
     },
     /// The request was too large: send each half separately, right away.
     Split,
+    /// The PACS did not process the request (HTTP/2 GOAWAY or REFUSED_STREAM): send it again at
+    /// once, on a new connection, without counting an attempt.
+    Resend {
+        detail: String,
+    },
 }
 
 /// HTTP statuses as the uplink understands them.
@@ -190,6 +199,9 @@ fn decide_transport(instances: &[QueuedInstance], failure: &TransportFailure) ->
             format!("The upload to the PACS failed: {detail}."),
             None,
         ),
+        TransportFailure::NotProcessed(detail) => Decision::Resend {
+            detail: detail.clone(),
+        },
         TransportFailure::IdleTimeout(idle) => retry_all(
             instances,
             format!(
@@ -432,6 +444,11 @@ pub(crate) fn classify_transport(err: &(dyn StdError + 'static)) -> TransportFai
         if let Some(tls) = e.downcast_ref::<rustls::Error>() {
             return classify_tls(tls, err);
         }
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            if unprocessed(h2) {
+                return TransportFailure::NotProcessed(crate::error_chain(err));
+            }
+        }
         // io::Error::source() skips the error it wraps (and io::Errors nest): look inside.
         cur = match e
             .downcast_ref::<std::io::Error>()
@@ -450,6 +467,14 @@ pub(crate) fn classify_transport(err: &(dyn StdError + 'static)) -> TransportFai
         return TransportFailure::ProxyAuthRefused(chain);
     }
     TransportFailure::Network(chain)
+}
+
+/// Whether an HTTP/2 error means the PACS did not process the stream: its GOAWAY (the h2 crate fails
+/// with it only the streams above the GOAWAY's last stream id, and those opened after it) or its
+/// REFUSED_STREAM. A GOAWAY we sent, or any other reset, may follow processing.
+fn unprocessed(e: &h2::Error) -> bool {
+    e.is_remote()
+        && (e.is_go_away() || (e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM)))
 }
 
 /// What the PACS asked of our TLS client certificate, as the uplink knows it when a request fails.

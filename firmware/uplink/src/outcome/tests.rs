@@ -593,3 +593,76 @@ fn a_closed_connection_after_a_certificate_request_we_cannot_meet_is_a_refused_c
         TransportFailure::IdleTimeout(_)
     ));
 }
+
+/// The error an h2 client gets for one request whose stream the server resets with `reason` (a
+/// real HTTP/2 exchange over loopback TCP, no TLS).
+fn h2_reset_error(reason: h2::Reason) -> h2::Error {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut conn = h2::server::handshake(tcp).await.unwrap();
+            let (_request, mut respond) = conn.accept().await.unwrap().unwrap();
+            respond.send_reset(reason);
+            // Drive the connection until the client goes.
+            while let Some(Ok(_)) = conn.accept().await {}
+        });
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+        let driver = tokio::spawn(conn);
+        let mut client = client.ready().await.unwrap();
+        let request = hyper::Request::post("http://pacs/dicom-web/studies")
+            .body(())
+            .unwrap();
+        let (response, _body) = client.send_request(request, false).unwrap();
+        let err = response.await.unwrap_err();
+        drop(client);
+        driver.abort();
+        server.abort();
+        err
+    })
+}
+
+#[test]
+fn a_stream_the_pacs_refused_is_not_processed_and_other_resets_are_network_failures() {
+    let refused = h2_reset_error(h2::Reason::REFUSED_STREAM);
+    assert!(refused.is_remote() && refused.is_reset(), "{refused:?}");
+    assert!(matches!(
+        classify_transport(&refused),
+        TransportFailure::NotProcessed(_)
+    ));
+    // Inside the error chain reqwest builds, too.
+    let wrapped = std::io::Error::other(refused);
+    assert!(matches!(
+        classify_transport(&wrapped),
+        TransportFailure::NotProcessed(_)
+    ));
+    // A cancelled or failed stream may have been processed: retried with the backoff, attempt counted.
+    for reason in [h2::Reason::CANCEL, h2::Reason::INTERNAL_ERROR] {
+        let reset = h2_reset_error(reason);
+        assert!(matches!(
+            classify_transport(&reset),
+            TransportFailure::Network(_)
+        ));
+    }
+    // A refusal we made up ourselves is not the PACS's word.
+    let local = h2::Error::from(h2::Reason::REFUSED_STREAM);
+    assert!(matches!(
+        classify_transport(&local),
+        TransportFailure::Network(_)
+    ));
+}
+
+#[test]
+fn a_request_the_pacs_did_not_process_goes_out_again_at_once() {
+    let exchange = Exchange::Failed(TransportFailure::NotProcessed("GOAWAY".into()));
+    assert!(matches!(
+        decide(&batch(), &exchange),
+        Decision::Resend { detail } if detail == "GOAWAY"
+    ));
+}
