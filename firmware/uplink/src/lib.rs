@@ -103,7 +103,7 @@
 //!   the front end did not process (its GOAWAY came before the request's stream, or it refused the
 //!   stream: nginx ends a connection so every `keepalive_requests`, 1,000 by default) had no effect
 //!   (RFC 9113 §6.8, §8.7): its rows are released and it goes out again at once on a new connection,
-//!   with neither an attempt nor an outage counted, up to [`MAX_UNPROCESSED_IN_ROW`] in a row.
+//!   with neither an attempt nor an outage counted, up to 8 in a row (`MAX_UNPROCESSED_IN_ROW`).
 //! - A PACS that takes the whole body and then never answers holds the uplink for the idle
 //!   timeout plus the drain allowance (up to about 17 minutes for large batches) before the batch
 //!   is retried. Likewise, a PACS that stops reading once the whole body fits in the kernel's send
