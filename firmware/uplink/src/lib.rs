@@ -238,7 +238,7 @@ struct Worker {
     /// Worker 0 is the one that sends while the upstream is not proven.
     index: usize,
     /// Outcomes the spool failed to record; recorded again before the next batch.
-    stranded: Vec<(InstanceId, String, Outcome)>,
+    stranded: Vec<Mark>,
     /// The backoff jitter of the current request, drawn once per request so that the instances
     /// of a batch become due together and are sent together again.
     jitter: f64,
@@ -686,12 +686,7 @@ impl Worker {
                     "Left instances for a later request: another request in flight carries the same SOP Instance UID. instances={}",
                     busy.len()
                 );
-                self.record(
-                    busy.into_iter()
-                        .map(|i| (i.id, i.sop_instance_uid, Outcome::Release))
-                        .collect(),
-                )
-                .await;
+                self.record(released(busy).collect()).await;
             }
             if batch.is_empty() {
                 // Everything due is in another request: wait for one to finish.
@@ -721,10 +716,7 @@ impl Worker {
         let (batch, later): (Vec<_>, Vec<_>) = batch
             .into_iter()
             .partition(|i| seen.insert(i.sop_instance_uid.clone()));
-        let mut marks: Vec<(InstanceId, String, Outcome)> = later
-            .into_iter()
-            .map(|i| (i.id, i.sop_instance_uid, Outcome::Release))
-            .collect();
+        let mut marks: Vec<Mark> = released(later).collect();
 
         let mut work = vec![batch];
         while let Some(part) = work.pop() {
@@ -732,10 +724,7 @@ impl Worker {
                 continue;
             }
             if stop_requested(shutdown) || link.paused() {
-                marks.extend(
-                    part.into_iter()
-                        .map(|i| (i.id, i.sop_instance_uid, Outcome::Release)),
-                );
+                marks.extend(released(part));
                 continue;
             }
             let started = Instant::now();
@@ -800,11 +789,7 @@ impl Worker {
                         study_of(&in_request),
                         in_request.len()
                     );
-                    marks.extend(
-                        in_request
-                            .into_iter()
-                            .map(|i| (i.id, i.sop_instance_uid, Outcome::Release)),
-                    );
+                    marks.extend(released(in_request));
                 }
                 Decision::Split => {
                     let second = in_request.split_off(in_request.len().div_ceil(2));
@@ -847,11 +832,7 @@ impl Worker {
                             in_request.len()
                         );
                     }
-                    marks.extend(
-                        in_request
-                            .into_iter()
-                            .map(|i| (i.id, i.sop_instance_uid, Outcome::Release)),
-                    );
+                    marks.extend(released(in_request));
                 }
                 Decision::PerInstance(actions) => {
                     let (status, whole_request_failed, retry_after) = match &exchange {
@@ -870,10 +851,7 @@ impl Worker {
                         self.upstream_failed(retry_after, started);
                         // The other halves of a split batch wait for the upstream with the rest.
                         for rest in work.drain(..) {
-                            marks.extend(
-                                rest.into_iter()
-                                    .map(|i| (i.id, i.sop_instance_uid, Outcome::Release)),
-                            );
+                            marks.extend(released(rest));
                         }
                     }
                 }
@@ -891,7 +869,7 @@ impl Worker {
         status: Option<(u16, &'static str)>,
         elapsed: Duration,
         now: SystemTime,
-        marks: &mut Vec<(InstanceId, String, Outcome)>,
+        marks: &mut Vec<Mark>,
     ) -> usize {
         let (mut delivered, mut bytes, mut redelivered) = (0usize, 0u64, 0usize);
         let mut retries: Vec<(String, usize, SystemTime)> = Vec::new();
@@ -1035,7 +1013,7 @@ impl Worker {
     }
 
     /// Records outcomes in the spool; the ones that fail are kept for later.
-    async fn record(&mut self, marks: Vec<(InstanceId, String, Outcome)>) {
+    async fn record(&mut self, marks: Vec<Mark>) {
         if marks.is_empty() {
             return;
         }
@@ -1152,6 +1130,17 @@ async fn wait_for_change(
         _ = tokio::time::sleep(poll) => {}
         _ = shutdown_requested(shutdown) => {}
     }
+}
+
+/// An instance's outcome as the worker records it: its row, its SOP Instance UID (for the log), what
+/// became of it.
+type Mark = (InstanceId, String, Outcome);
+
+/// Marks that give these instances back to the queue as they were: no attempt counted.
+fn released(instances: Vec<QueuedInstance>) -> impl Iterator<Item = Mark> {
+    instances
+        .into_iter()
+        .map(|i| (i.id, i.sop_instance_uid, Outcome::Release))
 }
 
 fn study_of(instances: &[QueuedInstance]) -> &str {
