@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use dicom_ul::pdu::{
     AbortRQServiceProviderReason, AssociationAC, AssociationRQ, Pdu,
     PresentationContextResultReason,
@@ -146,7 +147,7 @@ pub(crate) async fn run(
                 assembler: PdvAssembler::default(),
                 current: None,
                 stored: 0,
-                pdu_buf: Vec::new(),
+                pdu_buf: BytesMut::new(),
             };
             // Established: the association counts against its slot, no longer as waiting.
             drop(waiting);
@@ -271,7 +272,7 @@ struct Association {
     stored: u64,
     /// The PDU being read, reused from one PDU to the next (it keeps the capacity that earlier
     /// PDUs' bytes gave it, at most `max_pdu_length`): no reallocation and fewer reads per PDU.
-    pdu_buf: Vec<u8>,
+    pdu_buf: BytesMut,
 }
 
 impl Association {

@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 
+use bytes::{Bytes, BytesMut};
 use dicom_ul::pdu::{self, AbortRQServiceProviderReason, AbortRQSource, Pdu};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -34,15 +35,21 @@ pub(crate) async fn read_pdu<R: AsyncRead + Unpin>(
     peer: SocketAddr,
     max_pdata: u32,
 ) -> Result<Option<Pdu>> {
-    read_pdu_into(r, peer, max_pdata, &mut Vec::new()).await
+    read_pdu_into(r, peer, max_pdata, &mut BytesMut::new()).await
 }
 
-/// [`read_pdu`] through a caller's buffer, which keeps its capacity from one PDU to the next.
+/// [`read_pdu`] through a caller's buffer, which keeps its allocation from one PDU to the next.
+///
+/// The PDU goes to dicom-ul's decoder as [`Bytes`] split off this buffer, not as a slice: the decoder
+/// then takes the PDU and its items as views of these bytes instead of copying the whole PDU first
+/// (for a `&[u8]` it copies every PDU into a new buffer before copying each PDV's data out of it).
+/// Once the decoded PDU no longer refers to them (each PDV's data is its own `Vec`), the buffer is
+/// the only owner of its allocation again and the next PDU reuses it.
 pub(crate) async fn read_pdu_into<R: AsyncRead + Unpin>(
     r: &mut R,
     peer: SocketAddr,
     max_pdata: u32,
-    buf: &mut Vec<u8>,
+    buf: &mut BytesMut,
 ) -> Result<Option<Pdu>> {
     let mut header = [0u8; 6];
     let n = r
@@ -73,30 +80,40 @@ pub(crate) async fn read_pdu_into<R: AsyncRead + Unpin>(
         });
     }
     // `length <= max`: bounded by our configuration, never by the peer. The buffer grows with the
-    // bytes that actually arrive, so a peer announcing a large PDU and sending little (slowloris)
-    // pins only what it sent (and a reused buffer only what earlier PDUs really brought).
+    // bytes that actually arrive (at most doubling), so a peer announcing a large PDU and sending
+    // little (slowloris) pins only what it sent (and a reused buffer only what earlier PDUs really
+    // brought).
+    let whole = 6 + length as usize;
     buf.clear();
-    buf.reserve(6 + (length as usize).min(INITIAL_BODY_CAPACITY));
+    buf.reserve(whole.min(6 + INITIAL_BODY_CAPACITY));
     buf.extend_from_slice(&header);
-    let got = r
-        .take(u64::from(length))
-        .read_to_end(buf)
-        .await
-        .map_err(|source| IngestError::ReadPdu { peer, source })?;
-    if got < length as usize {
-        return Err(IngestError::ReadPdu {
-            peer,
-            source: std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!("the connection closed {got} bytes into a PDU body of {length} bytes"),
-            ),
-        });
+    let mut body = r.take(u64::from(length));
+    while buf.len() < whole {
+        if buf.len() == buf.capacity() {
+            buf.reserve((whole - buf.len()).min(buf.len()));
+        }
+        let got = body
+            .read_buf(buf)
+            .await
+            .map_err(|source| IngestError::ReadPdu { peer, source })?;
+        if got == 0 {
+            return Err(IngestError::ReadPdu {
+                peer,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "the connection closed {} bytes into a PDU body of {length} bytes",
+                        buf.len() - 6
+                    ),
+                ),
+            });
+        }
     }
-    decode(buf, peer).map(Some)
+    decode(buf.split().freeze(), peer).map(Some)
 }
 
 /// Decodes one complete PDU (header included) with dicom-ul.
-pub(crate) fn decode(buf: &[u8], peer: SocketAddr) -> Result<Pdu> {
+pub(crate) fn decode(buf: Bytes, peer: SocketAddr) -> Result<Pdu> {
     let pdu_type = buf.first().copied().unwrap_or(0);
     match pdu::read_pdu(buf, pdu::MAXIMUM_PDU_SIZE, false) {
         Ok(Some(pdu)) => Ok(pdu),
@@ -193,6 +210,70 @@ mod tests {
             read(&[0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0], 16384).await,
             Ok(Some(Pdu::ReleaseRQ))
         ));
+    }
+
+    /// A P-DATA-TF PDU of one PDV: presentation context 1, last fragment of a data set.
+    fn pdata(data: &[u8]) -> Vec<u8> {
+        let item = 2 + data.len() as u32;
+        let mut out = vec![0x04, 0];
+        out.extend_from_slice(&(4 + item).to_be_bytes());
+        out.extend_from_slice(&item.to_be_bytes());
+        out.extend_from_slice(&[1, 0x02]);
+        out.extend_from_slice(data);
+        out
+    }
+
+    fn pdv_data(pdu: Option<Pdu>) -> Vec<u8> {
+        match pdu {
+            Some(Pdu::PData { mut data }) if data.len() == 1 => data.remove(0).data,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn pdus_arriving_in_small_pieces_decode_whole_and_reuse_one_allocation() {
+        let first: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let second: Vec<u8> = first.iter().rev().copied().collect();
+        let (mut tx, mut rx) = tokio::io::duplex(1000);
+        let stream = [pdata(&first), pdata(&second), pdata(&first)].concat();
+        let writer = tokio::spawn(async move {
+            for piece in stream.chunks(777) {
+                tx.write_all(piece).await.unwrap();
+            }
+        });
+        let mut buf = BytesMut::new();
+        let got = read_pdu_into(&mut rx, peer(), 1 << 20, &mut buf).await.unwrap();
+        assert_eq!(pdv_data(got), first);
+        let after_first = buf.as_ptr();
+        let got = read_pdu_into(&mut rx, peer(), 1 << 20, &mut buf).await.unwrap();
+        assert_eq!(pdv_data(got), second);
+        // Same size, same allocation: the second PDU went where the first had been.
+        assert_eq!(buf.as_ptr(), after_first);
+        let got = read_pdu_into(&mut rx, peer(), 1 << 20, &mut buf).await.unwrap();
+        assert_eq!(pdv_data(got), first);
+        assert_eq!(buf.as_ptr(), after_first);
+        writer.await.unwrap();
+        assert!(matches!(
+            read_pdu_into(&mut rx, peer(), 1 << 20, &mut buf).await,
+            Ok(None)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_pdu_announced_large_but_cut_short_holds_only_about_what_arrived() {
+        // Announces 4 MiB (allowed), sends 100 bytes of it, then closes.
+        let mut bytes = vec![0x04, 0, 0x00, 0x40, 0x00, 0x00];
+        bytes.extend_from_slice(&[7u8; 100]);
+        let mut r = bytes.as_slice();
+        let mut buf = BytesMut::new();
+        match read_pdu_into(&mut r, peer(), 4 << 20, &mut buf).await {
+            Err(IngestError::ReadPdu { source, .. }) => {
+                assert_eq!(source.kind(), std::io::ErrorKind::UnexpectedEof);
+                assert!(source.to_string().contains("100 bytes into"), "{source}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(buf.capacity() <= 64 * 1024, "{}", buf.capacity());
     }
 
     #[tokio::test]
