@@ -157,6 +157,35 @@ def delivered_count(log_path: Path, skip: int = 0) -> int:
     return sum(k for _, k in delivered(log_path, skip)[1])
 
 
+DISK_PROBE_FILES = 100
+DISK_PROBE_BYTES = 512 * 1024
+
+
+def disk_probe(d: Path) -> float:
+    """The disk's own price of one durable CT slice, in this run's phase: the median time, in ms, to create a
+    file, write 0.5 MB into it and fdatasync it (what storescp with the fdatasync shim does per instance, with
+    neither network nor DICOM), on the file system the receivers write to."""
+    wipe(d)
+    d.mkdir(parents=True)
+    data = os.urandom(DISK_PROBE_BYTES)
+    times = []
+    try:
+        for i in range(DISK_PROBE_FILES):
+            t0 = time.perf_counter()
+            fd = os.open(d / f"probe-{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            times.append((time.perf_counter() - t0) * 1000)
+    finally:
+        wipe(d)
+    return statistics.median(times)
+
+
 # -- scenarios ------------------------------------------------------------------------------------------
 
 
@@ -191,6 +220,8 @@ class Bench:
             receivers = [x for x in receivers if x.name == "passerelled" or any(
                 f == x.name for f in self.args.peers_filter)]
         cases = [("ct", 1), ("ct", 4)] + ([("mr", 1), ("mf", 1)] if not self.args.smoke else [])
+        # The disk's phase moves the one-association rates of every durable receiver: measured before and after.
+        self.r.add("disk ms", disk_probe(WORK / f"probe-{run}"))
         for rx in receivers:
             for set_name, assocs in cases:
                 if set_name != "ct" and rx.name not in ("passerelled", "storescp --ignore +NODELAY",
@@ -222,6 +253,11 @@ class Bench:
                 self.r.add(f"cpugb|{key}", s.cpu / s.bytes * 1e9)
                 log(f"run {run} ingest {key}: {s.instances / s.seconds:.1f} inst/s, "
                     f"{s.bytes / s.seconds / 1e6:.1f} MB/s, cpu {s.cpu:.2f} s")
+        self.r.add("disk ms", disk_probe(WORK / f"probe-{run}"))
+        before_after = self.r.get("disk ms")[-2:]
+        self.r.add("disk ips", 1000 / statistics.mean(before_after))
+        log(f"run {run} disk: 0.5 MB write + fdatasync into a new file, median {before_after[0]:.2f} ms before and "
+            f"{before_after[1]:.2f} ms after the ingest measures")
 
     # 2b. acknowledgement latency, paced at half the maximum one-association rate
     def latency_run(self, run: int) -> None:
@@ -663,6 +699,12 @@ def table(r: Results) -> str:
         xs = ratio(r, f"cpu|{P}|ct|1", f"cpu|{peer}|ct|1")
         if xs:
             rows.append((f"CT, 1 assoc: CPU s per 100 instances, passerelled / {peer}", span(xs) + "×", "—", "—"))
+    if r.get("disk ms"):
+        rows.append(("The disk alone: create, write 0.5 MB and fdatasync one file, ms (no network, no DICOM; "
+                     "before and after each run's ingest measures)", span(r.get("disk ms")), "—", "—"))
+    for rx in (P, "storescp -od +B fdatasync +NODELAY"):
+        vs(f"CT, 1 assoc: {rx} / the disk alone (instances/s against files/s of that loop, the mean of its "
+           "two medians in the same run)", f"ips|{rx}|ct|1", "disk ips", None)
     lat = r.get(f"lat99|{P}")
     if r.get(f"lat50|{P}"):
         rows.append(("p50 C-STORE acknowledgement latency, same conditions, ms (passerelled)", span(r.get(f"lat50|{P}")),
