@@ -242,14 +242,20 @@ mod tests {
             }
         });
         let mut buf = BytesMut::new();
-        let got = read_pdu_into(&mut rx, peer(), 1 << 20, &mut buf).await.unwrap();
+        let got = read_pdu_into(&mut rx, peer(), 1 << 20, &mut buf)
+            .await
+            .unwrap();
         assert_eq!(pdv_data(got), first);
         let after_first = buf.as_ptr();
-        let got = read_pdu_into(&mut rx, peer(), 1 << 20, &mut buf).await.unwrap();
+        let got = read_pdu_into(&mut rx, peer(), 1 << 20, &mut buf)
+            .await
+            .unwrap();
         assert_eq!(pdv_data(got), second);
         // Same size, same allocation: the second PDU went where the first had been.
         assert_eq!(buf.as_ptr(), after_first);
-        let got = read_pdu_into(&mut rx, peer(), 1 << 20, &mut buf).await.unwrap();
+        let got = read_pdu_into(&mut rx, peer(), 1 << 20, &mut buf)
+            .await
+            .unwrap();
         assert_eq!(pdv_data(got), first);
         assert_eq!(buf.as_ptr(), after_first);
         writer.await.unwrap();
