@@ -214,13 +214,8 @@ mod tests {
 
     /// A P-DATA-TF PDU of one PDV: presentation context 1, last fragment of a data set.
     fn pdata(data: &[u8]) -> Vec<u8> {
-        let item = 2 + data.len() as u32;
-        let mut out = vec![0x04, 0];
-        out.extend_from_slice(&(4 + item).to_be_bytes());
-        out.extend_from_slice(&item.to_be_bytes());
-        out.extend_from_slice(&[1, 0x02]);
-        out.extend_from_slice(data);
-        out
+        let pdv = crate::dimse::tests::pdv(1, false, true, data);
+        encode(&Pdu::PData { data: vec![pdv] }, peer(), "P-DATA-TF").unwrap()
     }
 
     fn pdv_data(pdu: Option<Pdu>) -> Vec<u8> {
