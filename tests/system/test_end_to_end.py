@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -93,4 +95,54 @@ def test_concurrent_modalities_all_arrive(
     status = wait_until(lambda: (s := gw.status())["sent"] == len(study) and s, 60, "all sent")
     assert status["lost"] == 0 and status["failed"] == 0 and status["duplicates_received"] == 0, status
     assert_byte_identical(orthanc, {i.sop_instance_uid: storescu_reference[i.sop_instance_uid] for i in study})
+    gw.stop_ok()
+
+
+def thread_nices(pid: int) -> dict[str, set[int]]:
+    """Thread name -> the nice values of the daemon's threads of that name (/proc/PID/task/*/stat, field 19)."""
+    out: dict[str, set[int]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            stat = (task / "stat").read_text()
+        except FileNotFoundError:  # a thread that just ended
+            continue
+        out.setdefault(name, set()).add(int(stat[stat.rindex(")") + 2:].split()[16]))
+    return out
+
+
+def spool_query(gw, sql: str) -> list[tuple]:
+    """A read-only query on the running daemon's spool database (WAL: readers never block it)."""
+    db = sqlite3.connect(f"file:{gw.spool_dir / 'spool.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        return db.execute(sql).fetchall()
+    finally:
+        db.close()
+
+
+def test_spool_background_work_leaves_the_cpu_to_acknowledgements(
+    orthanc, make_gateway, ct_study: Study, storescu_reference: dict[str, bytes], tmp_path: Path
+) -> None:
+    """The pool filler creates files at nice 19 and lists them at normal priority (the listing holds the
+    database connection); the compactor runs at nice 19. Instances go straight into the pre-created files."""
+    gw = make_gateway(orthanc)
+    gw.start()
+    pid = gw.proc.pid
+    wait_until(lambda: thread_nices(pid).get("spool-pool-new") == {19}, 30, "the file-creating thread at nice 19")
+    nices = thread_nices(pid)
+    assert nices.get("spool-compact") == {19}, nices
+    assert nices.get("spool-pool") == {0}, nices
+    assert nices.get("tokio-rt-worker") == {0}, nices
+    # The first batch is listed (durably) before any C-STORE, so every instance below takes a pooled file.
+    wait_until(lambda: spool_query(gw, "SELECT COUNT(*) FROM pool")[0][0] >= 64, 60, "the pool to be filled")
+
+    few = ct_study.instances[:40]
+    send.storescu(gw.port, few, tmp_path / "scu", called_ae=gw.ae_title)
+    paths = [p for (p,) in spool_query(gw, "SELECT path FROM instances")]
+    assert len(paths) == len(few), paths
+    pooled = re.compile(r"objects/[0-9a-f]{2}/[0-9a-f]{32}\.dcm\.zst")
+    assert all(pooled.fullmatch(p) for p in paths), f"not all in pre-created files: {paths}"
+
+    wait_for_instances(orthanc, len(few), timeout=120)
+    assert_byte_identical(orthanc, {i.sop_instance_uid: storescu_reference[i.sop_instance_uid] for i in few})
     gw.stop_ok()

@@ -7,18 +7,21 @@
 //!   acknowledged at full speed and compressed afterwards.
 //! - The pool filler keeps empty files created ahead under `objects/` (see the `pool` module), so
 //!   that storing an instance needs one fsync instead of three. It wakes when ingest takes the
-//!   pool below its low-water mark.
+//!   pool below its low-water mark. One thread creates the files at nice 19, another lists them at
+//!   normal priority (see [`pool_filler`]).
 //!
 //! Stopping them is not waited for beyond a moment: a compaction cut short leaves the intake file
 //! in place and a temporary file that the next start removes; files created but not yet listed in
 //! the pool stay empty and unused.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
+use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::{info, warn};
-use passerelle_spool::{CompactReport, Spool};
+use passerelle_spool::{CompactReport, PoolBatch, Spool};
 
 /// Files per compaction batch: between batches the thread checks whether it must stop.
 const BATCH: usize = 4;
@@ -107,7 +110,7 @@ impl Failing {
 
 pub fn compactor(spool: Spool) -> std::io::Result<Worker> {
     Worker::start("spool-compact", move |stopped| {
-        lower_priority();
+        lower_priority("spool-compact");
         let mut failing = Failing {
             what: "compact spool files",
             consequence:
@@ -140,54 +143,107 @@ pub fn compactor(spool: Spool) -> std::io::Result<Worker> {
     })
 }
 
+/// The pool filler: two threads. `spool-pool-new` creates batches of empty files at nice 19 (file
+/// creation is the costly half, up to a millisecond of kernel time per file on ext4 without a
+/// journal, and it must not take a core from an acknowledgement); `spool-pool` lists each batch
+/// at normal priority (it holds the database connection for that commit, and a thread at nice 19
+/// preempted while holding it would stall every store).
 pub fn pool_filler(spool: Spool) -> std::io::Result<Worker> {
+    let (created, batches) = mpsc::sync_channel::<PoolBatch>(1);
+    let ended = Arc::new(AtomicBool::new(false));
+    let (creator_spool, creator_ended) = (spool.clone(), ended.clone());
+    std::thread::Builder::new()
+        .name("spool-pool-new".into())
+        .spawn(move || create_batches(&creator_spool, &created, &creator_ended))?;
     Worker::start("spool-pool", move |stopped| {
+        let _ended = SetOnDrop(ended);
         let mut failing = Failing {
-            what: "create spool files ahead",
+            what: "list spool files created ahead",
             consequence: "instances are stored through temporary files (safe, a little slower).",
             on: false,
         };
         loop {
-            match spool.refill_pool() {
-                // More may be wanted: go on at once (after checking for a stop).
-                Ok(n) if n > 0 => {
-                    failing.ok();
-                    if !matches!(stopped.try_recv(), Err(TryRecvError::Empty)) {
-                        return;
+            match batches.recv_timeout(IDLE) {
+                Ok(batch) => match spool.list_pool_batch(batch) {
+                    Ok(_) => failing.ok(),
+                    Err(e) => {
+                        if stop_requested(stopped, failing.failed(&e)) {
+                            return;
+                        }
                     }
-                    continue;
-                }
-                // Low but nothing made (the disk is at its reserve): wait, then try again.
-                Ok(_) if spool.pool_low() => {
-                    failing.ok();
-                    if stop_requested(stopped, IDLE) {
-                        return;
-                    }
-                }
-                Ok(_) => {
-                    failing.ok();
-                    spool.wait_pool_low(IDLE);
-                    if !matches!(stopped.try_recv(), Err(TryRecvError::Empty)) {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    if stop_requested(stopped, failing.failed(&e)) {
-                        return;
-                    }
-                }
+                },
+                Err(RecvTimeoutError::Timeout) => {}
+                // The creating thread has ended: it only does once this one has (or if it panicked).
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            if !matches!(stopped.try_recv(), Err(TryRecvError::Empty)) {
+                // Dropping `batches` ends the creating thread at its next batch or idle wait.
+                return;
             }
         }
     })
 }
 
+/// Sets its flag when dropped: the listing thread's end, whichever way it returns.
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// The creating half of the pool filler (see [`pool_filler`]): ends when the listing thread has.
+fn create_batches(spool: &Spool, created: &mpsc::SyncSender<PoolBatch>, ended: &AtomicBool) {
+    lower_priority("spool-pool-new");
+    let mut failing = Failing {
+        what: "create spool files ahead",
+        consequence: "instances are stored through temporary files (safe, a little slower).",
+        on: false,
+    };
+    loop {
+        let wait = match spool.create_pool_batch() {
+            Ok(Some(batch)) => {
+                failing.ok();
+                if created.send(batch).is_err() {
+                    return;
+                }
+                continue;
+            }
+            Ok(None) => {
+                failing.ok();
+                if spool.pool_low() {
+                    // Low but nothing made (the disk is at its reserve): wait, then try again.
+                    IDLE
+                } else {
+                    spool.wait_pool_low(IDLE);
+                    Duration::ZERO
+                }
+            }
+            Err(e) => failing.failed(&e),
+        };
+        // Waits in short steps, so that the thread ends soon after the listing thread has.
+        let until = Instant::now() + wait;
+        loop {
+            if ended.load(Ordering::Acquire) {
+                return;
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            std::thread::sleep(left.min(IDLE));
+        }
+    }
+}
+
 /// Nice 19 for this thread (Linux applies `setpriority` to a thread id): it gets about 1.5% of a
 /// core while ingest or the uplink want the CPU, and all of it otherwise.
-fn lower_priority() {
+fn lower_priority(thread: &str) {
     let me = rustix::thread::gettid();
     if let Err(e) = rustix::process::setpriority_process(Some(me), 19) {
         warn!(
-            "Could not lower the compactor thread's priority; it competes with ingest for CPU. error={e}"
+            "Could not lower a spool background thread's priority; it competes with ingest for CPU, and acknowledgements may be slower. thread={thread} error={e}"
         );
     }
 }

@@ -119,6 +119,7 @@ mod rebuild;
 
 pub use compact::CompactReport;
 pub use error::{Result, SpoolError};
+pub use pool::PoolBatch;
 
 #[doc(hidden)]
 pub use fail as __fail;

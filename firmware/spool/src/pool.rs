@@ -35,12 +35,21 @@ use crate::db::{self, to_i64, to_ms, DbContext};
 use crate::files::{self, TempGuard};
 use crate::{rebuild, Result, Spool, SpoolError};
 
-/// The filler tops the pool up when fewer files than this are free...
-const POOL_LOW: usize = 32;
+/// The filler tops the pool up when fewer files than this are free (deep enough for a burst of
+/// four associations while the filler, at the lowest CPU priority, waits for a core)...
+pub(crate) const POOL_LOW: usize = 64;
 /// ...by this many files at a time, in one directory (one directory fsync, one commit).
-const POOL_BATCH: usize = 16;
+pub(crate) const POOL_BATCH: usize = 64;
 /// At most this many files in the pool.
-const POOL_MAX: usize = 64;
+const POOL_MAX: usize = 192;
+
+/// Empty files created for the pool, in place and durably named, not yet listed nor free (see
+/// [`Spool::create_pool_batch`]). Dropped unlisted, they stay empty and unused: start-up and
+/// `rebuild-index` ignore or remove empty unlisted files.
+#[derive(Debug)]
+pub struct PoolBatch {
+    created: Vec<String>,
+}
 
 /// The pooled files not taken, and a condition the filler waits on.
 #[derive(Default)]
@@ -153,13 +162,28 @@ impl Spool {
     /// Tops the pool up (one batch of empty files, see the module documentation) when it runs low.
     /// Returns how many files it created. Only the process owning the spool calls this.
     pub fn refill_pool(&self) -> Result<usize> {
+        match self.create_pool_batch()? {
+            Some(batch) => self.list_pool_batch(batch),
+            None => Ok(0),
+        }
+    }
+
+    /// The first half of [`Spool::refill_pool`], which takes no lock: when the pool runs low,
+    /// creates one batch of empty files in one directory and fsyncs it. The files are not free for
+    /// ingest until [`Spool::list_pool_batch`] has listed them durably. `None`: not low, or the disk
+    /// is at its reserve.
+    ///
+    /// The daemon runs this half at the lowest CPU priority: on a file system that skips recently
+    /// freed inodes (ext4 without a journal), one file creation can take a millisecond of kernel
+    /// time, and a batch of them must never delay an acknowledgement.
+    pub fn create_pool_batch(&self) -> Result<Option<PoolBatch>> {
         let have = self.free().len();
         if have >= POOL_LOW {
-            return Ok(0);
+            return Ok(None);
         }
         // Never fill the disk's last reserve with empty files (they take an inode each).
         if self.free_bytes()? < self.inner.cfg.min_free_mb.saturating_mul(files::MIB) {
-            return Ok(0);
+            return Ok(None);
         }
         let want = POOL_BATCH.min(POOL_MAX - have);
         let fan = format!("{:02x}", rand::random::<u8>());
@@ -178,6 +202,15 @@ impl Spool {
             created.push(rel);
         }
         files::fsync_dir(&dir)?;
+        Ok(Some(PoolBatch { created }))
+    }
+
+    /// The second half of [`Spool::refill_pool`]: lists a created batch in the `pool` table, makes
+    /// the listing durable, and frees the files for ingest. Returns how many. It holds the
+    /// database connection for the commit, so the daemon runs it at normal priority (a thread at
+    /// the lowest one, preempted while holding the connection, would stall every store).
+    pub fn list_pool_batch(&self, batch: PoolBatch) -> Result<usize> {
+        let PoolBatch { created } = batch;
         // The listing must be durable before ingest writes into these files (a whole instance in a
         // file listed nowhere would be lost at the next start). A `FULL` commit would fsync the WAL
         // with the connection locked, and the instance being acknowledged meanwhile would wait for

@@ -1829,9 +1829,9 @@ fn synchronous(spool: &Spool) -> i64 {
 fn an_instance_goes_straight_into_a_precreated_file_whose_name_was_durable_before() {
     let fx = Fixture::new();
     let spool = fx.spool();
-    assert_eq!(spool.refill_pool().unwrap(), 16);
+    assert_eq!(spool.refill_pool().unwrap(), pool::POOL_BATCH);
     let listed = pool_rows(&spool);
-    assert_eq!(listed.len(), 16);
+    assert_eq!(listed.len(), pool::POOL_BATCH);
     for rel in &listed {
         assert_eq!(fs::metadata(fx.path(rel)).unwrap().len(), 0);
         assert!(pool::is_pooled_name(&fx.path(rel)), "{rel}");
@@ -1842,7 +1842,7 @@ fn an_instance_goes_straight_into_a_precreated_file_whose_name_was_durable_befor
     assert!(listed.contains(&rel), "{rel} was not a pooled file");
     assert_eq!(
         pool_rows(&spool).len(),
-        15,
+        pool::POOL_BATCH - 1,
         "the file left the pool with the row"
     );
     assert_eq!(tmp_entries(&fx), 0, "no temporary file");
@@ -1859,7 +1859,7 @@ fn an_instance_goes_straight_into_a_precreated_file_whose_name_was_durable_befor
 fn the_pool_listing_is_fsynced_through_the_wal_file_after_a_normal_commit() {
     let fx = Fixture::new();
     let spool = fx.spool();
-    assert_eq!(spool.refill_pool().unwrap(), 16);
+    assert_eq!(spool.refill_pool().unwrap(), pool::POOL_BATCH);
     assert_eq!(synchronous(&spool), 2, "back to synchronous=FULL");
     // The listing's frames are in the WAL file that `sync_wal` fsyncs (not only in SQLite's cache).
     let wal = fx.path("spool.db-wal");
@@ -1877,6 +1877,41 @@ fn the_pool_listing_is_fsynced_through_the_wal_file_after_a_normal_commit() {
     fs::write(&plain, b"").unwrap();
     db::sync_wal(&plain).unwrap();
     assert!(db::sync_wal(&fx.path("missing.db")).is_err());
+}
+
+#[test]
+fn created_pool_files_are_not_used_before_their_listing() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    // The creating half takes no lock and frees nothing: an instance stored meanwhile goes through a
+    // temporary file, and nothing is listed.
+    let batch = spool.create_pool_batch().unwrap().expect("the pool is low");
+    assert!(pool_rows(&spool).is_empty());
+    assert!(spool.pool_low());
+    let first = Inst::new("1.2.10.7", "1.2.10", 10_000, 1007).stored_id(&spool);
+    let first_path = row_str(&spool, first, "path").unwrap();
+    assert!(
+        !pool::is_pooled_name(&fx.path(&first_path)),
+        "{first_path} is a pre-created file used before its listing"
+    );
+    assert_eq!(
+        tmp_entries(&fx),
+        0,
+        "the temporary file was renamed into place"
+    );
+    // Listed, the batch is free: the next instance takes one of its files.
+    assert_eq!(spool.list_pool_batch(batch).unwrap(), pool::POOL_BATCH);
+    let listed = pool_rows(&spool);
+    assert_eq!(listed.len(), pool::POOL_BATCH);
+    let second = Inst::new("1.2.10.8", "1.2.10", 10_000, 1008).stored_id(&spool);
+    assert!(listed.contains(&row_str(&spool, second, "path").unwrap()));
+    // Topped up to the low-water mark or above, the pool wants nothing more.
+    while spool.pool_low() {
+        let batch = spool.create_pool_batch().unwrap().expect("the pool is low");
+        spool.list_pool_batch(batch).unwrap();
+    }
+    assert!(pool_rows(&spool).len() >= pool::POOL_LOW);
+    assert!(spool.create_pool_batch().unwrap().is_none());
 }
 
 #[test]
