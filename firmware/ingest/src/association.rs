@@ -589,55 +589,63 @@ impl Association {
                         detail: e.to_string(),
                     }),
                 };
-                let status = self.report_store(&cmd, bytes, result);
-                if status == STATUS_SUCCESS {
-                    // Committed, not yet acknowledged: the modality will send it again.
-                    passerelle_spool::crash_point!("ingest::store::before_response");
-                }
-                self.respond(pc_id, dimse::C_STORE_RSP, &cmd, status).await
+                let stored = match result {
+                    Ok(stored) => stored,
+                    Err(e) => {
+                        let status = self.report_failure(&cmd, &e);
+                        return self.respond(pc_id, dimse::C_STORE_RSP, &cmd, status).await;
+                    }
+                };
+                // Committed, not yet acknowledged: the modality will send it again.
+                passerelle_spool::crash_point!("ingest::store::before_response");
+                // The response first: a log line (a write to journald) never delays an acknowledgement.
+                let responded = self
+                    .respond(pc_id, dimse::C_STORE_RSP, &cmd, STATUS_SUCCESS)
+                    .await;
+                self.report_stored(&cmd, bytes, stored);
+                responded
             }
         }
     }
 
-    /// Logs the outcome of a C-STORE and returns the status to send.
-    fn report_store(&mut self, cmd: &Command, bytes: u64, result: Result<Stored>) -> u16 {
-        match result {
-            Ok(Stored { outcome, raw_bytes }) => {
-                match outcome {
-                    StoreOutcome::Stored { .. } | StoreOutcome::NewVersion { .. } => {
-                        info!(
-                            "Stored instance. sop_instance_uid={} sop_class_uid={} calling_ae={} peer={} bytes={raw_bytes} dataset_bytes={bytes}",
-                            cmd.sop_instance_uid, cmd.sop_class_uid, self.calling_ae, self.ip()
-                        );
-                        self.shared.stored.notify_one();
-                    }
-                    // The spool logs duplicates at INFO already.
-                    StoreOutcome::Duplicate { .. } => debug!(
-                        "Received an identical copy of an instance already held; answered success without queueing it again. sop_instance_uid={} calling_ae={} bytes={raw_bytes}",
-                        cmd.sop_instance_uid, self.calling_ae
-                    ),
-                }
-                self.stored += 1;
-                STATUS_SUCCESS
-            }
-            Err(e) => {
-                let status = e.dimse_status();
-                let line = format!(
-                    "C-STORE failed: {e}{}. sop_instance_uid={} calling_ae={} peer={} status={status:#06X} {}",
-                    source_chain(&e),
-                    cmd.sop_instance_uid,
-                    self.calling_ae,
-                    self.ip(),
-                    e.operator_hint()
+    /// Logs a stored instance (after its acknowledgement), counts it, and wakes the uplink.
+    fn report_stored(&mut self, cmd: &Command, bytes: u64, stored: Stored) {
+        let Stored { outcome, raw_bytes } = stored;
+        match outcome {
+            StoreOutcome::Stored { .. } | StoreOutcome::NewVersion { .. } => {
+                info!(
+                    "Stored instance. sop_instance_uid={} sop_class_uid={} calling_ae={} peer={} bytes={raw_bytes} dataset_bytes={bytes}",
+                    cmd.sop_instance_uid, cmd.sop_class_uid, self.calling_ae, self.ip()
                 );
-                if status == crate::error::STATUS_OUT_OF_RESOURCES {
-                    error!("{line}");
-                } else {
-                    warn!("{line}");
-                }
-                status
+                self.shared.stored.notify_one();
             }
+            // The spool logs duplicates at INFO already.
+            StoreOutcome::Duplicate { .. } => debug!(
+                "Received an identical copy of an instance already held; answered success without queueing it again. sop_instance_uid={} calling_ae={} bytes={raw_bytes}",
+                cmd.sop_instance_uid, self.calling_ae
+            ),
         }
+        self.stored += 1;
+    }
+
+    /// Logs a failed C-STORE (before its response, so that the line is there when the modality
+    /// sees the status) and returns the status to send.
+    fn report_failure(&self, cmd: &Command, e: &IngestError) -> u16 {
+        let status = e.dimse_status();
+        let line = format!(
+            "C-STORE failed: {e}{}. sop_instance_uid={} calling_ae={} peer={} status={status:#06X} {}",
+            source_chain(e),
+            cmd.sop_instance_uid,
+            self.calling_ae,
+            self.ip(),
+            e.operator_hint()
+        );
+        if status == crate::error::STATUS_OUT_OF_RESOURCES {
+            error!("{line}");
+        } else {
+            warn!("{line}");
+        }
+        status
     }
 
     async fn respond(&mut self, pc_id: u8, field: u16, cmd: &Command, status: u16) -> Result<()> {
