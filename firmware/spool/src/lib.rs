@@ -881,9 +881,17 @@ impl Spool {
     }
 
     /// Creates the 256 `objects/<xx>` directories ahead, so that no commit has to create one (and
-    /// fsync `objects/` for it) on the acknowledgement path. Best effort: on a full disk the daemon
+    /// fsync `objects/` for it) on the acknowledgement path, spread over the file system's block
+    /// groups where it can (see [`files::spread_subdirectories`]). Best effort: on a full disk the daemon
     /// still starts (and answers 0xA700), and commits create what is missing.
     fn create_fan_dirs(&self) {
+        // Before the fan directories exist: only directories created afterwards are spread.
+        if let Err(e) = files::spread_subdirectories(&self.inner.objects_dir) {
+            log::debug!(
+                "Could not mark the spool's object directory for spreading over the disk; files are created as usual. path={} error={e}",
+                self.inner.objects_dir.display()
+            );
+        }
         let created = (0..=255u8).try_fold(false, |created, fan| {
             let dir = self.inner.objects_dir.join(format!("{fan:02x}"));
             files::create_dir(&dir).map(|new| created | new)

@@ -2170,3 +2170,30 @@ fn lingering_claim_waits_for_a_study_still_arriving_but_never_for_full_batches_o
     }
     assert_eq!(spool.claim_batch(10, u64::MAX, newest).unwrap().len(), 3);
 }
+
+#[test]
+fn the_object_directories_are_marked_to_be_spread_over_the_block_groups_before_they_are_made() {
+    let fx = Fixture::new();
+    // Whether this file system takes the flag at all (ext4, as on the box and in CI, does; tmpfs
+    // does not, and the spool then works as usual).
+    let scratch = fx.dir.path().join("scratch");
+    fs::create_dir(&scratch).unwrap();
+    let supported = files::spread_subdirectories(&scratch).unwrap();
+    let spool = fx.spool();
+    let objects = fx.path("objects");
+    let flags = |p: &Path| rustix::fs::ioctl_getflags(File::open(p).unwrap());
+    if supported {
+        assert!(flags(&objects)
+            .unwrap()
+            .contains(rustix::fs::IFlags::TOPDIR));
+        // Idempotent: a second start finds the flag set and keeps it.
+        drop(spool);
+        let _again = fx.spool();
+        assert!(flags(&objects)
+            .unwrap()
+            .contains(rustix::fs::IFlags::TOPDIR));
+    }
+    for fan in 0..=255u8 {
+        assert!(objects.join(format!("{fan:02x}")).is_dir());
+    }
+}
