@@ -202,7 +202,7 @@ def test_every_acknowledgement_follows_the_fsyncs_a_power_cut_needs(
     every C-STORE success was written to the socket only after the instance's file was made durable:
     written into a pre-created file whose name was fsynced into its directory beforehand, then
     fdatasynced; or (pool empty) fsynced in tmp/, renamed into objects/, its directory fsynced and the
-    queue row's WAL synced, in that order. 200 instances, more than the pool holds at start-up (64 to 127),
+    queue row's WAL synced, in that order. 200 instances, more than the pool holds (64 at rest, up to 127),
     so that files created under the trace are followed from their creation."""
     from harness import send, syscalls
 

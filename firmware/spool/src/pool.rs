@@ -25,6 +25,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::MutexGuard;
 use std::time::Duration;
 
@@ -44,11 +45,22 @@ pub(crate) const POOL_BATCH: usize = 64;
 const POOL_MAX: usize = 192;
 
 /// Empty files created for the pool, in place and durably named, not yet listed nor free (see
-/// [`Spool::create_pool_batch`]). Dropped unlisted, they stay empty and unused: start-up and
-/// `rebuild-index` ignore or remove empty unlisted files.
-#[derive(Debug)]
+/// [`Spool::create_pool_batch`]). They count towards the pool until listed or dropped, so that
+/// batches on their way to the listing are not made again. Dropped unlisted, they stay empty and
+/// unused: start-up and `rebuild-index` ignore or remove empty unlisted files.
 pub struct PoolBatch {
     created: Vec<String>,
+    spool: Spool,
+}
+
+impl Drop for PoolBatch {
+    fn drop(&mut self) {
+        self.spool
+            .inner
+            .free
+            .pending
+            .fetch_sub(self.created.len(), Ordering::AcqRel);
+    }
 }
 
 /// The pooled files not taken, and a condition the filler waits on.
@@ -56,6 +68,8 @@ pub struct PoolBatch {
 pub(crate) struct Free {
     paths: std::sync::Mutex<Vec<String>>,
     low: std::sync::Condvar,
+    /// Files created, not yet listed (in a [`PoolBatch`]).
+    pending: AtomicUsize,
 }
 
 /// Where an instance being received is written.
@@ -123,14 +137,19 @@ impl Spool {
             .unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Files free or on their way to the listing (see [`PoolBatch`]), given the free list.
+    fn stocked(&self, free: &[String]) -> usize {
+        free.len() + self.inner.free.pending.load(Ordering::Acquire)
+    }
+
     /// Takes a pooled file for an instance, if one is free (and wakes the filler when few are).
     pub(crate) fn take_pooled(&self) -> Option<Slot> {
-        let (rel, left) = {
+        let (rel, low) = {
             let mut free = self.free();
             let rel = free.pop()?;
-            (rel, free.len())
+            (rel, self.stocked(&free) < POOL_LOW)
         };
-        if left < POOL_LOW {
+        if low {
             self.inner.free.low.notify_one();
         }
         Some(Slot {
@@ -141,22 +160,22 @@ impl Spool {
         })
     }
 
-    /// Whether fewer than the low-water number of pre-created files are free.
+    /// Whether fewer than the low-water number of pre-created files are free or being listed.
     pub fn pool_low(&self) -> bool {
-        self.free().len() < POOL_LOW
+        self.stocked(&self.free()) < POOL_LOW
     }
 
     /// Waits until the pool runs low or `timeout` passes (the filler thread's idle wait).
     pub fn wait_pool_low(&self, timeout: Duration) {
         let free = self.free();
-        if free.len() < POOL_LOW {
+        if self.stocked(&free) < POOL_LOW {
             return;
         }
         let _ = self
             .inner
             .free
             .low
-            .wait_timeout_while(free, timeout, |f| f.len() >= POOL_LOW);
+            .wait_timeout_while(free, timeout, |f| self.stocked(f) >= POOL_LOW);
     }
 
     /// Tops the pool up (one batch of empty files, see the module documentation) when it runs low.
@@ -177,7 +196,7 @@ impl Spool {
     /// freed inodes (ext4 without a journal), one file creation can take a millisecond of kernel
     /// time, and a batch of them must never delay an acknowledgement.
     pub fn create_pool_batch(&self) -> Result<Option<PoolBatch>> {
-        let have = self.free().len();
+        let have = self.stocked(&self.free());
         if have >= POOL_LOW {
             return Ok(None);
         }
@@ -202,7 +221,14 @@ impl Spool {
             created.push(rel);
         }
         files::fsync_dir(&dir)?;
-        Ok(Some(PoolBatch { created }))
+        self.inner
+            .free
+            .pending
+            .fetch_add(created.len(), Ordering::AcqRel);
+        Ok(Some(PoolBatch {
+            created,
+            spool: self.clone(),
+        }))
     }
 
     /// The second half of [`Spool::refill_pool`]: lists a created batch in the `pool` table, makes
@@ -210,14 +236,14 @@ impl Spool {
     /// database connection for the commit, so the daemon runs it at normal priority (a thread at
     /// the lowest one, preempted while holding the connection, would stall every store).
     pub fn list_pool_batch(&self, batch: PoolBatch) -> Result<usize> {
-        let PoolBatch { created } = batch;
+        let created = &batch.created;
         // The listing must be durable before ingest writes into these files (a whole instance in a
         // file listed nowhere would be lost at the next start). A `FULL` commit would fsync the WAL
         // with the connection locked, and the instance being acknowledged meanwhile would wait for
         // it: commit with `NORMAL` and fsync the WAL once the lock is released.
         db::with_normal_sync(&mut self.conn(), |conn| {
             let tx = conn.transaction().ctx("start listing pre-created files")?;
-            for rel in &created {
+            for rel in created {
                 tx.prepare_cached("INSERT INTO pool (path) VALUES (?1)")
                     .and_then(|mut s| s.execute([rel]))
                     .ctx("list a pre-created file")?;
@@ -226,7 +252,9 @@ impl Spool {
         })?;
         db::sync_wal(&self.inner.dir.join("spool.db"))?;
         let n = created.len();
-        self.free().extend(created);
+        self.free().extend(created.iter().cloned());
+        // Dropping the batch takes its files off the pending count, now that they are free.
+        drop(batch);
         Ok(n)
     }
 

@@ -1887,7 +1887,9 @@ fn created_pool_files_are_not_used_before_their_listing() {
     // temporary file, and nothing is listed.
     let batch = spool.create_pool_batch().unwrap().expect("the pool is low");
     assert!(pool_rows(&spool).is_empty());
-    assert!(spool.pool_low());
+    // A batch on its way to the listing counts: no second one is made meanwhile.
+    assert!(!spool.pool_low());
+    assert!(spool.create_pool_batch().unwrap().is_none());
     let first = Inst::new("1.2.10.7", "1.2.10", 10_000, 1007).stored_id(&spool);
     let first_path = row_str(&spool, first, "path").unwrap();
     assert!(
@@ -1905,6 +1907,14 @@ fn created_pool_files_are_not_used_before_their_listing() {
     assert_eq!(listed.len(), pool::POOL_BATCH);
     let second = Inst::new("1.2.10.8", "1.2.10", 10_000, 1008).stored_id(&spool);
     assert!(listed.contains(&row_str(&spool, second, "path").unwrap()));
+    // A batch dropped unlisted (the daemon stopping) no longer counts; its files stay empty.
+    let unlisted = spool
+        .create_pool_batch()
+        .unwrap()
+        .expect("below the low-water mark again");
+    assert!(!spool.pool_low());
+    drop(unlisted);
+    assert!(spool.pool_low());
     // Topped up to the low-water mark or above, the pool wants nothing more.
     while spool.pool_low() {
         let batch = spool.create_pool_batch().unwrap().expect("the pool is low");
