@@ -14,11 +14,9 @@
 //! in place and a temporary file that the next start removes; files created but not yet listed in
 //! the pool stay empty and unused.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
-use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use log::{info, warn};
 use passerelle_spool::{CompactReport, PoolBatch, Spool};
@@ -143,20 +141,32 @@ pub fn compactor(spool: Spool) -> std::io::Result<Worker> {
     })
 }
 
-/// The pool filler: two threads. `spool-pool-new` creates batches of empty files at nice 19 (file
+/// The pool filler: two workers. `spool-pool-new` creates batches of empty files at nice 19 (file
 /// creation is the costly half, up to a millisecond of kernel time per file on ext4 without a
 /// journal, and it must not take a core from an acknowledgement); `spool-pool` lists each batch
 /// at normal priority (it holds the database connection for that commit, and a thread at nice 19
 /// preempted while holding it would stall every store).
-pub fn pool_filler(spool: Spool) -> std::io::Result<Worker> {
+pub struct PoolFiller {
+    creator: Worker,
+    lister: Worker,
+}
+
+impl PoolFiller {
+    /// Stops the creating worker, then the listing one (which takes a batch the creator may be
+    /// handing over meanwhile).
+    pub fn stop(self) {
+        self.creator.stop();
+        self.lister.stop();
+    }
+}
+
+pub fn pool_filler(spool: Spool) -> std::io::Result<PoolFiller> {
     let (created, batches) = mpsc::sync_channel::<PoolBatch>(1);
-    let ended = Arc::new(AtomicBool::new(false));
-    let (creator_spool, creator_ended) = (spool.clone(), ended.clone());
-    std::thread::Builder::new()
-        .name("spool-pool-new".into())
-        .spawn(move || create_batches(&creator_spool, &created, &creator_ended))?;
-    Worker::start("spool-pool", move |stopped| {
-        let _ended = SetOnDrop(ended);
+    let creator_spool = spool.clone();
+    let creator = Worker::start("spool-pool-new", move |stopped| {
+        create_batches(&creator_spool, &created, stopped);
+    })?;
+    let lister = Worker::start("spool-pool", move |stopped| {
         let mut failing = Failing {
             what: "list spool files created ahead",
             consequence: "instances are stored through temporary files (safe, a little slower).",
@@ -173,28 +183,23 @@ pub fn pool_filler(spool: Spool) -> std::io::Result<Worker> {
                     }
                 },
                 Err(RecvTimeoutError::Timeout) => {}
-                // The creating thread has ended: it only does once this one has (or if it panicked).
+                // The creating worker has ended (stopped, or it panicked).
                 Err(RecvTimeoutError::Disconnected) => return,
             }
             if !matches!(stopped.try_recv(), Err(TryRecvError::Empty)) {
-                // Dropping `batches` ends the creating thread at its next batch or idle wait.
                 return;
             }
         }
-    })
+    })?;
+    Ok(PoolFiller { creator, lister })
 }
 
-/// Sets its flag when dropped: the listing thread's end, whichever way it returns.
-struct SetOnDrop(Arc<AtomicBool>);
-
-impl Drop for SetOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Release);
-    }
-}
-
-/// The creating half of the pool filler (see [`pool_filler`]): ends when the listing thread has.
-fn create_batches(spool: &Spool, created: &mpsc::SyncSender<PoolBatch>, ended: &AtomicBool) {
+/// The creating half of the pool filler (see [`pool_filler`]).
+fn create_batches(
+    spool: &Spool,
+    created: &mpsc::SyncSender<PoolBatch>,
+    stopped: &mpsc::Receiver<()>,
+) {
     lower_priority("spool-pool-new");
     let mut failing = Failing {
         what: "create spool files ahead",
@@ -208,7 +213,7 @@ fn create_batches(spool: &Spool, created: &mpsc::SyncSender<PoolBatch>, ended: &
                 if created.send(batch).is_err() {
                     return;
                 }
-                continue;
+                Duration::ZERO
             }
             Ok(None) => {
                 failing.ok();
@@ -222,17 +227,8 @@ fn create_batches(spool: &Spool, created: &mpsc::SyncSender<PoolBatch>, ended: &
             }
             Err(e) => failing.failed(&e),
         };
-        // Waits in short steps, so that the thread ends soon after the listing thread has.
-        let until = Instant::now() + wait;
-        loop {
-            if ended.load(Ordering::Acquire) {
-                return;
-            }
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            std::thread::sleep(left.min(IDLE));
+        if stop_requested(stopped, wait) {
+            return;
         }
     }
 }
