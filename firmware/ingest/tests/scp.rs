@@ -408,6 +408,14 @@ async fn c_store_is_committed_and_the_spooled_data_set_is_byte_identical_to_what
     tokio::time::timeout(DEADLINE, scp.stored.notified())
         .await
         .expect("the uplink is woken after the commit");
+    // The compactor rewrites a file only if its content matches the row's SHA-256, which the
+    // association task computed from the PDVs it handed to the store task.
+    let compacted = scp.spool.compact_batch(10).unwrap();
+    assert_eq!(
+        (compacted.compacted, compacted.skipped),
+        (1, 0),
+        "the recorded SHA-256 is the content's"
+    );
 
     let got = spooled(&scp.spool);
     assert_eq!(got.len(), 1);
