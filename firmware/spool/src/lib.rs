@@ -164,7 +164,7 @@ pub(crate) const WRITE_BUFFER: usize = 256 * 1024;
 /// Disk writes of a file being received are started every this many bytes (`write_behind`): a
 /// multi-frame instance never leaves tens of megabytes to its fdatasync, while a CT slice (0.5 MB)
 /// is written in one go by its fdatasync. (Every 128 KiB, each slice took four more write
-/// submissions on the store thread, about 14% more CPU per instance, for no shorter cycle.)
+/// submissions on the store thread, about 16% more CPU per instance, for no shorter cycle.)
 const WRITE_BEHIND: u64 = 1024 * 1024;
 /// A retry scheduled further ahead than this is taken as set by a wrong clock (see recovery).
 const MAX_SCHEDULE: Duration = Duration::from_secs(7 * 86_400);
