@@ -44,13 +44,14 @@ def _make_ca(d: Path, name: str, cn: str) -> tuple[Path, Path]:
     return cert, key
 
 
-def _make_leaf(d: Path, name: str, cn: str, ca_cert: Path, ca_key: Path, ext: str) -> tuple[Path, Path]:
+def _make_leaf(d: Path, name: str, cn: str, ca_cert: Path, ca_key: Path, ext: str,
+               days: int = 30) -> tuple[Path, Path]:
     key, csr, cert, extfile = d / f"{name}.key", d / f"{name}.csr", d / f"{name}.pem", d / f"{name}.ext"
     extfile.write_text(ext)
     _openssl("genrsa", "-out", key, "2048")
     _openssl("req", "-new", "-key", key, "-subj", f"/CN={cn}", "-out", csr)
     _openssl(
-        "x509", "-req", "-in", csr, "-CA", ca_cert, "-CAkey", ca_key, "-CAcreateserial", "-days", "30",
+        "x509", "-req", "-in", csr, "-CA", ca_cert, "-CAkey", ca_key, "-CAcreateserial", "-days", str(days),
         "-sha256", "-extfile", extfile, "-out", cert,
     )
     return cert, key
@@ -97,3 +98,12 @@ def make_pki(d: Path) -> Pki:
         wrong_name_cert=wrong_name_cert,
         wrong_name_key=wrong_name_key,
     )
+
+
+def make_client_cert(pki: Pki, d: Path, name: str, *, foreign_ca: bool = False,
+                     expired: bool = False) -> tuple[Path, Path]:
+    """Another client certificate for mutual TLS: issued by the unrelated CA (`foreign_ca`), or by the
+    real CA but already expired (`expired`: valid until a day before it was issued)."""
+    d.mkdir(parents=True, exist_ok=True)
+    ca_cert, ca_key = (pki.other_ca_cert, pki.other_ca_key) if foreign_ca else (pki.ca_cert, pki.ca_key)
+    return _make_leaf(d, name, "passerelle-test-gateway", ca_cert, ca_key, CLIENT_EXT, days=-1 if expired else 30)

@@ -1,6 +1,7 @@
 """5. TLS and credentials: the daemon trusts only its ca_file. With another CA it never delivers, keeps
 everything queued, and shows a certificate error; CA variables in the environment change nothing. A wrong
-password pauses the uplink instead of retrying in a loop. Fixing the config and restarting delivers all."""
+password, or a client certificate the PACS does not accept, pauses the uplink instead of retrying in a loop
+or failing the instances. Fixing the config and restarting delivers all."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from harness import send
 from harness.checks import assert_byte_identical, wait_for_instances
 from harness.orthanc import PASSWORD, Orthanc
+from harness.pki import make_client_cert
 from harness.data import Study
 from harness.util import wait_until
 
@@ -95,6 +97,50 @@ def test_wrong_password_pauses_the_uplink_and_loses_nothing(
     gw.stop_ok()
     log = gw.log_path.read_text(errors="replace")
     assert PASSWORD not in log and "not-the-password" not in log, "a password reached the log"
+
+
+def test_refused_client_certificate_pauses_the_uplink_and_fails_no_instance(
+    orthanc, make_gateway, pki, ct_study: Study, storescu_reference: dict[str, bytes], tmp_path: Path
+) -> None:
+    """The box's client certificate has expired, or comes from a CA the PACS does not trust. nginx
+    (`ssl_verify_client on`) completes the handshake anyway and answers each request with HTTP 400 "The
+    SSL certificate error". That is the box's configuration, not the instances: the uplink pauses with a
+    message naming uplink.client_cert, and no instance is failed (which would need a `requeue` of the whole
+    backlog) or lost. With a valid certificate and a restart, everything is delivered."""
+    gw = make_gateway(orthanc)
+    cases = [
+        ("expired", make_client_cert(pki, tmp_path / "certs", "expired-client", expired=True)),
+        ("foreign CA", make_client_cert(pki, tmp_path / "certs", "foreign-client", foreign_ca=True)),
+    ]
+    held: list = []
+    for k, (what, (cert, key)) in enumerate(cases):
+        gw.client_cert, gw.client_key = cert, key
+        gw.write_config()
+        gw.start()
+        batch = ct_study.instances[6 * k:6 * k + 6]
+        send.storescu(gw.port, batch, tmp_path / f"scu-{k}", called_ae=gw.ae_title)
+        held += batch
+        status = wait_until(lambda: (s := gw.status())["paused_until"] and s, 60, f"the uplink to pause ({what})")
+        assert "uplink.client_cert" in status["last_error"], status
+        assert "The SSL certificate error" in status["last_error"], status
+        assert status["failed"] == 0 and status["sent"] == 0 and status["lost"] == 0, (what, status)
+        assert status["queued"] + status["uploading"] == len(held), (what, status)
+        assert orthanc.count_instances() == 0
+        gw.stop_ok()
+        assert gw.status()["queued"] == len(held), what
+    access_log = (orthanc.dir / "nginx-access.log").read_text(errors="replace")
+    assert '"POST /dicom-web/studies HTTP/1.1" 400' in access_log, access_log[-2000:]
+    log = gw.log_path.read_text(errors="replace")
+    assert "refused an instance for good" not in log, "an instance was failed over the certificate"
+
+    gw.client_cert, gw.client_key = pki.client_cert, pki.client_key
+    gw.write_config()
+    gw.start()
+    wait_for_instances(orthanc, len(held), timeout=120, what="the queue after the client certificate was fixed")
+    status = wait_until(lambda: (s := gw.status())["sent"] == len(held) and s, 60, "all sent")
+    assert status["lost"] == 0 and status["failed"] == 0, status
+    assert_byte_identical(orthanc, {i.sop_instance_uid: storescu_reference[i.sop_instance_uid] for i in held})
+    gw.stop_ok()
 
 
 def test_server_certificate_for_another_host_name_is_refused(

@@ -82,7 +82,12 @@
 //!   no request since start, is its refusal: with TLS 1.3 that refusal comes after the request
 //!   started, often as a connection closed under the body instead of its alert (`tls::ClientAuth`).
 //!   With a certificate configured, a PACS refusing it that way is still retried as a network error
-//!   (a reset before the first answer is also what a flaky link gives).
+//!   (a reset before the first answer is also what a flaky link gives) until an answer is read. A
+//!   TLS front end that takes the handshake whatever the certificate and answers HTTP 400 about it
+//!   (nginx with `ssl_verify_client on`: "The SSL certificate error" for an expired or untrusted
+//!   certificate, "No required SSL certificate was sent") pauses the uplink like a refused
+//!   certificate: that 400 is about the box, not the instances, and failing them would leave the
+//!   whole backlog to `requeue`.
 //! - The uplink's health (`UplinkState`: pause, last error, last success) is persisted in the
 //!   spool for `passerelled status`.
 //! - Shutdown during a request gives it 3 seconds to finish; otherwise it is aborted and its rows

@@ -232,12 +232,18 @@ fn decide_answer(instances: &[QueuedInstance], a: &Answer) -> Decision {
             },
             not_before: None,
         }),
-        HttpClass::BadRequest => per_instance(instances, a, |_| Action::Failed {
-            reason: format!(
-                "The PACS rejected the request as invalid (HTTP 400): {}",
-                server_message(a)
+        HttpClass::BadRequest => match front_end_certificate_refusal(a) {
+            Some(refusal) => decide_transport(
+                instances,
+                &TransportFailure::ClientCertificateRefused(refusal.into()),
             ),
-        }),
+            None => per_instance(instances, a, |_| Action::Failed {
+                reason: format!(
+                    "The PACS rejected the request as invalid (HTTP 400): {}",
+                    server_message(a)
+                ),
+            }),
+        },
         HttpClass::Conflict => per_instance(instances, a, |_| Action::Failed {
             reason: format!(
                 "The PACS refused the instance with HTTP 409 Conflict (for example it holds different data under the same UIDs): {}",
@@ -379,6 +385,24 @@ fn failure_action(reason: Option<u16>, status: u16) -> Action {
 }
 
 /// The PACS's own words, for a log line: a short, single-line excerpt of the body.
+/// A TLS front end that took the connection but not our client certificate, as nginx answers it:
+/// with `ssl_verify_client on` it completes the handshake whatever the certificate, then answers
+/// every request on that connection with HTTP 400 and a page titled "The SSL certificate error"
+/// (the certificate did not verify: another CA, expired, revoked) or "No required SSL certificate was
+/// sent" (none presented). That 400 says nothing about the instances: it is the box's configuration
+/// (or the PACS's trust list) that must change, so the batch must not be failed. Returns what the
+/// front end said, for the pause's message.
+fn front_end_certificate_refusal(a: &Answer) -> Option<&'static str> {
+    let head = String::from_utf8_lossy(&a.body[..a.body.len().min(1024)]).to_ascii_lowercase();
+    if head.contains("the ssl certificate error") {
+        Some("its TLS front end answered HTTP 400 \"The SSL certificate error\": the certificate did not verify against the CAs it trusts, or has expired or been revoked")
+    } else if head.contains("no required ssl certificate was sent") {
+        Some("its TLS front end answered HTTP 400 \"No required SSL certificate was sent\"")
+    } else {
+        None
+    }
+}
+
 fn server_message(a: &Answer) -> String {
     let text = String::from_utf8_lossy(&a.body[..a.body.len().min(400)]);
     let one_line: String = text

@@ -666,3 +666,47 @@ fn a_request_the_pacs_did_not_process_goes_out_again_at_once() {
         Decision::Resend { detail } if detail == "GOAWAY"
     ));
 }
+
+/// nginx's answers to a request whose client certificate `ssl_verify_client on` did not accept, as
+/// nginx 1.22 sends them (an HTML page, whatever the Accept header).
+fn nginx_certificate_page(title: &str) -> Exchange {
+    Exchange::Answered(Answer {
+        status: 400,
+        content_type: Some("text/html".into()),
+        body: format!(
+            "<html>\r\n<head><title>400 {title}</title></head>\r\n<body>\r\n<center><h1>400 Bad Request</h1></center>\r\n<center>{title}</center>\r\n<hr><center>nginx/1.22.1</center>\r\n</body>\r\n</html>\r\n"
+        )
+        .into_bytes(),
+        retry_after: None,
+        location: None,
+        http_version: "HTTP/1.1",
+    })
+}
+
+#[test]
+fn a_front_end_refusing_the_client_certificate_pauses_instead_of_failing_the_batch() {
+    for (title, said) in [
+        ("The SSL certificate error", "did not verify"),
+        (
+            "No required SSL certificate was sent",
+            "No required SSL certificate was sent",
+        ),
+    ] {
+        let got = decide(&batch(), &nginx_certificate_page(title));
+        let Decision::Pause { error } = &got else {
+            panic!("{title}: {got:?}")
+        };
+        assert!(error.contains("uplink.client_cert"), "{error}");
+        assert!(error.contains(said), "{error}");
+        assert!(error.contains("HTTP 400"), "{error}");
+    }
+    // Any other 400, HTML or not, still refuses the instances it does not confirm.
+    check(
+        &batch()[..1],
+        answer(
+            400,
+            "<html><title>400 Bad Request</title>Bad multipart</html>",
+        ),
+        Expect::Each(&[(1, Is::Failed)]),
+    );
+}
