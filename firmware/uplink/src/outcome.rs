@@ -35,6 +35,9 @@ pub(crate) struct Answer {
 pub(crate) enum TransportFailure {
     /// Our trust anchors (uplink.ca_file) or host name check refused the PACS's certificate.
     ServerCertificateRefused(String),
+    /// The PACS's certificate is not valid at this box's time: expired, or not yet valid (which
+    /// may be the box's clock rather than the certificate). The detail carries the clock's reading.
+    ServerCertificateOutOfDate(String),
     /// The PACS refused our client certificate (or required one we do not have).
     ClientCertificateRefused(String),
     /// The PACS and we share no TLS version or cipher suite (TLS 1.2+ only).
@@ -177,6 +180,11 @@ fn decide_transport(instances: &[QueuedInstance], failure: &TransportFailure) ->
         TransportFailure::ServerCertificateRefused(detail) => Decision::Pause {
             error: format!(
                 "The PACS's TLS certificate was refused ({detail}). Make sure uplink.ca_file holds the CA certificate that signed the PACS's server certificate, and that the host name in uplink.stow_url is one the certificate names; then restart passerelled."
+            ),
+        },
+        TransportFailure::ServerCertificateOutOfDate(detail) => Decision::Pause {
+            error: format!(
+                "The PACS's TLS certificate is not valid at this box's time ({detail}). Either it has expired and the PACS's operator must renew it, or this box's clock is wrong: check that the box reaches its time server (NTP); then restart passerelled."
             ),
         },
         TransportFailure::ClientCertificateRefused(detail) => Decision::Pause {
@@ -537,7 +545,17 @@ pub(crate) fn refused_after_certificate_request(
 
 fn classify_tls(tls: &rustls::Error, whole: &(dyn StdError + 'static)) -> TransportFailure {
     use rustls::AlertDescription as A;
+    use rustls::CertificateError;
     match tls {
+        rustls::Error::InvalidCertificate(
+            e @ (CertificateError::Expired
+            | CertificateError::ExpiredContext { .. }
+            | CertificateError::NotValidYet
+            | CertificateError::NotValidYetContext { .. }),
+        ) => TransportFailure::ServerCertificateOutOfDate(format!(
+            "{e}; the box's clock reads {}",
+            httpdate::fmt_http_date(SystemTime::now())
+        )),
         rustls::Error::InvalidCertificate(e) => {
             TransportFailure::ServerCertificateRefused(format!("{e}"))
         }

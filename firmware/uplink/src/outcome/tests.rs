@@ -363,6 +363,10 @@ fn transport_failures_pause_on_certificates_and_retry_otherwise() {
             Some("uplink.ca_file"),
         ),
         (
+            TransportFailure::ServerCertificateOutOfDate("certificate expired".into()),
+            Some("NTP"),
+        ),
+        (
             TransportFailure::ClientCertificateRefused("BadCertificate".into()),
             Some("uplink.client_cert"),
         ),
@@ -432,11 +436,20 @@ fn tls_errors_are_found_inside_io_errors_and_classified() {
         classify_transport(client.as_ref()),
         TransportFailure::ClientCertificateRefused(_)
     ));
-    let direct = rustls::Error::InvalidCertificate(CertificateError::Expired);
+    let direct = rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer);
     assert!(matches!(
         classify_transport(&direct),
         TransportFailure::ServerCertificateRefused(_)
     ));
+    for out_of_date in [CertificateError::Expired, CertificateError::NotValidYet] {
+        match classify_transport(&rustls::Error::InvalidCertificate(out_of_date)) {
+            TransportFailure::ServerCertificateOutOfDate(detail) => {
+                assert!(detail.contains("the box's clock reads"), "{detail}");
+                assert!(detail.contains(" GMT"), "{detail}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
     let reset = std::io::Error::new(
         std::io::ErrorKind::ConnectionReset,
         "connection reset by peer",
