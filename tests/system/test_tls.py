@@ -102,18 +102,23 @@ def test_wrong_password_pauses_the_uplink_and_loses_nothing(
 def test_refused_client_certificate_pauses_the_uplink_and_fails_no_instance(
     orthanc, make_gateway, pki, ct_study: Study, storescu_reference: dict[str, bytes], tmp_path: Path
 ) -> None:
-    """The box's client certificate has expired, or comes from a CA the PACS does not trust. nginx
+    """The box's client certificate has expired, comes from a CA the PACS does not trust, or is missing. nginx
     (`ssl_verify_client on`) completes the handshake anyway and answers each request with HTTP 400 "The
     SSL certificate error". That is the box's configuration, not the instances: the uplink pauses with a
     message naming uplink.client_cert, and no instance is failed (which would need a `requeue` of the whole
     backlog) or lost. With a valid certificate and a restart, everything is delivered."""
     gw = make_gateway(orthanc)
+    # (what, certificate and key, what the pause's message must quote)
     cases = [
-        ("expired", make_client_cert(pki, tmp_path / "certs", "expired-client", expired=True)),
-        ("foreign CA", make_client_cert(pki, tmp_path / "certs", "foreign-client", foreign_ca=True)),
+        ("expired", make_client_cert(pki, tmp_path / "certs", "expired-client", expired=True),
+         "The SSL certificate error"),
+        ("foreign CA", make_client_cert(pki, tmp_path / "certs", "foreign-client", foreign_ca=True),
+         "The SSL certificate error"),
+        # None configured: the front end's 400, or (TLS 1.3) the connection it closed under the body.
+        ("none", (None, None), ""),
     ]
     held: list = []
-    for k, (what, (cert, key)) in enumerate(cases):
+    for k, (what, (cert, key), quoted) in enumerate(cases):
         gw.client_cert, gw.client_key = cert, key
         gw.write_config()
         gw.start()
@@ -122,7 +127,7 @@ def test_refused_client_certificate_pauses_the_uplink_and_fails_no_instance(
         held += batch
         status = wait_until(lambda: (s := gw.status())["paused_until"] and s, 60, f"the uplink to pause ({what})")
         assert "uplink.client_cert" in status["last_error"], status
-        assert "The SSL certificate error" in status["last_error"], status
+        assert quoted in status["last_error"], status
         assert status["failed"] == 0 and status["sent"] == 0 and status["lost"] == 0, (what, status)
         assert status["queued"] + status["uploading"] == len(held), (what, status)
         assert orthanc.count_instances() == 0
