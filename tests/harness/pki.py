@@ -107,3 +107,14 @@ def make_client_cert(pki: Pki, d: Path, name: str, *, foreign_ca: bool = False,
     d.mkdir(parents=True, exist_ok=True)
     ca_cert, ca_key = (pki.other_ca_cert, pki.other_ca_key) if foreign_ca else (pki.ca_cert, pki.ca_key)
     return _make_leaf(d, name, "passerelle-test-gateway", ca_cert, ca_key, CLIENT_EXT, days=-1 if expired else 30)
+
+
+def make_self_signed_server_cert(d: Path, name: str, *, ca_false: bool) -> tuple[Path, Path]:
+    """A self-signed server certificate for localhost/127.0.0.1, made as PACS set-up guides make one
+    (`openssl req -x509`, whose default configuration marks it CA:TRUE), or with CA:FALSE (`ca_false`)."""
+    d.mkdir(parents=True, exist_ok=True)
+    key, cert = d / f"{name}.key", d / f"{name}.pem"
+    extra = ["-addext", "basicConstraints=critical,CA:FALSE"] if ca_false else []
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert, "-days", "30",
+             "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", *extra)
+    return cert, key

@@ -10,7 +10,7 @@ from pathlib import Path
 from harness import send
 from harness.checks import assert_byte_identical, wait_for_instances
 from harness.orthanc import PASSWORD, Orthanc
-from harness.pki import make_client_cert
+from harness.pki import make_client_cert, make_self_signed_server_cert
 from harness.data import Study
 from harness.util import wait_until
 
@@ -146,6 +146,38 @@ def test_refused_client_certificate_pauses_the_uplink_and_fails_no_instance(
     assert status["lost"] == 0 and status["failed"] == 0, status
     assert_byte_identical(orthanc, {i.sop_instance_uid: storescu_reference[i.sop_instance_uid] for i in held})
     gw.stop_ok()
+
+
+def test_self_signed_ca_certificate_pauses_with_how_to_make_one_that_works(
+    make_gateway, pki, ct_study: Study, storescu_reference: dict[str, bytes], tmp_path: Path
+) -> None:
+    """The PACS's front end uses a self-signed certificate made as `openssl req -x509` makes it by default
+    (CA:TRUE), and the operator put it in ca_file. rustls never accepts a CA certificate as a server
+    certificate: the pause says so and how to make one that works, not "check ca_file" (which holds the right
+    certificate). Made that way (CA:FALSE) and pinned the same way, the instances are delivered."""
+    few = ct_study.instances[:3]
+    for ca_false in (False, True):
+        cert, key = make_self_signed_server_cert(tmp_path / "certs", f"self-signed-{ca_false}", ca_false=ca_false)
+        pacs = Orthanc(dir=tmp_path / f"orthanc-{ca_false}", pki=pki, server_cert=cert, server_key=key)
+        try:
+            pacs.start()
+            gw = make_gateway(pacs, name=f"gateway-{ca_false}", ca_file=cert)
+            gw.start()
+            send.storescu(gw.port, few, tmp_path / f"scu-{ca_false}", called_ae=gw.ae_title)
+            if not ca_false:
+                status = wait_until(lambda: (s := gw.status())["paused_until"] and s, 60, "the uplink to pause")
+                assert "CA:TRUE" in status["last_error"] and "CA:FALSE" in status["last_error"], status
+                assert status["failed"] == 0 and status["sent"] == 0 and status["lost"] == 0, status
+                assert status["queued"] + status["uploading"] == len(few), status
+                assert "POST" not in (pacs.dir / "nginx-access.log").read_text(errors="replace")
+            else:
+                wait_for_instances(pacs, len(few), timeout=120, what="delivery to a pinned CA:FALSE certificate")
+                status = wait_until(lambda: (s := gw.status())["sent"] == len(few) and s, 60, "all sent")
+                assert status["failed"] == 0 and status["lost"] == 0, status
+                assert_byte_identical(pacs, {i.sop_instance_uid: storescu_reference[i.sop_instance_uid] for i in few})
+            gw.stop_ok()
+        finally:
+            pacs.stop()
 
 
 def test_server_certificate_for_another_host_name_is_refused(

@@ -78,7 +78,9 @@
 //!   413 splits the batch; 401/403/407/415, wrong endpoints and certificate failures pause the
 //!   uplink for `uplink.auth_pause_secs` with an ERROR that says what to fix (a PACS certificate
 //!   that is expired or not yet valid names both possible causes, its renewal or the box's clock,
-//!   and gives the clock's reading, instead of pointing at `uplink.ca_file`); 5xx, 408, 429 and
+//!   and gives the clock's reading, instead of pointing at `uplink.ca_file`; a CA certificate
+//!   presented as the server certificate, the default of `openssl req -x509`, which rustls never
+//!   accepts as one, says how to make a self-signed certificate that works); 5xx, 408, 429 and
 //!   network errors back off exponentially with ±20% jitter, honouring Retry-After. A network error
 //!   from a PACS that asked for a client certificate while none is configured, and that has answered
 //!   no request since start, is its refusal: with TLS 1.3 that refusal comes after the request

@@ -35,6 +35,9 @@ pub(crate) struct Answer {
 pub(crate) enum TransportFailure {
     /// Our trust anchors (uplink.ca_file) or host name check refused the PACS's certificate.
     ServerCertificateRefused(String),
+    /// The PACS presents a CA certificate as its server certificate (a self-signed certificate with
+    /// `CA:TRUE`, which `openssl req -x509` makes by default): no ca_file makes it acceptable.
+    ServerCertificateIsCa(String),
     /// The PACS's certificate is not valid at this box's time: expired, or not yet valid (which
     /// may be the box's clock rather than the certificate). The detail carries the clock's reading.
     ServerCertificateOutOfDate(String),
@@ -180,6 +183,11 @@ fn decide_transport(instances: &[QueuedInstance], failure: &TransportFailure) ->
         TransportFailure::ServerCertificateRefused(detail) => Decision::Pause {
             error: format!(
                 "The PACS's TLS certificate was refused ({detail}). Make sure uplink.ca_file holds the CA certificate that signed the PACS's server certificate, and that the host name in uplink.stow_url is one the certificate names; then restart passerelled."
+            ),
+        },
+        TransportFailure::ServerCertificateIsCa(detail) => Decision::Pause {
+            error: format!(
+                "The PACS presents a CA certificate (basic constraints CA:TRUE) as its server certificate ({detail}), which Passerelle does not accept, even from uplink.ca_file; `openssl req -x509` makes such self-signed certificates by default. Give the PACS's TLS front end a server certificate signed by the CA in uplink.ca_file, or a self-signed one made with `-addext basicConstraints=critical,CA:FALSE` and put that certificate in uplink.ca_file; then restart passerelled."
             ),
         },
         TransportFailure::ServerCertificateOutOfDate(detail) => Decision::Pause {
@@ -556,6 +564,14 @@ fn classify_tls(tls: &rustls::Error, whole: &(dyn StdError + 'static)) -> Transp
             "{e}; the box's clock reads {}",
             httpdate::fmt_http_date(SystemTime::now())
         )),
+        rustls::Error::InvalidCertificate(CertificateError::Other(other))
+            if matches!(
+                other.0.downcast_ref::<webpki::Error>(),
+                Some(webpki::Error::CaUsedAsEndEntity)
+            ) =>
+        {
+            TransportFailure::ServerCertificateIsCa("rustls: CaUsedAsEndEntity".into())
+        }
         rustls::Error::InvalidCertificate(e) => {
             TransportFailure::ServerCertificateRefused(format!("{e}"))
         }

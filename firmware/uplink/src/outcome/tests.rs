@@ -367,6 +367,10 @@ fn transport_failures_pause_on_certificates_and_retry_otherwise() {
             Some("NTP"),
         ),
         (
+            TransportFailure::ServerCertificateIsCa("CaUsedAsEndEntity".into()),
+            Some("CA:FALSE"),
+        ),
+        (
             TransportFailure::ClientCertificateRefused("BadCertificate".into()),
             Some("uplink.client_cert"),
         ),
@@ -439,6 +443,19 @@ fn tls_errors_are_found_inside_io_errors_and_classified() {
     let direct = rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer);
     assert!(matches!(
         classify_transport(&direct),
+        TransportFailure::ServerCertificateRefused(_)
+    ));
+    let webpki_error = |e: webpki::Error| {
+        rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(
+            std::sync::Arc::new(e),
+        )))
+    };
+    assert!(matches!(
+        classify_transport(&webpki_error(webpki::Error::CaUsedAsEndEntity)),
+        TransportFailure::ServerCertificateIsCa(_)
+    ));
+    assert!(matches!(
+        classify_transport(&webpki_error(webpki::Error::BadDer)),
         TransportFailure::ServerCertificateRefused(_)
     ));
     for out_of_date in [CertificateError::Expired, CertificateError::NotValidYet] {
