@@ -1,13 +1,20 @@
-"""3. An upstream outage while a modality is sending delays delivery but loses nothing."""
+"""3. An upstream outage while a modality is sending delays delivery but loses nothing; so does a PACS that
+answers but cannot store (its disk is full)."""
 
 from __future__ import annotations
 
+import errno
+import os
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from harness import send
 from harness.checks import assert_byte_identical, wait_for_instances
 from harness.data import Study
-from harness.util import wait_until
+from harness.orthanc import Orthanc
+from harness.util import run, wait_until
 
 
 def test_orthanc_outage_delays_but_loses_nothing(
@@ -59,4 +66,67 @@ def test_orthanc_outage_delays_but_loses_nothing(
     status = wait_until(lambda: (s := gw.status())["sent"] == n and s, 60, f"status to show {n} sent")
     assert status["lost"] == 0 and status["failed"] == 0 and status["queued"] == 0, status
     assert_byte_identical(orthanc, {i.sop_instance_uid: storescu_reference[i.sop_instance_uid] for i in study})
+    gw.stop_ok()
+
+
+FILLER = "storage/filler"
+
+
+@pytest.fixture
+def pacs_with_full_disk(pki, tmp_path: Path):
+    """Orthanc whose storage area is a 16 MiB tmpfs filled up by another file (`.filler`): it answers STOW-RS
+    but cannot store. Deleting the filler (`FILLER` under its directory) gives the space back. Needs root, as
+    CI runs."""
+    if os.geteuid() != 0:
+        pytest.fail("This case mounts a tmpfs for Orthanc's storage and must run as root (as CI does).")
+    pacs = Orthanc(dir=tmp_path / "pacs", pki=pki)
+    storage = pacs.dir / "storage"
+    storage.mkdir(parents=True)
+    run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(storage)])
+    filler = pacs.dir / FILLER
+    try:
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(bytes(1 << 20))
+                    f.flush()
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+        pacs.start()
+        yield pacs
+    finally:
+        pacs.stop()
+        if subprocess.run(["umount", str(storage)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(storage)], capture_output=True)
+
+
+def test_a_pacs_that_cannot_store_holds_the_uplink_and_loses_nothing(
+    pacs_with_full_disk, make_gateway, ct_study: Study, storescu_reference: dict[str, bytes], tmp_path: Path
+) -> None:
+    """The PACS's disk is full. Orthanc still answers each STOW-RS request, HTTP 200 with neither
+    ReferencedSOPSequence nor FailedSOPSequence listing anything. Nothing is confirmed, so nothing is
+    deleted; nothing is failed for good either. The uplink treats it as the upstream not taking requests
+    (it holds every upload, like for a 5xx) and says the PACS stored nothing. Once the PACS has space again,
+    everything is delivered byte-identical."""
+    pacs = pacs_with_full_disk
+    few = ct_study.instances[:20]
+    gw = make_gateway(pacs)
+    gw.start()
+    send.storescu(gw.port, few, tmp_path / "scu", called_ae=gw.ae_title)
+
+    status = wait_until(lambda: "stored nothing" in ((s := gw.status())["last_error"] or "") and s, 60,
+                        "status to say the PACS stored nothing")
+    assert "full disk" in status["last_error"], status
+    assert status["sent"] == 0 and status["failed"] == 0 and status["lost"] == 0, status
+    assert status["queued"] + status["uploading"] == len(few), status
+    assert pacs.count_instances() == 0
+    wait_until(lambda: "Holding all uploads until the PACS answers again" in gw.log_path.read_text(errors="replace"),
+               60, "the uplink to hold every upload")
+
+    (pacs.dir / FILLER).unlink()  # the PACS's operator frees space
+    wait_for_instances(pacs, len(few), timeout=120, what="everything once the PACS has space again")
+    status = wait_until(lambda: (s := gw.status())["sent"] == len(few) and s, 60, "all sent")
+    assert status["lost"] == 0 and status["failed"] == 0, status
+    assert_byte_identical(pacs, {i.sop_instance_uid: storescu_reference[i.sop_instance_uid] for i in few})
     gw.stop_ok()

@@ -40,7 +40,9 @@
 //!   request at a time, never one per connection. A claimed row is `uploading`, so no other worker
 //!   claims it; and a worker leaves out (releases) a version of a SOP Instance UID that another
 //!   request carries, so that no UID is in two requests at once.
-//! - A request the upstream as a whole does not take (no answer, 5xx, 429) holds *every* upload for
+//! - A request the upstream as a whole does not take (no answer, 5xx, 429, or an answer that
+//!   confirms none of its instances and refuses none for good, such as Orthanc's 200 listing
+//!   nothing when its disk is full) holds *every* upload for
 //!   a backoff that grows with the failures in a row, so instances arriving during an outage wait
 //!   with the rest instead of each triggering a request. The first delivery after such a failure
 //!   (or after start) makes every waiting retry due at once (`Spool::expedite_retries`), so the
@@ -844,10 +846,17 @@ impl Worker {
                     marks.extend(released(in_request));
                 }
                 Decision::PerInstance(actions) => {
+                    // An answer that confirms nothing and refuses nothing for good (a 5xx, a 429, a
+                    // 2xx that stored nothing or only "out of resources") is the upstream as a whole
+                    // not taking requests.
+                    let nothing_taken = !actions.is_empty()
+                        && actions
+                            .iter()
+                            .all(|(_, a)| matches!(a, outcome::Action::Retry { .. }));
                     let (status, whole_request_failed, retry_after) = match &exchange {
                         Exchange::Answered(a) => (
                             Some((a.status, a.http_version)),
-                            a.status >= 500 || a.status == 429,
+                            a.status >= 500 || a.status == 429 || nothing_taken,
                             a.retry_after,
                         ),
                         Exchange::Failed(_) => (None, true, None),

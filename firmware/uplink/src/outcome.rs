@@ -237,6 +237,14 @@ fn decide_transport(instances: &[QueuedInstance], failure: &TransportFailure) ->
 fn decide_answer(instances: &[QueuedInstance], a: &Answer) -> Decision {
     let status = a.status;
     match http_class(status) {
+        HttpClass::Stored if stored_nothing(a) => retry_all(
+            instances,
+            format!(
+                "The PACS answered HTTP {status} but confirmed none of the {} instance(s) and listed none as failed: it stored nothing. Orthanc answers so when it cannot write to its storage (for example a full disk); check the PACS. The instances are not confirmed and will be sent again.",
+                instances.len()
+            ),
+            a.retry_after,
+        ),
         HttpClass::Stored => per_instance(instances, a, |parse_error| Action::Retry {
             error: match parse_error {
                 None => format!(
@@ -345,6 +353,14 @@ fn retry_all(
 }
 
 /// Referenced → sent, failed → per FailureReason, the rest → `leftover(parse error)`.
+/// A 2xx whose response parses but lists no instance at all, neither stored nor failed: the PACS
+/// took the request and stored nothing (Orthanc's DICOMweb plugin, when its storage cannot be
+/// written, answers 200 with both sequences empty).
+fn stored_nothing(a: &Answer) -> bool {
+    response::parse(a.status, a.content_type.as_deref(), &a.body)
+        .is_ok_and(|r| r.referenced.is_empty() && r.failed.is_empty())
+}
+
 fn per_instance(
     instances: &[QueuedInstance],
     a: &Answer,

@@ -741,6 +741,17 @@ async fn a_retried_batch_becomes_due_together_and_is_sent_together_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn during_an_outage_new_arrivals_wait_with_the_rest_and_all_go_out_once_it_answers() {
+    outage_holds_every_upload(|| Reply::status(503)).await;
+}
+
+/// A PACS that answers 200 but lists no instance at all (Orthanc with a full disk) is not taking
+/// requests either: the same hold as for a 5xx.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pacs_answering_200_while_storing_nothing_holds_every_upload_like_an_outage() {
+    outage_holds_every_upload(|| Reply::json(200, stow_json(&[], &[]))).await;
+}
+
+async fn outage_holds_every_upload(down_reply: fn() -> Reply) {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
     let env = Env::new();
@@ -753,7 +764,7 @@ async fn during_an_outage_new_arrivals_wait_with_the_rest_and_all_go_out_once_it
         .stub(move |seen| {
             if is_down.load(Ordering::SeqCst) {
                 log.lock().unwrap().push(Instant::now());
-                Reply::status(503)
+                down_reply()
             } else {
                 ok_log.lock().unwrap().push(Instant::now());
                 let uids: Vec<&str> = seen.uids.iter().map(String::as_str).collect();

@@ -740,3 +740,33 @@ fn a_front_end_refusing_the_client_certificate_pauses_instead_of_failing_the_bat
         Expect::Each(&[(1, Is::Failed)]),
     );
 }
+
+#[test]
+fn a_2xx_that_lists_no_instance_at_all_says_the_pacs_stored_nothing() {
+    // What Orthanc's DICOMweb plugin answers when it cannot write to its storage (a full disk).
+    let nothing = r#"{"00080005": {"vr": "CS", "Value": ["ISO_IR 100"]},
+                      "00081198": {"vr": "SQ"}, "00081199": {"vr": "SQ"}}"#;
+    let got = decide(&batch(), &answer(200, nothing));
+    let Decision::PerInstance(actions) = &got else {
+        panic!("{got:?}")
+    };
+    assert_eq!(actions.len(), 3);
+    for (_, action) in actions {
+        let Action::Retry { error, .. } = action else {
+            panic!("{actions:?}")
+        };
+        assert!(error.contains("stored nothing"), "{error}");
+        assert!(error.contains("none of the 3"), "{error}");
+    }
+    // One instance listed, the others omitted: only the omitted ones are retried, as before.
+    let one =
+        r#"{"00081199": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": ["1.1"]}}]}}"#;
+    let got = decide(&batch(), &answer(200, one));
+    let Decision::PerInstance(actions) = &got else {
+        panic!("{got:?}")
+    };
+    let Action::Retry { error, .. } = &actions[1].1 else {
+        panic!("{actions:?}")
+    };
+    assert!(error.contains("did not list the instance"), "{error}");
+}
