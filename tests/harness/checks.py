@@ -36,3 +36,14 @@ def assert_byte_identical(orthanc: Orthanc, expected: dict[str, bytes]) -> None:
                 at = next((k for k in range(min(len(got), len(want))) if got[k] != want[k]), min(len(got), len(want)))
                 differ.append(f"{uid}: {len(got)} bytes stored vs {len(want)} sent, first difference at byte {at}")
     assert not differ, f"{len(differ)} instance(s) differ from what was sent:\n" + "\n".join(differ[:10])
+
+
+def assert_all_delivered(gw, orthanc: Orthanc, instances, reference: dict[str, bytes], what: str) -> dict:
+    """`gw` (started) delivers every one of `instances` to `orthanc`: all counted sent, none failed or lost, and
+    Orthanc holds exactly them, byte-identical to `reference` (SOP Instance UID -> the bytes on the wire).
+    Returns the final status."""
+    wait_for_instances(orthanc, len(instances), timeout=120, what=what)
+    status = wait_until(lambda: (s := gw.status())["sent"] == len(instances) and s, 60, f"all sent ({what})")
+    assert status["lost"] == 0 and status["failed"] == 0, status
+    assert_byte_identical(orthanc, {i.sop_instance_uid: reference[i.sop_instance_uid] for i in instances})
+    return status

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from harness import send
-from harness.checks import assert_byte_identical, wait_for_instances
+from harness.checks import assert_all_delivered, assert_byte_identical, wait_for_instances
 from harness.data import Study
 from harness.orthanc import Orthanc
 from harness.util import run, wait_until
@@ -125,8 +125,5 @@ def test_a_pacs_that_cannot_store_holds_the_uplink_and_loses_nothing(
                60, "the uplink to hold every upload")
 
     (pacs.dir / FILLER).unlink()  # the PACS's operator frees space
-    wait_for_instances(pacs, len(few), timeout=120, what="everything once the PACS has space again")
-    status = wait_until(lambda: (s := gw.status())["sent"] == len(few) and s, 60, "all sent")
-    assert status["lost"] == 0 and status["failed"] == 0, status
-    assert_byte_identical(pacs, {i.sop_instance_uid: storescu_reference[i.sop_instance_uid] for i in few})
+    assert_all_delivered(gw, pacs, few, storescu_reference, "everything once the PACS has space again")
     gw.stop_ok()

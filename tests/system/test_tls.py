@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness import send
-from harness.checks import assert_byte_identical, wait_for_instances
+from harness.checks import assert_all_delivered
 from harness.orthanc import PASSWORD, Orthanc
 from harness.pki import make_client_cert, make_self_signed_server_cert
 from harness.data import Study
@@ -57,10 +57,8 @@ def test_untrusted_server_certificate_never_delivers_and_loses_nothing(
     gw.ca_file = pki.ca_cert
     gw.write_config()
     gw.start()
-    wait_for_instances(orthanc, len(few), timeout=120, what="the queue after the CA was fixed")
-    status = wait_until(lambda: (s := gw.status())["sent"] == len(few) and s, 60, "all sent")
-    assert status["lost"] == 0 and status["failed"] == 0 and status["paused_until"] is None, status
-    assert_byte_identical(orthanc, {i.sop_instance_uid: storescu_reference[i.sop_instance_uid] for i in few})
+    status = assert_all_delivered(gw, orthanc, few, storescu_reference, "the queue after the CA was fixed")
+    assert status["paused_until"] is None, status
     gw.stop_ok()
 
 
@@ -90,10 +88,7 @@ def test_wrong_password_pauses_the_uplink_and_loses_nothing(
     gw.password = PASSWORD
     gw.write_config()
     gw.start()
-    wait_for_instances(orthanc, len(few), timeout=120, what="the queue after the password was fixed")
-    status = wait_until(lambda: (s := gw.status())["sent"] == len(few) and s, 60, "all sent")
-    assert status["lost"] == 0 and status["failed"] == 0, status
-    assert_byte_identical(orthanc, {i.sop_instance_uid: storescu_reference[i.sop_instance_uid] for i in few})
+    assert_all_delivered(gw, orthanc, few, storescu_reference, "the queue after the password was fixed")
     gw.stop_ok()
     log = gw.log_path.read_text(errors="replace")
     assert PASSWORD not in log and "not-the-password" not in log, "a password reached the log"
@@ -141,10 +136,7 @@ def test_refused_client_certificate_pauses_the_uplink_and_fails_no_instance(
     gw.client_cert, gw.client_key = pki.client_cert, pki.client_key
     gw.write_config()
     gw.start()
-    wait_for_instances(orthanc, len(held), timeout=120, what="the queue after the client certificate was fixed")
-    status = wait_until(lambda: (s := gw.status())["sent"] == len(held) and s, 60, "all sent")
-    assert status["lost"] == 0 and status["failed"] == 0, status
-    assert_byte_identical(orthanc, {i.sop_instance_uid: storescu_reference[i.sop_instance_uid] for i in held})
+    assert_all_delivered(gw, orthanc, held, storescu_reference, "the queue after the client certificate was fixed")
     gw.stop_ok()
 
 
@@ -171,10 +163,7 @@ def test_self_signed_ca_certificate_pauses_with_how_to_make_one_that_works(
                 assert status["queued"] + status["uploading"] == len(few), status
                 assert "POST" not in (pacs.dir / "nginx-access.log").read_text(errors="replace")
             else:
-                wait_for_instances(pacs, len(few), timeout=120, what="delivery to a pinned CA:FALSE certificate")
-                status = wait_until(lambda: (s := gw.status())["sent"] == len(few) and s, 60, "all sent")
-                assert status["failed"] == 0 and status["lost"] == 0, status
-                assert_byte_identical(pacs, {i.sop_instance_uid: storescu_reference[i.sop_instance_uid] for i in few})
+                assert_all_delivered(gw, pacs, few, storescu_reference, "delivery to a pinned CA:FALSE certificate")
             gw.stop_ok()
         finally:
             pacs.stop()
