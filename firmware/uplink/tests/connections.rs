@@ -146,10 +146,7 @@ async fn one_refusal_pauses_every_worker() {
     let started = SystemTime::now();
     store_study(&spool, &stub, 12, 100);
     running.wake.notify_one();
-    wait_for("the uplink to pause", WAIT, || {
-        spool.uplink_state().unwrap().paused_until.is_some() && status(&spool).uploading == 0
-    })
-    .await;
+    wait_paused(&spool).await;
     let refused = stub.seen().len() - 1;
     assert!(
         (2..=4).contains(&refused),

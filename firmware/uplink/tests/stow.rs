@@ -163,10 +163,7 @@ async fn check_refused_server_certificate(env: &Env, server: Leaf, expect_in_err
     store_study(&spool, &stub, 2, 100);
     let started = SystemTime::now();
     let running = start(uplink_config(&stub.url(), &env.ca), &spool);
-    wait_for("the uplink to pause", WAIT, || {
-        spool.uplink_state().unwrap().paused_until.is_some() && status(&spool).uploading == 0
-    })
-    .await;
+    wait_paused(&spool).await;
     running.stop().await;
 
     assert!(stub.seen().is_empty(), "nothing reached the server");
@@ -213,10 +210,7 @@ async fn unauthorized_pauses_the_uplink_without_counting_an_attempt() {
     store_study(&spool, &stub, 3, 100);
     let started = SystemTime::now();
     let running = start(uplink_config(&stub.url(), &env.ca), &spool);
-    wait_for("the uplink to pause", WAIT, || {
-        spool.uplink_state().unwrap().paused_until.is_some() && status(&spool).uploading == 0
-    })
-    .await;
+    wait_paused(&spool).await;
     // A wake-up (new instance stored) does not end the pause.
     running.wake.notify_one();
     running.stop().await;
@@ -441,10 +435,7 @@ async fn a_pacs_requiring_a_client_certificate_we_lack_pauses_the_uplink() {
     let stub = Stub::start(&env.server_leaf(), options, |_| Reply::status(500)).await;
     store_study(&spool, &stub, 1, 100);
     let running = start(uplink_config(&stub.url(), &env.ca), &spool);
-    wait_for("the uplink to pause", WAIT, || {
-        spool.uplink_state().unwrap().paused_until.is_some() && status(&spool).uploading == 0
-    })
-    .await;
+    wait_paused(&spool).await;
     running.stop().await;
     let error = spool.uplink_state().unwrap().last_error.unwrap();
     assert!(error.contains("uplink.client_cert"), "{error}");
@@ -651,10 +642,7 @@ async fn a_proxy_asking_for_credentials_pauses_the_uplink() {
     let mut cfg = uplink_config(&stub.url(), &env.ca);
     cfg.proxy = format!("http://{proxy}");
     let running = start(cfg, &spool);
-    wait_for("the uplink to pause", WAIT, || {
-        spool.uplink_state().unwrap().paused_until.is_some() && status(&spool).uploading == 0
-    })
-    .await;
+    wait_paused(&spool).await;
     running.stop().await;
     assert_eq!(heads.lock().unwrap().len(), 1);
     let error = spool.uplink_state().unwrap().last_error.unwrap();

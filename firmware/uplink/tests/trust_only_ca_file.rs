@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -38,10 +36,7 @@ async fn ca_bundles_named_by_environment_variables_are_not_trusted() {
     .await;
     store_study(&spool, &stub, 1, 100);
     let running = start(uplink_config(&stub.url(), &configured), &spool);
-    wait_for("the uplink to pause", Duration::from_secs(20), || {
-        spool.uplink_state().unwrap().paused_until.is_some() && status(&spool).uploading == 0
-    })
-    .await;
+    wait_paused(&spool).await;
     running.stop().await;
 
     assert_eq!(

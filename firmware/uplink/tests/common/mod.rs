@@ -588,6 +588,15 @@ pub async fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bo
     }
 }
 
+/// Waits until the uplink has paused and holds no row `uploading` (the paused request's rows were
+/// released).
+pub async fn wait_paused(spool: &Spool) {
+    wait_for("the uplink to pause", WAIT, || {
+        spool.uplink_state().unwrap().paused_until.is_some() && status(spool).uploading == 0
+    })
+    .await;
+}
+
 pub fn status(spool: &Spool) -> passerelle_spool::StatusReport {
     spool.status(SystemTime::now()).unwrap()
 }
