@@ -299,8 +299,15 @@ def test_500_is_retried_and_503_retry_after_is_honoured(make_gateway, pacs, prox
     gw.stop_ok()
 
 
-@pytest.mark.parametrize("code", [401, 403])
-def test_auth_refusal_pauses_the_uplink_without_a_loop(make_gateway, pacs, proxy, tmp_path, code) -> None:
+# What the pause's message must name for each refusal that only the operator can fix.
+OPERATOR_FIX = {401: "uplink.password", 403: "uplink.password", 411: "request buffering"}
+
+
+@pytest.mark.parametrize("code", sorted(OPERATOR_FIX))
+def test_a_refusal_only_the_operator_can_fix_pauses_the_uplink_without_a_loop(
+    make_gateway, pacs, proxy, tmp_path, code
+) -> None:
+    """Wrong credentials (401, 403), or a front end that refuses chunked request bodies (411)."""
     proxy.use_http(lambda req, forward: Response(code, {"Content-Type": "text/plain",
                                                        "WWW-Authenticate": 'Basic realm="pacs"'}, b"no"))  # fmt: skip
     gw = gateway(make_gateway, pacs, proxy, f"auth{code}")
@@ -309,7 +316,7 @@ def test_auth_refusal_pauses_the_uplink_without_a_loop(make_gateway, pacs, proxy
     store(gw, few, tmp_path)
 
     s = status_where(gw, lambda s: s["paused_until"], 30, f"the uplink to pause on {code}")
-    assert f"HTTP {code}" in s["last_error"] and "uplink.password" in s["last_error"], s
+    assert f"HTTP {code}" in s["last_error"] and OPERATOR_FIX[code] in s["last_error"], s
     assert s["paused_until"] > time.time() + 60, s
     assert waiting(s, len(few)), s
     paused = log_lines(gw, "ERROR", "Paused the uplink")
@@ -319,7 +326,7 @@ def test_auth_refusal_pauses_the_uplink_without_a_loop(make_gateway, pacs, proxy
     assert gw.status()["paused_until"], "the pause ended early"
     gw.stop_ok()
 
-    # The operator fixes the credentials and restarts: everything that waited is delivered.
+    # The operator fixes the cause and restarts: everything that waited is delivered.
     proxy.use_http(None)
     gw.start()
     s = wait_delivered(gw, pacs, few)

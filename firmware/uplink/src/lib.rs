@@ -77,7 +77,7 @@
 //!   classified in one exhaustive match, then per instance: referenced → sent; failed → by
 //!   FailureReason (A7xx, 0110, 0111, 0212 retried; others failed for good); absent → retried
 //!   after a 2xx, failed for good after a 400 (with the PACS's message) or a 409.
-//!   413 splits the batch; 401/403/407/415, wrong endpoints and certificate failures pause the
+//!   413 splits the batch; 401/403/407/411/415, wrong endpoints and certificate failures pause the
 //!   uplink for `uplink.auth_pause_secs` with an ERROR that says what to fix (a PACS certificate
 //!   that is expired or not yet valid names both possible causes, its renewal or the box's clock,
 //!   and gives the clock's reading, instead of pointing at `uplink.ca_file`; a CA certificate

@@ -110,6 +110,8 @@ pub(crate) enum HttpClass {
     TooLarge,
     /// 415.
     UnsupportedMediaType,
+    /// 411: the front end wants a Content-Length; our bodies are chunked.
+    LengthRequired,
     /// 3xx, 404, 405, 406: stow_url does not point at a STOW-RS endpoint.
     WrongEndpoint,
     /// 408, 429, 5xx.
@@ -127,6 +129,7 @@ pub(crate) fn http_class(status: u16) -> HttpClass {
         409 => HttpClass::Conflict,
         413 => HttpClass::TooLarge,
         415 => HttpClass::UnsupportedMediaType,
+        411 => HttpClass::LengthRequired,
         300..=399 | 404 | 405 | 406 => HttpClass::WrongEndpoint,
         408 | 429 | 500..=599 => HttpClass::Transient,
         _ => HttpClass::Unexpected,
@@ -294,6 +297,12 @@ fn decide_answer(instances: &[QueuedInstance], a: &Answer) -> Decision {
                     ),
                 },
             )]),
+        },
+        HttpClass::LengthRequired => Decision::Pause {
+            error: format!(
+                "The PACS's front end refuses request bodies sent in chunks (HTTP 411 Length Required: {}). Passerelle streams each batch with chunked transfer encoding, because its length is known only once every instance was read and verified. Turn on request buffering in the PACS's front end (nginx buffers by default), or set uplink.http2 if it speaks HTTP/2; then restart passerelled.",
+                server_message(a)
+            ),
         },
         HttpClass::UnsupportedMediaType => Decision::Pause {
             error: format!(

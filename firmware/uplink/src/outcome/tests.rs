@@ -337,6 +337,7 @@ fn every_status_maps_to_its_class() {
         (409, HttpClass::Conflict),
         (413, HttpClass::TooLarge),
         (415, HttpClass::UnsupportedMediaType),
+        (411, HttpClass::LengthRequired),
         (301, HttpClass::WrongEndpoint),
         (302, HttpClass::WrongEndpoint),
         (404, HttpClass::WrongEndpoint),
@@ -769,4 +770,13 @@ fn a_2xx_that_lists_no_instance_at_all_says_the_pacs_stored_nothing() {
         panic!("{actions:?}")
     };
     assert!(error.contains("did not list the instance"), "{error}");
+}
+
+#[test]
+fn a_front_end_refusing_chunked_bodies_pauses_with_what_to_change() {
+    check(
+        &batch(),
+        answer(411, "Length Required"),
+        Expect::PauseMentioning("request buffering"),
+    );
 }
