@@ -67,6 +67,45 @@ def test_identical_resend_is_acknowledged_and_not_sent_twice(
     gw.stop_ok()
 
 
+def test_a_corrected_version_is_delivered_and_a_pacs_keeping_its_first_copy_is_pointed_out(
+    orthanc, make_gateway, ct_study: Study, tmp_path: Path
+) -> None:
+    """The modality sends a corrected instance under the same SOP Instance UID. passerelled keeps both
+    versions and delivers the new one; Orthanc (OverwriteInstances off, its default) confirms it but keeps its
+    first copy, and STOW-RS answers the same either way. passerelled cannot tell, so it warns, naming the
+    instance and what to check."""
+    import pydicom
+
+    one = ct_study.instances[0]
+    gw = make_gateway(orthanc)
+    gw.start()
+    send.storescu(gw.port, [one], tmp_path / "first", called_ae=gw.ae_title)
+    wait_until(lambda: gw.status()["sent"] == 1, 60, "the first version to be confirmed")
+    ds = pydicom.dcmread(one.path)
+    ds.SeriesDescription = "CORRECTED"
+    corrected = Instance(path=tmp_path / "corrected.dcm", name="corrected.dcm", sop_class_uid=one.sop_class_uid,
+                         sop_instance_uid=one.sop_instance_uid, study_instance_uid=one.study_instance_uid,
+                         transfer_syntax_uid=one.transfer_syntax_uid)  # fmt: skip
+    ds.save_as(corrected.path, enforce_file_format=True)
+    send.storescu(gw.port, [corrected], tmp_path / "corrected", called_ae=gw.ae_title)
+    status = wait_until(lambda: (s := gw.status())["sent"] == 2 and s, 60, "the corrected version to be confirmed")
+    assert status["failed"] == 0 and status["lost"] == 0 and status["duplicates_received"] == 0, status
+
+    warned = wait_until(
+        lambda: [l for l in gw.log_path.read_text(errors="replace").splitlines()
+                 if "confirmed a new version" in l and one.sop_instance_uid in l],
+        30, "the warning about the new version",
+    )  # fmt: skip
+    assert len(warned) == 1 and "WARN" in warned[0] and "OverwriteInstances" in warned[0], warned
+    first_log = gw.log_path.read_text(errors="replace")
+    assert first_log.count("confirmed a new version") == 1, "the first version was not a new version"
+    with orthanc.session() as s:
+        [iid] = orthanc.sop_instance_uids().values()
+        tags = s.get(f"{orthanc.base_url}/instances/{iid}/simplified-tags", timeout=30).json()
+    assert tags.get("SeriesDescription") != "CORRECTED", "Orthanc took the new version: the warning is moot here"
+    gw.stop_ok()
+
+
 def test_concurrent_modalities_all_arrive(
     orthanc, make_gateway, ct_study: Study, storescu_reference: dict[str, bytes], tmp_path: Path
 ) -> None:

@@ -1456,6 +1456,32 @@ impl Spool {
         self.record_one(id, Outcome::Release)
     }
 
+    /// Of the rows `ids`, just confirmed upstream, the SOP Instance UIDs that the upstream had already
+    /// confirmed under other content (another row of that UID, `sent`, with another SHA-256): a new
+    /// version, which a PACS may confirm while keeping its first copy (Orthanc does unless its
+    /// `OverwriteInstances` is on). STOW-RS answers the same either way, so only the operator can check.
+    pub fn confirmed_under_other_content(&self, ids: &[InstanceId]) -> Result<Vec<String>> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT a.sop_instance_uid FROM instances a WHERE a.id = ?1 AND EXISTS (
+                     SELECT 1 FROM instances b WHERE b.sop_instance_uid = a.sop_instance_uid
+                     AND b.id <> a.id AND b.state = 'sent' AND b.sha256 <> a.sha256)",
+            )
+            .ctx("prepare the earlier-version query")?;
+        let mut found = Vec::new();
+        for id in ids {
+            if let Some(uid) = stmt
+                .query_row([id.0], |r| r.get::<_, String>(0))
+                .optional()
+                .ctx("look for an earlier confirmed version")?
+            {
+                found.push(uid);
+            }
+        }
+        Ok(found)
+    }
+
     /// Records the outcomes of one upload in a single transaction: one WAL sync for the whole batch
     /// instead of one per instance. This is the one place the upload states change; [`Spool::mark_sent`],
     /// [`Spool::mark_retry`], [`Spool::mark_failed`] and [`Spool::release`] record a single outcome

@@ -438,6 +438,24 @@ fn different_content_under_a_known_uid_is_kept_as_a_new_version() {
     let batch = spool.claim_batch(10, u64::MAX, far_future()).unwrap();
     assert_eq!(read_all(&spool, &batch[0]).unwrap(), v1.raw());
     assert_eq!(read_all(&spool, &batch[1]).unwrap(), v2.raw());
+    // Once both are confirmed, the second is known as a version confirmed under other content
+    // (which a PACS may have ignored); the first was confirmed alone, and a lone instance never is.
+    spool.mark_sent(first, false).unwrap();
+    assert!(spool
+        .confirmed_under_other_content(&[first])
+        .unwrap()
+        .is_empty());
+    spool.mark_sent(id, false).unwrap();
+    assert_eq!(
+        spool.confirmed_under_other_content(&[id]).unwrap(),
+        vec!["1.2.3.5".to_owned()]
+    );
+    let lone = Inst::new("1.2.3.6", "1.2.3", 50_000, 7).stored_id(&spool);
+    spool.mark_sent(lone, false).unwrap();
+    assert!(spool
+        .confirmed_under_other_content(&[lone])
+        .unwrap()
+        .is_empty());
 }
 
 #[test]

@@ -94,6 +94,11 @@
 //!   certificate, "No required SSL certificate was sent") pauses the uplink like a refused
 //!   certificate: that 400 is about the box, not the instances, and failing them would leave the
 //!   whole backlog to `requeue`.
+//! - A modality's corrected instance (same SOP Instance UID, other content) is a new version in the
+//!   spool and is sent like any instance. STOW-RS answers alike whether the PACS stored it or kept
+//!   its first copy (Orthanc keeps it unless `OverwriteInstances` is on), so a confirmation of a UID
+//!   already confirmed under other content is logged as a WARN naming the instance, for the
+//!   operator to check on the PACS (`Spool::confirmed_under_other_content`).
 //! - The uplink's health (`UplinkState`: pause, last error, last success) is persisted in the
 //!   spool for `passerelled status`.
 //! - Shutdown during a request gives it 3 seconds to finish; otherwise it is aborted and its rows
@@ -1046,9 +1051,28 @@ impl Worker {
             .iter()
             .map(|(id, _, outcome)| (*id, outcome.clone()))
             .collect();
+        let sent: Vec<InstanceId> = marks
+            .iter()
+            .filter(|(_, _, m)| matches!(m, Outcome::Sent { .. }))
+            .map(|(id, _, _)| *id)
+            .collect();
         let spool = self.link.spool.clone();
         // One transaction for the whole request: one WAL sync, not one per instance.
-        let done = tokio::task::spawn_blocking(move || spool.record_outcomes(&outcomes)).await;
+        let done = tokio::task::spawn_blocking(move || -> passerelle_spool::Result<_> {
+            let gone = spool.record_outcomes(&outcomes)?;
+            if !sent.is_empty() {
+                // Only a warning depends on it: a failed lookup does not undo the record.
+                match spool.confirmed_under_other_content(&sent) {
+                    Ok(uids) => warn_new_versions(&uids),
+                    Err(e) => warn!(
+                        "Could not check whether a confirmed instance replaced an earlier version; nothing is lost. error=\"{}\"",
+                        error_chain(&e)
+                    ),
+                }
+            }
+            Ok(gone)
+        })
+        .await;
         match done {
             Ok(Ok(gone)) => {
                 for (id, uid, _) in marks.iter().filter(|(id, _, _)| gone.contains(id)) {
@@ -1071,6 +1095,17 @@ impl Worker {
                 "The task recording upload outcomes failed; restarting passerelled re-queues the affected instances. error=\"{e}\""
             ),
         }
+    }
+}
+
+/// Warns about each SOP Instance UID the PACS confirmed again under other content: STOW-RS answers
+/// alike whether the PACS stored the new version or kept its first copy, which Orthanc does unless
+/// its `OverwriteInstances` option is on, so a corrected image may not be what the PACS shows.
+fn warn_new_versions(uids: &[String]) {
+    for uid in uids {
+        warn!(
+            "The PACS confirmed a new version of an instance it had already confirmed with other content. Some PACS keep their first copy and still confirm the new one (Orthanc does unless OverwriteInstances is true): check that the PACS shows the new version. sop_instance_uid={uid}"
+        );
     }
 }
 
