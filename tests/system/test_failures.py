@@ -8,7 +8,7 @@ from pathlib import Path
 import pydicom
 
 from harness import send
-from harness.checks import wait_for_instances
+from harness.checks import assert_all_delivered, wait_for_instances
 from harness.data import Instance, Study, pydicom_test_files_dir
 from harness.util import wait_until
 
@@ -67,3 +67,32 @@ def test_refused_instance_is_failed_visible_and_can_be_requeued(
 
 def _stow_posts(orthanc) -> int:
     return (orthanc.dir / "nginx-access.log").read_text(errors="replace").count("POST /dicom-web/studies")
+
+
+def test_a_stow_url_that_is_not_stow_rs_pauses_and_fails_nothing(
+    orthanc, make_gateway, ct_study: Study, storescu_reference: dict[str, bytes], tmp_path: Path
+) -> None:
+    """uplink.stow_url points at Orthanc's REST upload (/instances) instead of its STOW-RS endpoint. Orthanc
+    answers each multipart request 400 "Bad file format", without a STOW-RS response. Failing the instances
+    would fail the whole backlog, batch by batch: the uplink splits the batch (to isolate an instance the PACS
+    might refuse), and as the PACS has stored nothing since start, pauses naming uplink.stow_url. Fixed and
+    restarted, everything is delivered."""
+    few = ct_study.instances[:8]
+    gw = make_gateway(orthanc)
+    gw.stow_url = orthanc.base_url + "/instances"
+    gw.write_config()
+    gw.start()
+    send.storescu(gw.port, few, tmp_path / "scu", called_ae=gw.ae_title)
+    status = wait_until(lambda: (s := gw.status())["paused_until"] and s, 60, "the uplink to pause")
+    assert "uplink.stow_url" in status["last_error"] and "Bad file format" in status["last_error"], status
+    assert status["failed"] == 0 and status["sent"] == 0 and status["lost"] == 0, status
+    assert status["queued"] + status["uploading"] == len(few), status
+    assert orthanc.count_instances() == 0
+    gw.stop_ok()
+    assert "refused an instance for good" not in gw.log_path.read_text(errors="replace")
+
+    gw.stow_url = orthanc.stow_url
+    gw.write_config()
+    gw.start()
+    assert_all_delivered(gw, orthanc, few, storescu_reference, "the queue after stow_url was fixed")
+    gw.stop_ok()

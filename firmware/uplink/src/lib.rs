@@ -76,7 +76,11 @@
 //! - Outcomes (module `outcome`, pure and unit-tested): the response or transport failure is
 //!   classified in one exhaustive match, then per instance: referenced → sent; failed → by
 //!   FailureReason (A7xx, 0110, 0111, 0212 retried; others failed for good); absent → retried
-//!   after a 2xx, failed for good after a 400 (with the PACS's message) or a 409.
+//!   after a 2xx, failed for good after a 400 (with the PACS's message) or a 409. A 400 that is
+//!   not a STOW-RS response (no ReferencedSOPSequence or FailedSOPSequence) rejects the request as
+//!   a whole: the batch is split to isolate what the PACS refuses; a single instance is failed if
+//!   the PACS has stored instances since start, otherwise the uplink pauses naming
+//!   `uplink.stow_url` (Orthanc's REST `/instances` answers so), instead of failing the backlog.
 //!   413 splits the batch; 401/403/407/411/415, wrong endpoints and certificate failures pause the
 //!   uplink for `uplink.auth_pause_secs` with an ERROR that says what to fix (a PACS certificate
 //!   that is expired or not yet valid names both possible causes, its renewal or the box's clock,
@@ -214,6 +218,8 @@ struct Link {
     client_auth: Arc<tls::ClientAuth>,
     /// The PACS has answered a request (any status) since start.
     answered: AtomicBool,
+    /// The PACS has confirmed an instance since start.
+    stored: AtomicBool,
     /// Requests in a row the PACS's HTTP/2 front end did not process (GOAWAY, REFUSED_STREAM);
     /// reset by any answer. Past [`MAX_UNPROCESSED_IN_ROW`] they count as an outage.
     unprocessed_in_row: AtomicU32,
@@ -341,6 +347,7 @@ impl Uplink {
                 saving: tokio::sync::Mutex::new(()),
                 client_auth,
                 answered: AtomicBool::new(false),
+                stored: AtomicBool::new(false),
                 unprocessed_in_row: AtomicU32::new(0),
             },
         })
@@ -788,14 +795,15 @@ impl Worker {
                 }
                 Sent::Done(exchange) => exchange,
             };
-            let mut decision = outcome::decide(&in_request, &exchange);
+            let stored_before = link.stored.load(Ordering::Relaxed);
+            let mut decision = outcome::decide(&in_request, &exchange, stored_before);
             if let Decision::Resend { detail } = &decision {
                 let in_row = link.unprocessed_in_row.fetch_add(1, Ordering::Relaxed) + 1;
                 if in_row > MAX_UNPROCESSED_IN_ROW {
                     exchange = Exchange::Failed(TransportFailure::Network(format!(
                         "{detail} ({in_row} requests in a row were not processed by the PACS)"
                     )));
-                    decision = outcome::decide(&in_request, &exchange);
+                    decision = outcome::decide(&in_request, &exchange, stored_before);
                 }
             }
             match decision {
@@ -807,10 +815,10 @@ impl Worker {
                     );
                     marks.extend(released(in_request));
                 }
-                Decision::Split => {
+                Decision::Split { reason } => {
                     let second = in_request.split_off(in_request.len().div_ceil(2));
                     info!(
-                        "The PACS found the request too large (HTTP 413); sending the batch again in two halves. study_instance_uid={} instances={} first_half={} second_half={}",
+                        "The PACS {reason}; sending the batch again in two halves. study_instance_uid={} instances={} first_half={} second_half={}",
                         study_of(&in_request),
                         in_request.len() + second.len(),
                         in_request.len(),
@@ -869,6 +877,7 @@ impl Worker {
                     let delivered =
                         self.apply(&in_request, actions, status, elapsed, now, &mut marks);
                     if delivered > 0 {
+                        link.stored.store(true, Ordering::Relaxed);
                         self.upstream_recovered().await;
                     } else if whole_request_failed {
                         self.upstream_failed(retry_after, started);

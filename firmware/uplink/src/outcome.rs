@@ -84,8 +84,12 @@ pub(crate) enum Decision {
     Pause {
         error: String,
     },
-    /// The request was too large: send each half separately, right away.
-    Split,
+    /// Send each half of the batch separately, right away: the PACS found the request too large,
+    /// or rejected it as a whole without naming an instance (`reason`, for the log).
+    Split {
+        reason: String,
+    },
+
     /// The PACS did not process the request (HTTP/2 GOAWAY or REFUSED_STREAM): send it again at
     /// once, on a new connection, without counting an attempt.
     Resend {
@@ -174,10 +178,16 @@ pub(crate) fn describe_status(code: u16) -> &'static str {
 }
 
 /// Decides what an exchange means for each instance that was in the request.
-pub(crate) fn decide(instances: &[QueuedInstance], exchange: &Exchange) -> Decision {
+/// `stored_before`: the PACS has confirmed an instance since passerelled started (it is a working
+/// STOW-RS endpoint).
+pub(crate) fn decide(
+    instances: &[QueuedInstance],
+    exchange: &Exchange,
+    stored_before: bool,
+) -> Decision {
     match exchange {
         Exchange::Failed(failure) => decide_transport(instances, failure),
-        Exchange::Answered(answer) => decide_answer(instances, answer),
+        Exchange::Answered(answer) => decide_answer(instances, answer, stored_before),
     }
 }
 
@@ -237,7 +247,7 @@ fn decide_transport(instances: &[QueuedInstance], failure: &TransportFailure) ->
     }
 }
 
-fn decide_answer(instances: &[QueuedInstance], a: &Answer) -> Decision {
+fn decide_answer(instances: &[QueuedInstance], a: &Answer, stored_before: bool) -> Decision {
     let status = a.status;
     match http_class(status) {
         HttpClass::Stored if stored_nothing(a) => retry_all(
@@ -264,6 +274,9 @@ fn decide_answer(instances: &[QueuedInstance], a: &Answer) -> Decision {
                 instances,
                 &TransportFailure::ClientCertificateRefused(refusal.into()),
             ),
+            None if !is_stow_response(a) => {
+                request_refused(instances, &server_message(a), stored_before)
+            }
             None => per_instance(instances, a, |_| Action::Failed {
                 reason: format!(
                     "The PACS rejected the request as invalid (HTTP 400): {}",
@@ -287,7 +300,9 @@ fn decide_answer(instances: &[QueuedInstance], a: &Answer) -> Decision {
             error: "The proxy asks for authentication (HTTP 407). Put the proxy's user name and password in uplink.proxy (http://user:password@host:port); then restart passerelled.".into(),
         },
         HttpClass::TooLarge => match instances {
-            [] | [_, _, ..] => Decision::Split,
+            [] | [_, _, ..] => Decision::Split {
+                reason: "found the request too large (HTTP 413)".into(),
+            },
             [one] => Decision::PerInstance(vec![(
                 one.id,
                 Action::Failed {
@@ -345,23 +360,47 @@ fn retry_all(
     error: String,
     not_before: Option<Duration>,
 ) -> Decision {
-    Decision::PerInstance(
-        instances
-            .iter()
-            .map(|i| {
-                (
-                    i.id,
-                    Action::Retry {
-                        error: error.clone(),
-                        not_before,
-                    },
-                )
-            })
-            .collect(),
-    )
+    per_instance_all(instances, || Action::Retry {
+        error: error.clone(),
+        not_before,
+    })
 }
 
 /// Referenced → sent, failed → per FailureReason, the rest → `leftover(parse error)`.
+/// The answer's body is a STOW-RS response (it names ReferencedSOPSequence or FailedSOPSequence),
+/// as a STOW-RS service sends even with a 400 (Orthanc's DICOMweb plugin does, listing what it stored).
+fn is_stow_response(a: &Answer) -> bool {
+    response::parse(a.status, a.content_type.as_deref(), &a.body).is_ok_and(|r| r.names_sequences)
+}
+
+/// A request the PACS rejected with HTTP 400 as a whole, without a STOW-RS response (nothing says
+/// which instance it refuses, if any). A batch is split, to isolate what the PACS refuses. A single
+/// instance is failed for good if the PACS has stored instances since passerelled started (the
+/// endpoint works and refuses this one); otherwise the uplink pauses, because an endpoint that has
+/// stored nothing and rejects each request as a whole is most likely not a STOW-RS endpoint
+/// (Orthanc's REST `/instances` answers so), and failing the instances would fail the whole backlog.
+fn request_refused(instances: &[QueuedInstance], detail: &str, stored_before: bool) -> Decision {
+    match instances {
+        [_, _, ..] => Decision::Split {
+            reason: format!(
+                "rejected the request as a whole without naming an instance (HTTP 400: {detail})"
+            ),
+        },
+        _ if stored_before => per_instance_all(instances, || Action::Failed {
+            reason: format!("The PACS rejected the request as invalid (HTTP 400): {detail}"),
+        }),
+        _ => Decision::Pause {
+            error: format!(
+                "The PACS rejected each request as a whole (HTTP 400: {detail}) and has stored nothing since passerelled started. uplink.stow_url is most likely not the PACS's STOW-RS endpoint (for Orthanc it is https://pacs/dicom-web/studies, not its /instances); nothing was failed. Set uplink.stow_url; then restart passerelled."
+            ),
+        },
+    }
+}
+
+fn per_instance_all(instances: &[QueuedInstance], action: impl Fn() -> Action) -> Decision {
+    Decision::PerInstance(instances.iter().map(|i| (i.id, action())).collect())
+}
+
 /// A 2xx whose response parses but lists no instance at all, neither stored nor failed: the PACS
 /// took the request and stored nothing (Orthanc's DICOMweb plugin, when its storage cannot be
 /// written, answers 200 with both sequences empty).

@@ -21,6 +21,9 @@ pub struct StowResponse {
     pub failed: Vec<FailedInstance>,
     /// WarningReason (0008,1196) at the top level of the response, if any.
     pub warning_reason: Option<u16>,
+    /// The response has a ReferencedSOPSequence or a FailedSOPSequence attribute (even empty): it is
+    /// a STOW-RS response, not some other JSON or XML (an error page, another API's error).
+    pub names_sequences: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,6 +111,8 @@ fn parse_json(text: &str) -> std::result::Result<StowResponse, String> {
     };
     let mut out = StowResponse::default();
     for ds in datasets {
+        out.names_sequences |= json_attr(ds, REFERENCED_SOP_SEQUENCE).is_some()
+            || json_attr(ds, FAILED_SOP_SEQUENCE).is_some();
         for item in json_items(ds, REFERENCED_SOP_SEQUENCE)? {
             if let Some(uid) = json_string(item, REFERENCED_SOP_INSTANCE_UID)? {
                 out.referenced.push(ReferencedInstance {
@@ -203,7 +208,11 @@ fn parse_xml(text: &str) -> std::result::Result<StowResponse, String> {
             root.tag_name().name()
         ));
     }
-    let mut out = StowResponse::default();
+    let mut out = StowResponse {
+        names_sequences: xml_attr(root, REFERENCED_SOP_SEQUENCE).is_some()
+            || xml_attr(root, FAILED_SOP_SEQUENCE).is_some(),
+        ..StowResponse::default()
+    };
     for item in xml_items(root, REFERENCED_SOP_SEQUENCE) {
         if let Some(uid) = xml_value(item, REFERENCED_SOP_INSTANCE_UID).and_then(clean_uid) {
             out.referenced.push(ReferencedInstance {

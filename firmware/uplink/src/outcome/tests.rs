@@ -45,7 +45,17 @@ enum Expect<'a> {
 }
 
 fn check(instances: &[QueuedInstance], exchange: Exchange, expect: Expect<'_>) {
-    let got = decide(instances, &exchange);
+    check_knowing(instances, exchange, true, expect);
+}
+
+/// [`check`] with what the uplink knows: whether the PACS stored instances before.
+fn check_knowing(
+    instances: &[QueuedInstance],
+    exchange: Exchange,
+    stored_before: bool,
+    expect: Expect<'_>,
+) {
+    let got = decide(instances, &exchange, stored_before);
     match (&got, expect) {
         (Decision::PerInstance(actions), Expect::Each(want)) => {
             let got: Vec<(i64, Is)> = actions
@@ -79,7 +89,7 @@ fn check(instances: &[QueuedInstance], exchange: Exchange, expect: Expect<'_>) {
                 "pause message {error:?} should mention {word:?}"
             );
         }
-        (Decision::Split, Expect::Split) => {}
+        (Decision::Split { .. }, Expect::Split) => {}
         (got, want) => panic!("expected {want:?}, got {got:?} for {exchange:?}"),
     }
 }
@@ -158,7 +168,7 @@ fn failure_reasons_decide_between_retry_and_failed() {
     ];
     for (reason, want) in cases {
         let two = &batch()[..2];
-        let got = decide(two, &answer(202, &failed_with(*reason)));
+        let got = decide(two, &answer(202, &failed_with(*reason)), true);
         let Decision::PerInstance(actions) = got else {
             panic!("reason {reason:#06X}: expected per-instance actions, got {got:?}");
         };
@@ -217,6 +227,7 @@ fn bad_request_failure_carries_the_servers_message() {
     let got = decide(
         &batch()[..1],
         &answer(400, "Missing  boundary\r\nin Content-Type"),
+        true,
     );
     let Decision::PerInstance(actions) = got else {
         panic!("{got:?}")
@@ -693,7 +704,7 @@ fn a_stream_the_pacs_refused_is_not_processed_and_other_resets_are_network_failu
 fn a_request_the_pacs_did_not_process_goes_out_again_at_once() {
     let exchange = Exchange::Failed(TransportFailure::NotProcessed("GOAWAY".into()));
     assert!(matches!(
-        decide(&batch(), &exchange),
+        decide(&batch(), &exchange, true),
         Decision::Resend { detail } if detail == "GOAWAY"
     ));
 }
@@ -723,7 +734,7 @@ fn a_front_end_refusing_the_client_certificate_pauses_instead_of_failing_the_bat
             "No required SSL certificate was sent",
         ),
     ] {
-        let got = decide(&batch(), &nginx_certificate_page(title));
+        let got = decide(&batch(), &nginx_certificate_page(title), true);
         let Decision::Pause { error } = &got else {
             panic!("{title}: {got:?}")
         };
@@ -747,7 +758,7 @@ fn a_2xx_that_lists_no_instance_at_all_says_the_pacs_stored_nothing() {
     // What Orthanc's DICOMweb plugin answers when it cannot write to its storage (a full disk).
     let nothing = r#"{"00080005": {"vr": "CS", "Value": ["ISO_IR 100"]},
                       "00081198": {"vr": "SQ"}, "00081199": {"vr": "SQ"}}"#;
-    let got = decide(&batch(), &answer(200, nothing));
+    let got = decide(&batch(), &answer(200, nothing), true);
     let Decision::PerInstance(actions) = &got else {
         panic!("{got:?}")
     };
@@ -762,7 +773,7 @@ fn a_2xx_that_lists_no_instance_at_all_says_the_pacs_stored_nothing() {
     // One instance listed, the others omitted: only the omitted ones are retried, as before.
     let one =
         r#"{"00081199": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": ["1.1"]}}]}}"#;
-    let got = decide(&batch(), &answer(200, one));
+    let got = decide(&batch(), &answer(200, one), true);
     let Decision::PerInstance(actions) = &got else {
         panic!("{got:?}")
     };
@@ -778,5 +789,47 @@ fn a_front_end_refusing_chunked_bodies_pauses_with_what_to_change() {
         &batch(),
         answer(411, "Length Required"),
         Expect::PauseMentioning("request buffering"),
+    );
+}
+
+#[test]
+fn a_400_without_a_stow_response_splits_then_pauses_unless_the_pacs_has_stored_before() {
+    // What Orthanc's REST API answers to a multipart body posted to /instances.
+    let rest_error = r#"{ "Details" : "Cannot parse an invalid DICOM file (size: 1591085 bytes)",
+        "HttpError" : "Bad Request", "HttpStatus" : 400, "Message" : "Bad file format",
+        "Method" : "POST", "OrthancError" : "Bad file format", "OrthancStatus" : 15, "Uri" : "/instances" }"#;
+    for stored_before in [false, true] {
+        let got = decide(&batch(), &answer(400, rest_error), stored_before);
+        assert!(
+            matches!(&got, Decision::Split { reason } if reason.contains("HTTP 400")),
+            "{got:?}"
+        );
+    }
+    let got = decide(&batch()[..1], &answer(400, rest_error), false);
+    let Decision::Pause { error } = &got else {
+        panic!("{got:?}")
+    };
+    assert!(
+        error.contains("uplink.stow_url") && error.contains("Bad file format"),
+        "{error}"
+    );
+    let got = decide(&batch()[..1], &answer(400, rest_error), true);
+    assert!(
+        matches!(&got, Decision::PerInstance(a) if matches!(a[..], [(_, Action::Failed { .. })])),
+        "{got:?}"
+    );
+    // A STOW-RS response with a 400 (Orthanc's DICOMweb plugin lists what it stored) is per
+    // instance whatever the PACS did before.
+    let stow_400 = r#"{"00081198": {"vr": "SQ"},
+        "00081199": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": ["1.1"]}}]}}"#;
+    check_knowing(
+        &batch(),
+        answer(400, stow_400),
+        false,
+        Expect::Each(&[
+            (1, Is::Sent { redelivery: false }),
+            (2, Is::Failed),
+            (3, Is::Failed),
+        ]),
     );
 }
