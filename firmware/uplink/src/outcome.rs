@@ -89,7 +89,6 @@ pub(crate) enum Decision {
     Split {
         reason: String,
     },
-
     /// The PACS did not process the request (HTTP/2 GOAWAY or REFUSED_STREAM): send it again at
     /// once, on a new connection, without counting an attempt.
     Resend {
