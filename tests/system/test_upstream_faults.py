@@ -300,14 +300,15 @@ def test_500_is_retried_and_503_retry_after_is_honoured(make_gateway, pacs, prox
 
 
 # What the pause's message must name for each refusal that only the operator can fix.
-OPERATOR_FIX = {401: "uplink.password", 403: "uplink.password", 411: "request buffering"}
+OPERATOR_FIX = {401: "uplink.password", 403: "uplink.password", 411: "request buffering", 200: "uplink.stow_url"}
 
 
 @pytest.mark.parametrize("code", sorted(OPERATOR_FIX))
 def test_a_refusal_only_the_operator_can_fix_pauses_the_uplink_without_a_loop(
     make_gateway, pacs, proxy, tmp_path, code
 ) -> None:
-    """Wrong credentials (401, 403), or a front end that refuses chunked request bodies (411)."""
+    """Wrong credentials (401, 403), a front end that refuses chunked request bodies (411), or a stow_url that
+    answers 200 with something that is not a STOW-RS response and has never stored anything (200)."""
     proxy.use_http(lambda req, forward: Response(code, {"Content-Type": "text/plain",
                                                        "WWW-Authenticate": 'Basic realm="pacs"'}, b"no"))  # fmt: skip
     gw = gateway(make_gateway, pacs, proxy, f"auth{code}")

@@ -81,6 +81,8 @@
 //!   a whole: the batch is split to isolate what the PACS refuses; a single instance is failed if
 //!   the PACS has stored instances since start, otherwise the uplink pauses naming
 //!   `uplink.stow_url` (Orthanc's REST `/instances` answers so), instead of failing the backlog.
+//!   A 2xx that is not a STOW-RS response from a PACS that has stored nothing since start pauses
+//!   the same way (an HTTPS service that is not the PACS's STOW-RS endpoint).
 //!   413 splits the batch; 401/403/407/411/415, wrong endpoints and certificate failures pause the
 //!   uplink for `uplink.auth_pause_secs` with an ERROR that says what to fix (a PACS certificate
 //!   that is expired or not yet valid names both possible causes, its renewal or the box's clock,

@@ -249,6 +249,12 @@ fn decide_transport(instances: &[QueuedInstance], failure: &TransportFailure) ->
 fn decide_answer(instances: &[QueuedInstance], a: &Answer, stored_before: bool) -> Decision {
     let status = a.status;
     match http_class(status) {
+        HttpClass::Stored if !stored_before && !is_stow_response(a) => Decision::Pause {
+            error: format!(
+                "uplink.stow_url answered HTTP {status} with something that is not a STOW-RS response ({}), and the PACS has stored nothing since passerelled started: it is most likely not the PACS's STOW-RS endpoint. Set uplink.stow_url to it (for Orthanc, https://pacs/dicom-web/studies); then restart passerelled.",
+                server_message(a)
+            ),
+        },
         HttpClass::Stored if stored_nothing(a) => retry_all(
             instances,
             format!(
@@ -405,7 +411,7 @@ fn per_instance_all(instances: &[QueuedInstance], action: impl Fn() -> Action) -
 /// written, answers 200 with both sequences empty).
 fn stored_nothing(a: &Answer) -> bool {
     response::parse(a.status, a.content_type.as_deref(), &a.body)
-        .is_ok_and(|r| r.referenced.is_empty() && r.failed.is_empty())
+        .is_ok_and(|r| r.names_sequences && r.referenced.is_empty() && r.failed.is_empty())
 }
 
 fn per_instance(

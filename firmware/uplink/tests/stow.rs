@@ -140,7 +140,7 @@ async fn an_xml_response_confirms_instances_too() {
 async fn a_success_status_without_confirmation_sends_nothing_as_sent() {
     let env = Env::new();
     let spool = spool_in(env.dir.path());
-    let stub = env.stub(|_| Reply::json(200, "{}".into())).await;
+    let stub = env.stub(|_| Reply::json(200, stow_json(&[], &[]))).await;
     store_study(&spool, &stub, 2, 100);
     let running = start(uplink_config(&stub.url(), &env.ca), &spool);
     wait_for("the batch back in the queue", WAIT, || {

@@ -833,3 +833,24 @@ fn a_400_without_a_stow_response_splits_then_pauses_unless_the_pacs_has_stored_b
         ]),
     );
 }
+
+#[test]
+fn a_2xx_that_is_not_a_stow_response_pauses_unless_the_pacs_has_stored_before() {
+    let page = "<html><body>Welcome to the hospital portal</body></html>";
+    let json = r#"{"status": "ok"}"#;
+    for body in [page, json] {
+        check_knowing(
+            &batch(),
+            answer(200, body),
+            false,
+            Expect::PauseMentioning("uplink.stow_url"),
+        );
+        // A PACS that has stored before and sends one unreadable answer is retried, as before.
+        check_knowing(
+            &batch(),
+            answer(200, body),
+            true,
+            Expect::Each(&[(1, Is::Retry), (2, Is::Retry), (3, Is::Retry)]),
+        );
+    }
+}

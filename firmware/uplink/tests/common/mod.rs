@@ -173,24 +173,12 @@ pub fn stow_json(referenced: &[&str], failed: &[(&str, u16)]) -> String {
             )
         })
         .collect();
-    let mut out = String::from("{");
-    if !refs.is_empty() {
-        out.push_str(&format!(
-            r#""00081199": {{"vr": "SQ", "Value": [{}]}}"#,
-            refs.join(",")
-        ));
-    }
-    if !fails.is_empty() {
-        if !refs.is_empty() {
-            out.push(',');
-        }
-        out.push_str(&format!(
-            r#""00081198": {{"vr": "SQ", "Value": [{}]}}"#,
-            fails.join(",")
-        ));
-    }
-    out.push('}');
-    out
+    // Both sequences, even empty, as STOW-RS services send them (Orthanc, dcm4chee).
+    format!(
+        r#"{{"00081199": {{"vr": "SQ", "Value": [{}]}}, "00081198": {{"vr": "SQ", "Value": [{}]}}}}"#,
+        refs.join(","),
+        fails.join(",")
+    )
 }
 
 type Handler = Box<dyn Fn(&Seen) -> Reply + Send + Sync>;
