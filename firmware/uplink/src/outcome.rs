@@ -248,14 +248,27 @@ fn decide_transport(instances: &[QueuedInstance], failure: &TransportFailure) ->
 
 fn decide_answer(instances: &[QueuedInstance], a: &Answer, stored_before: bool) -> Decision {
     let status = a.status;
+    // Parsed once; every case that reads the body reads this.
+    let parsed: Result<StowResponse, String> =
+        response::parse(status, a.content_type.as_deref(), &a.body).map_err(|e| e.to_string());
+    let is_stow_response = parsed.as_ref().is_ok_and(|r| r.names_sequences);
+    // A STOW-RS response listing no instance at all, neither stored nor failed: the PACS took the
+    // request and stored nothing (Orthanc's DICOMweb plugin, when its storage cannot be written,
+    // answers 200 with both sequences empty).
+    let lists_nothing = parsed
+        .as_ref()
+        .is_ok_and(|r| r.names_sequences && r.referenced.is_empty() && r.failed.is_empty());
+    let per_instance = |leftover: &dyn Fn(Option<&str>) -> Action| {
+        per_instance(instances, &parsed, status, leftover)
+    };
     match http_class(status) {
-        HttpClass::Stored if !stored_before && !is_stow_response(a) => Decision::Pause {
+        HttpClass::Stored if !stored_before && !is_stow_response => Decision::Pause {
             error: format!(
                 "uplink.stow_url answered HTTP {status} with something that is not a STOW-RS response ({}), and the PACS has stored nothing since passerelled started: it is most likely not the PACS's STOW-RS endpoint. Set uplink.stow_url to it (for Orthanc, https://pacs/dicom-web/studies); then restart passerelled.",
                 server_message(a)
             ),
         },
-        HttpClass::Stored if stored_nothing(a) => retry_all(
+        HttpClass::Stored if lists_nothing => retry_all(
             instances,
             format!(
                 "The PACS answered HTTP {status} but confirmed none of the {} instance(s) and listed none as failed: it stored nothing. Orthanc answers so when it cannot write to its storage (for example a full disk); check the PACS. The instances are not confirmed and will be sent again.",
@@ -263,7 +276,7 @@ fn decide_answer(instances: &[QueuedInstance], a: &Answer, stored_before: bool) 
             ),
             a.retry_after,
         ),
-        HttpClass::Stored => per_instance(instances, a, |parse_error| Action::Retry {
+        HttpClass::Stored => per_instance(&|parse_error| Action::Retry {
             error: match parse_error {
                 None => format!(
                     "The PACS answered HTTP {status} but did not list the instance in ReferencedSOPSequence; it is not confirmed and will be sent again."
@@ -279,17 +292,17 @@ fn decide_answer(instances: &[QueuedInstance], a: &Answer, stored_before: bool) 
                 instances,
                 &TransportFailure::ClientCertificateRefused(refusal.into()),
             ),
-            None if !is_stow_response(a) => {
+            None if !is_stow_response => {
                 request_refused(instances, &server_message(a), stored_before)
             }
-            None => per_instance(instances, a, |_| Action::Failed {
+            None => per_instance(&|_| Action::Failed {
                 reason: format!(
                     "The PACS rejected the request as invalid (HTTP 400): {}",
                     server_message(a)
                 ),
             }),
         },
-        HttpClass::Conflict => per_instance(instances, a, |_| Action::Failed {
+        HttpClass::Conflict => per_instance(&|_| Action::Failed {
             reason: format!(
                 "The PACS refused the instance with HTTP 409 Conflict (for example it holds different data under the same UIDs): {}",
                 server_message(a)
@@ -372,12 +385,6 @@ fn retry_all(
 }
 
 /// Referenced → sent, failed → per FailureReason, the rest → `leftover(parse error)`.
-/// The answer's body is a STOW-RS response (it names ReferencedSOPSequence or FailedSOPSequence),
-/// as a STOW-RS service sends even with a 400 (Orthanc's DICOMweb plugin does, listing what it stored).
-fn is_stow_response(a: &Answer) -> bool {
-    response::parse(a.status, a.content_type.as_deref(), &a.body).is_ok_and(|r| r.names_sequences)
-}
-
 /// A request the PACS rejected with HTTP 400 as a whole, without a STOW-RS response (nothing says
 /// which instance it refuses, if any). A batch is split, to isolate what the PACS refuses. A single
 /// instance is failed for good if the PACS has stored instances since passerelled started (the
@@ -406,34 +413,27 @@ fn per_instance_all(instances: &[QueuedInstance], action: impl Fn() -> Action) -
     Decision::PerInstance(instances.iter().map(|i| (i.id, action())).collect())
 }
 
-/// A 2xx whose response parses but lists no instance at all, neither stored nor failed: the PACS
-/// took the request and stored nothing (Orthanc's DICOMweb plugin, when its storage cannot be
-/// written, answers 200 with both sequences empty).
-fn stored_nothing(a: &Answer) -> bool {
-    response::parse(a.status, a.content_type.as_deref(), &a.body)
-        .is_ok_and(|r| r.names_sequences && r.referenced.is_empty() && r.failed.is_empty())
-}
-
+/// Per instance, from the parsed response: referenced → sent; failed → by FailureReason; absent
+/// (or an unreadable response) → `leftover`, given the parse error if there was one.
 fn per_instance(
     instances: &[QueuedInstance],
-    a: &Answer,
-    leftover: impl Fn(Option<&str>) -> Action,
+    parsed: &Result<StowResponse, String>,
+    status: u16,
+    leftover: &dyn Fn(Option<&str>) -> Action,
 ) -> Decision {
-    let parsed: Result<StowResponse, String> =
-        response::parse(a.status, a.content_type.as_deref(), &a.body).map_err(|e| e.to_string());
     Decision::PerInstance(
         instances
             .iter()
             .map(|inst| {
                 let uid = inst.sop_instance_uid.as_str();
-                let action = match &parsed {
+                let action = match parsed {
                     Err(e) => leftover(Some(e)),
                     Ok(r) => match (r.referenced_item(uid), r.failed_item(uid)) {
                         (Some(item), _) => Action::Sent {
                             redelivery: inst.attempts > 0,
                             warning_reason: item.warning_reason.or(r.warning_reason),
                         },
-                        (None, Some(failed)) => failure_action(failed.failure_reason, a.status),
+                        (None, Some(failed)) => failure_action(failed.failure_reason, status),
                         (None, None) => leftover(None),
                     },
                 };
