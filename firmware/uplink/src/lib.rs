@@ -861,20 +861,16 @@ impl Worker {
                     marks.extend(released(in_request));
                 }
                 Decision::PerInstance(actions) => {
-                    // An answer that confirms nothing and refuses nothing for good (a 5xx, a 429, a
+                    // A request whose every instance is to be sent again (no answer, a 5xx or 429, a
                     // 2xx that stored nothing or only "out of resources") is the upstream as a whole
-                    // not taking requests.
-                    let nothing_taken = !actions.is_empty()
+                    // not taking requests: one rule for all of them.
+                    let whole_request_failed = !actions.is_empty()
                         && actions
                             .iter()
                             .all(|(_, a)| matches!(a, outcome::Action::Retry { .. }));
-                    let (status, whole_request_failed, retry_after) = match &exchange {
-                        Exchange::Answered(a) => (
-                            Some((a.status, a.http_version)),
-                            a.status >= 500 || a.status == 429 || nothing_taken,
-                            a.retry_after,
-                        ),
-                        Exchange::Failed(_) => (None, true, None),
+                    let (status, retry_after) = match &exchange {
+                        Exchange::Answered(a) => (Some((a.status, a.http_version)), a.retry_after),
+                        Exchange::Failed(_) => (None, None),
                     };
                     let delivered =
                         self.apply(&in_request, actions, status, elapsed, now, &mut marks);
