@@ -17,7 +17,8 @@
 //!   (pre-created files) and `file_digest` (the XXH3-128 of each file as ingest or the compactor
 //!   wrote it, which [`Spool::open_verified`] checks instead of decompressing the file and hashing
 //!   its content before decompressing it again to send it).
-//! - Storing is: write an *intake* file, a zstd frame of raw blocks (`rawframe`; the leading
+//! - Storing is: write an *intake* file, a zstd frame of raw blocks, runs of one byte value as RLE
+//!   blocks (`rawframe`; the leading
 //!   elements are scanned as the bytes stream in, [`leading::StreamScan`], the SHA-256 is computed
 //!   by the spool or, beside it, by the caller in a [`RawDigest`] that must have seen exactly the
 //!   bytes written, and disk writes are started every MiB), then make it durable: into a pre-created file, fdatasync it and commit

@@ -1,5 +1,5 @@
-//! The intake file's format: one zstd frame (RFC 8878) made of *raw* blocks, with the content
-//! checksum on.
+//! The intake file's format: one zstd frame (RFC 8878) made of *raw* blocks (and *RLE* blocks for
+//! runs of one byte value), with the content checksum on.
 //!
 //! Ingest needs a file that every spool reader already reads (the zstd library's decoder) and that
 //! tells a whole instance from one cut short by a power cut (the last-block flag and the checksum
@@ -8,6 +8,10 @@
 //! ratio 1.0) after copying each byte into its window and trying to match it, about 0.16 ms per
 //! 0.5 MB CT slice on the store thread, which sits between the last PDV and the response. Here each
 //! piece the caller hands over is written as it is, behind a 3-byte block header, in one `writev`.
+//! A piece that repeats one byte value (a blank frame of a multi-frame instance, padding) becomes an
+//! *RLE* block instead: 4 bytes on disk for up to 128 KiB of content, so a 2 GB cine of mostly
+//! blank frames does not need 2 GB of spool before the compactor gets to it. The check stops at
+//! the first byte that differs, which for image data is within the first few.
 //! (No maintained crate writes raw blocks as they are pushed: ruzstd's uncompressed level pulls from
 //! a reader and panics on an I/O error, such as a full disk. Decoding stays with the zstd library.)
 //!
@@ -15,7 +19,7 @@
 //! nor one that still decodes when cut short.
 //!
 //! The frame: magic number; a frame header descriptor with only the checksum flag; a window
-//! descriptor of 128 KiB (raw blocks are at most that long); the blocks; an empty last block; the
+//! descriptor of 128 KiB (blocks are at most that long); the raw and RLE blocks; an empty last block; the
 //! low 32 bits of the XXH64 (seed 0) of the content, little-endian.
 //!
 //! The writer also computes the XXH3-128 of every byte it writes (headers included), the digest
@@ -35,6 +39,9 @@ const DESCRIPTOR: u8 = 0b0000_0100;
 const WINDOW: u8 = 7 << 3;
 /// The largest block: the smaller of the window and 128 KiB.
 const MAX_BLOCK: usize = 128 * 1024;
+/// The shortest piece written as an RLE block: a run shorter than a file-system block saves no
+/// disk space, so shorter pieces stay raw.
+const MIN_RUN: usize = 4096;
 
 /// Writes one zstd frame of raw blocks into `inner`.
 pub(crate) struct RawFrameWriter<W: Write> {
@@ -64,10 +71,14 @@ impl<W: Write> RawFrameWriter<W> {
         })
     }
 
-    /// Appends `bytes` as raw blocks of at most [`MAX_BLOCK`] bytes.
+    /// Appends `bytes` as blocks of at most [`MAX_BLOCK`] bytes: raw, or RLE where a piece of at
+    /// least [`MIN_RUN`] bytes repeats one byte value (a blank frame, padding).
     pub(crate) fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
         for piece in bytes.chunks(MAX_BLOCK) {
-            self.block(piece)?;
+            match run_of(piece) {
+                Some(value) => self.rle_block(value, piece.len())?,
+                None => self.block(piece)?,
+            }
             self.checksum.update(piece);
         }
         Ok(())
@@ -79,7 +90,10 @@ impl<W: Write> RawFrameWriter<W> {
         // One write on the acknowledgement path: the empty last block's header, then the low 32
         // bits of the XXH64, which is what zstd keeps.
         let checksum = (self.checksum.digest() & 0xFFFF_FFFF) as u32;
-        let (last, checksum) = (block_header(true, 0), checksum.to_le_bytes());
+        let (last, checksum) = (
+            block_header(BlockType::Raw, true, 0),
+            checksum.to_le_bytes(),
+        );
         write_all_two(&mut self.inner, &last, &checksum)?;
         self.stored.update(&last);
         self.stored.update(&checksum);
@@ -96,9 +110,19 @@ impl<W: Write> RawFrameWriter<W> {
         self.written
     }
 
+    /// One RLE block that is not the last: its 3-byte header and the byte repeated `len` times.
+    fn rle_block(&mut self, value: u8, len: usize) -> io::Result<()> {
+        let header = block_header(BlockType::Rle, false, len);
+        write_all_two(&mut self.inner, &header, &[value])?;
+        self.stored.update(&header);
+        self.stored.update(&[value]);
+        self.written += 4;
+        Ok(())
+    }
+
     /// One raw block that is not the last: its 3-byte header and its bytes.
     fn block(&mut self, payload: &[u8]) -> io::Result<()> {
-        let header = block_header(false, payload.len());
+        let header = block_header(BlockType::Raw, false, payload.len());
         write_all_two(&mut self.inner, &header, payload)?;
         self.stored.update(&header);
         self.stored.update(payload);
@@ -107,11 +131,28 @@ impl<W: Write> RawFrameWriter<W> {
     }
 }
 
-/// A raw block's 3-byte header: last-block flag, block type 0 (raw), size.
-fn block_header(last: bool, len: usize) -> [u8; 3] {
+/// The block types this writer uses (RFC 8878, 3.1.1.2.2).
+#[derive(Clone, Copy)]
+enum BlockType {
+    /// The bytes as they are.
+    Raw = 0,
+    /// One byte, repeated block-size times.
+    Rle = 1,
+}
+
+/// A block's 3-byte header: last-block flag, block type, size (for RLE, the repeat count).
+fn block_header(kind: BlockType, last: bool, len: usize) -> [u8; 3] {
     debug_assert!(len <= MAX_BLOCK);
-    let [a, b, c, _] = ((len as u32) << 3 | u32::from(last)).to_le_bytes();
+    let word = (len as u32) << 3 | (kind as u32) << 1 | u32::from(last);
+    let [a, b, c, _] = word.to_le_bytes();
     [a, b, c]
+}
+
+/// The byte that all of `piece` repeats, if it is at least [`MIN_RUN`] bytes long. The scan stops
+/// at the first byte that differs: for image data, within the first few bytes.
+fn run_of(piece: &[u8]) -> Option<u8> {
+    let (&first, rest) = piece.split_first()?;
+    (piece.len() >= MIN_RUN && rest.iter().all(|&b| b == first)).then_some(first)
 }
 
 /// Writes `a` then `b` with vectored writes (one `writev` when the kernel takes both at once).
@@ -191,6 +232,49 @@ mod tests {
             let expected: Vec<u8> = pieces.concat();
             let decoded = zstd::stream::decode_all(&frame(&pieces)[..]).unwrap();
             assert_eq!(decoded, expected, "{} pieces", pieces.len());
+        }
+    }
+
+    #[test]
+    fn runs_of_one_byte_become_rle_blocks_that_decode_to_the_same_bytes() {
+        let image = content(MAX_BLOCK + 5000);
+        let blank = vec![0u8; 3 * MAX_BLOCK + 100];
+        let padding = vec![0xFFu8; MIN_RUN];
+        let short_run = vec![7u8; MIN_RUN - 1];
+        let almost = {
+            let mut v = vec![0u8; MAX_BLOCK];
+            v[MAX_BLOCK - 1] = 1;
+            v
+        };
+        let pieces: Vec<&[u8]> = vec![&image, &blank, &padding, &short_run, &almost, &image[..10]];
+        let out = frame(&pieces);
+        assert_eq!(zstd::stream::decode_all(&out[..]).unwrap(), pieces.concat());
+        // The blank piece is three RLE blocks of 128 KiB and a raw one of 100 bytes (shorter than
+        // MIN_RUN), the padding one RLE block: 4 × 4 bytes. Everything else is stored raw behind a
+        // 3-byte header; then the last block's header and the checksum.
+        let raw_pieces = [image.len(), 100, short_run.len(), almost.len(), 10];
+        let raw_blocks = 2 + 1 + 1 + 1 + 1;
+        let expected = 6 + raw_pieces.iter().sum::<usize>() + 3 * raw_blocks + 4 * 4 + 3 + 4;
+        assert_eq!(out.len(), expected);
+        let mut w = RawFrameWriter::new(Vec::new()).unwrap();
+        w.write_all(&blank).unwrap();
+        assert_eq!(w.written(), 6 + 3 * 4 + 3 + 100);
+    }
+
+    #[test]
+    fn a_changed_rle_byte_or_count_fails_to_decode() {
+        let blank = vec![0u8; MIN_RUN];
+        let whole = frame(&[&content(100), &blank]);
+        // The RLE block: its header at 6 + 3 + 100, its byte after it.
+        let at = 6 + 3 + 100;
+        let mut value = whole.clone();
+        value[at + 3] = 1;
+        assert!(zstd::stream::decode_all(&value[..]).is_err());
+        let mut count = whole.clone();
+        count[at + 1] ^= 0x01;
+        assert!(zstd::stream::decode_all(&count[..]).is_err());
+        for cut in 0..whole.len() {
+            assert!(zstd::stream::decode_all(&whole[..cut]).is_err());
         }
     }
 
