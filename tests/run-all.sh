@@ -19,6 +19,12 @@ step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 step "cargo test --workspace"
 cargo test --workspace
+# The system tests use only release builds, and need a few GiB (Orthanc's storage, the spools, the
+# appliance image): on a small disk, the debug build gives its room back to them.
+if [ "$(df -Pk target | awk 'NR == 2 { print $4 }')" -lt $((8 * 1024 * 1024)) ]; then
+    echo "less than 8 GiB free: removing target/debug (the unit tests' build, about 3 GiB) before the release builds"
+    rm -rf target/debug
+fi
 # The crash campaign's build first, in the same target dir (only our crates differ, the dependencies
 # are shared), kept aside; then the plain release build that everything else uses.
 step "cargo build --release -p passerelled --features failpoints (crash campaign build)"
