@@ -278,11 +278,11 @@ class Gateway:
 def gateway_for(d: Path, orthanc: Orthanc, pki: Pki, **kw) -> Gateway:
     """A gateway configured to deliver to `orthanc` through its TLS front with mutual TLS and basic auth."""
     kw.setdefault("ca_file", pki.ca_cert)
+    kw.setdefault("client_cert", pki.client_cert)
+    kw.setdefault("client_key", pki.client_key)
     g = Gateway(
         dir=d,
         stow_url=orthanc.stow_url,
-        client_cert=pki.client_cert,
-        client_key=pki.client_key,
         username=USERNAME,
         password=PASSWORD,
         **kw,

@@ -37,7 +37,7 @@ def _make_ca(d: Path, name: str, cn: str) -> tuple[Path, Path]:
     key, cert = d / f"{name}.key", d / f"{name}.pem"
     _openssl("genrsa", "-out", key, "2048")
     _openssl(
-        "req", "-x509", "-new", "-key", key, "-sha256", "-days", "30", "-subj", f"/CN={cn}", "-out", cert,
+        "req", "-x509", "-new", "-key", key, "-sha256", "-days", "365", "-subj", f"/CN={cn}", "-out", cert,
         "-addext", "basicConstraints=critical,CA:TRUE",
         "-addext", "keyUsage=critical,keyCertSign,cRLSign",
     )
@@ -45,7 +45,7 @@ def _make_ca(d: Path, name: str, cn: str) -> tuple[Path, Path]:
 
 
 def _make_leaf(d: Path, name: str, cn: str, ca_cert: Path, ca_key: Path, ext: str,
-               days: int = 30) -> tuple[Path, Path]:
+               days: int = 365) -> tuple[Path, Path]:
     key, csr, cert, extfile = d / f"{name}.key", d / f"{name}.csr", d / f"{name}.pem", d / f"{name}.ext"
     extfile.write_text(ext)
     _openssl("genrsa", "-out", key, "2048")
@@ -101,12 +101,12 @@ def make_pki(d: Path) -> Pki:
 
 
 def make_client_cert(pki: Pki, d: Path, name: str, *, foreign_ca: bool = False,
-                     expired: bool = False) -> tuple[Path, Path]:
+                     expired: bool = False, days: int = 365) -> tuple[Path, Path]:
     """Another client certificate for mutual TLS: issued by the unrelated CA (`foreign_ca`), or by the
-    real CA but already expired (`expired`: valid until a day before it was issued)."""
+    real CA but already expired (`expired`: valid until a day before it was issued), or valid for `days`."""
     d.mkdir(parents=True, exist_ok=True)
     ca_cert, ca_key = (pki.other_ca_cert, pki.other_ca_key) if foreign_ca else (pki.ca_cert, pki.ca_key)
-    return _make_leaf(d, name, "passerelle-test-gateway", ca_cert, ca_key, CLIENT_EXT, days=-1 if expired else 30)
+    return _make_leaf(d, name, "passerelle-test-gateway", ca_cert, ca_key, CLIENT_EXT, days=-1 if expired else days)
 
 
 def make_self_signed_server_cert(d: Path, name: str, *, ca_false: bool) -> tuple[Path, Path]:

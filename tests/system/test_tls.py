@@ -5,6 +5,7 @@ or failing the instances. Fixing the config and restarting delivers all."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from harness import send
@@ -126,6 +127,11 @@ def test_refused_client_certificate_pauses_the_uplink_and_fails_no_instance(
         assert status["failed"] == 0 and status["sent"] == 0 and status["lost"] == 0, (what, status)
         assert status["queued"] + status["uploading"] == len(held), (what, status)
         assert orthanc.count_instances() == 0
+        if what == "expired":
+            # Said at start, before any upload failed, and shown by status.
+            assert "The box's TLS client certificate has expired" in gw.log_path.read_text(errors="replace")
+            assert status["client_cert_not_after"] < time.time(), status
+            assert "client certificate: EXPIRED on" in gw.status_text()
         gw.stop_ok()
         assert gw.status()["queued"] == len(held), what
     access_log = (orthanc.dir / "nginx-access.log").read_text(errors="replace")
@@ -138,6 +144,37 @@ def test_refused_client_certificate_pauses_the_uplink_and_fails_no_instance(
     gw.start()
     assert_all_delivered(gw, orthanc, held, storescu_reference, "the queue after the client certificate was fixed")
     gw.stop_ok()
+
+
+def test_a_client_certificate_close_to_its_expiry_is_announced_while_it_still_works(
+    orthanc, make_gateway, pki, ct_study: Study, storescu_reference: dict[str, bytes], tmp_path: Path
+) -> None:
+    """The box's client certificate expires in 10 days. Uploads go on, but the operator hears it at start
+    (a WARN naming uplink.client_cert and what to do) and in `status`, before the PACS starts refusing: a
+    hospital otherwise learns of it from doctors missing studies. A certificate valid for a year says nothing."""
+    cert, key = make_client_cert(pki, tmp_path / "certs", "ten-days", days=10)
+    gw = make_gateway(orthanc, client_cert=cert, client_key=key)
+    gw.start()
+    few = ct_study.instances[:3]
+    send.storescu(gw.port, few, tmp_path / "scu", called_ae=gw.ae_title)
+    status = assert_all_delivered(gw, orthanc, few, storescu_reference, "uploads with a certificate close to expiry")
+    assert abs(status["client_cert_not_after"] - (time.time() + 10 * 86_400)) < 3600, status
+    assert status["client_cert_error"] is None, status
+    log = gw.log_path.read_text(errors="replace")
+    warned = [ln for ln in log.splitlines() if " WARN " in ln and "client certificate expires in" in ln]
+    assert len(warned) == 1 and "9 day(s)" in warned[0], warned
+    assert "uplink.client_cert" in warned[0] and "renewed" in warned[0], warned
+    assert "EXPIRES SOON" in gw.status_text()
+    gw.stop_ok()
+
+    # A year's certificate (the test PKI's): no warning, and status gives its date.
+    gw.client_cert, gw.client_key = pki.client_cert, pki.client_key
+    gw.write_config()
+    gw.start()
+    assert "client certificate: valid until" in gw.status_text()
+    gw.stop_ok()
+    last_run = gw.log_path.read_text(errors="replace").split("===== start #")[-1]
+    assert "Uplink started" in last_run and "client certificate expires" not in last_run, last_run[-2000:]
 
 
 def test_self_signed_ca_certificate_pauses_with_how_to_make_one_that_works(

@@ -26,6 +26,7 @@ use error::{DaemonError, Result};
 use log::{error, info, warn};
 use passerelle_config::Config;
 use passerelle_spool::{Spool, StatusReport};
+use passerelle_uplink::CertNotice;
 use tokio::sync::{watch, Notify};
 
 #[derive(Parser)]
@@ -122,11 +123,15 @@ fn run(cli: Cli) -> Result<i32> {
             let cfg = Config::load(&cli.config)?;
             unprivileged_for_spool(&cfg, false)?;
             let spool = Spool::attach(&cfg.spool)?;
-            let report = spool.status(SystemTime::now())?;
+            let now = SystemTime::now();
+            let report = spool.status(now)?;
+            // The certificate is read from its file: status works while the daemon runs or not.
+            let cert =
+                passerelle_uplink::client_cert_not_after(&cfg.uplink).map_err(|e| error_chain(&e));
             if json {
-                println!("{}", status_json(&report));
+                println!("{}", status_json(&report, &cert));
             } else {
-                print!("{}", status_text(&report));
+                print!("{}", status_text(&report, &cert, now));
             }
             Ok(0)
         }
@@ -379,7 +384,15 @@ fn unix_secs(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-fn status_json(r: &StatusReport) -> String {
+/// The box's client certificate's end of validity (`None`: none configured), or why it could not
+/// be read.
+type CertExpiry = std::result::Result<Option<SystemTime>, String>;
+
+fn status_json(r: &StatusReport, cert: &CertExpiry) -> String {
+    let (not_after, cert_error) = match cert {
+        Ok(t) => (t.map(unix_secs), None),
+        Err(e) => (None, Some(e.as_str())),
+    };
     serde_json::json!({
         "queued": r.queued,
         "uploading": r.uploading,
@@ -398,11 +411,13 @@ fn status_json(r: &StatusReport) -> String {
         "stored_bytes": r.stored_bytes,
         "raw_bytes": r.raw_bytes,
         "awaiting_compaction": r.awaiting_compaction,
+        "client_cert_not_after": not_after,
+        "client_cert_error": cert_error,
     })
     .to_string()
 }
 
-fn status_text(r: &StatusReport) -> String {
+fn status_text(r: &StatusReport, cert: &CertExpiry, now: SystemTime) -> String {
     let mut s = String::new();
     s.push_str(&format!(
         "queued: {}\nuploading: {}\nsent: {} (evicted from cache: {})\nfailed: {}\nlost: {}\nquarantined: {}\n",
@@ -440,5 +455,24 @@ fn status_text(r: &StatusReport) -> String {
             r.awaiting_compaction
         ));
     }
+    s.push_str(&client_cert_line(cert, now));
     s
+}
+
+fn client_cert_line(cert: &CertExpiry, now: SystemTime) -> String {
+    let not_after = match cert {
+        Ok(None) => return "client certificate: none configured\n".into(),
+        Ok(Some(t)) => *t,
+        Err(e) => return format!("client certificate: UNREADABLE ({e})\n"),
+    };
+    let date = httpdate::fmt_http_date(not_after);
+    match passerelle_uplink::client_cert_notice(not_after, now) {
+        None => format!("client certificate: valid until {date}\n"),
+        Some(CertNotice::ExpiresIn { days }) => format!(
+            "client certificate: EXPIRES SOON, on {date} ({days} whole day(s) left): install a renewed one before then\n"
+        ),
+        Some(CertNotice::Expired) => format!(
+            "client certificate: EXPIRED on {date}: the PACS refuses uploads until a renewed one is installed\n"
+        ),
+    }
 }

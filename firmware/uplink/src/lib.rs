@@ -100,6 +100,9 @@
 //!   certificate, "No required SSL certificate was sent") pauses the uplink like a refused
 //!   certificate: that 400 is about the box, not the instances, and failing them would leave the
 //!   whole backlog to `requeue`.
+//! - The box's own client certificate is watched: from [`CLIENT_CERT_WARNING`] (30 days) before it
+//!   expires, a WARN at start and daily says when and what to do; once expired, an ERROR. `status`
+//!   reads the file itself ([`client_cert_not_after`]), so it shows the date with the daemon down.
 //! - A modality's corrected instance (same SOP Instance UID, other content) is a new version in the
 //!   spool and is sent like any instance. STOW-RS answers alike whether the PACS stored it or kept
 //!   its first copy (Orthanc keeps it unless `OverwriteInstances` is on), so a confirmation of a UID
@@ -147,6 +150,7 @@ pub mod response;
 mod tls;
 
 pub use error::{Result, UplinkError};
+pub use tls::{client_cert_not_after, client_cert_notice, CertNotice, CLIENT_CERT_WARNING};
 
 use std::collections::{HashSet, VecDeque};
 use std::error::Error as StdError;
@@ -394,6 +398,13 @@ impl Uplink {
         );
 
         let mut workers = tokio::task::JoinSet::new();
+        if let Some(not_after) = link.client_auth.not_after() {
+            workers.spawn(watch_client_cert(
+                link.cfg.client_cert.display().to_string(),
+                not_after,
+                shutdown.clone(),
+            ));
+        }
         for index in 0..connections {
             let worker = Worker {
                 link: link.clone(),
@@ -412,6 +423,32 @@ impl Uplink {
         }
         info!("Uplink stopped.");
         Ok(())
+    }
+}
+
+/// Says, at start and then daily until shutdown, that the box's client certificate has expired or
+/// expires soon (see [`CLIENT_CERT_WARNING`]).
+async fn watch_client_cert(
+    path: String,
+    not_after: SystemTime,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let date = httpdate::fmt_http_date(not_after);
+    loop {
+        match tls::client_cert_notice(not_after, SystemTime::now()) {
+            Some(tls::CertNotice::Expired) => error!(
+                "The box's TLS client certificate has expired: the PACS refuses every upload until it is replaced. Install a renewed certificate and its key at uplink.client_cert and uplink.client_key, then restart passerelled. client_cert={path} not_after=\"{date}\""
+            ),
+            Some(tls::CertNotice::ExpiresIn { days }) => warn!(
+                "The box's TLS client certificate expires in {}: from then on the PACS will refuse every upload. Ask the network's certificate authority for a renewed one, install it and its key at uplink.client_cert and uplink.client_key, then restart passerelled. client_cert={path} not_after=\"{date}\"",
+                if days == 0 { "less than a day".to_string() } else { format!("{days} day(s)") }
+            ),
+            None => {}
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(86_400)) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
     }
 }
 

@@ -8,10 +8,15 @@
 //! over and the request is on its way, so the refusal often reaches us as a connection closed under
 //! the request body (broken pipe, reset) rather than as its alert; knowing the PACS asked lets the
 //! uplink say what is wrong (`outcome::refused_after_certificate_request`).
+//!
+//! The client certificate's end of validity is read when the configuration is loaded: the uplink
+//! warns for [`CLIENT_CERT_WARNING`] before it (daily, and at each start), so that the box does
+//! not stop forwarding on the day it expires without having said so.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use passerelle_config::UplinkConfig;
 use rustls::client::ResolvesClientCert;
@@ -21,14 +26,25 @@ use rustls::SignatureScheme;
 
 use crate::error::{Result, UplinkError};
 
+/// How long before the box's client certificate expires the uplink starts to warn: the time a
+/// hospital's IT team needs to get a renewed one from the network's certificate authority.
+pub const CLIENT_CERT_WARNING: Duration = Duration::from_secs(30 * 86_400);
+
 /// Our client certificate, if one is configured, and whether a PACS has asked for one.
 #[derive(Debug)]
 pub(crate) struct ClientAuth {
     key: Option<Arc<CertifiedKey>>,
+    /// When the configured certificate (the chain's first, the box's own) stops being valid.
+    not_after: Option<SystemTime>,
     asked: AtomicBool,
 }
 
 impl ClientAuth {
+    /// When the configured client certificate expires; `None` without one.
+    pub(crate) fn not_after(&self) -> Option<SystemTime> {
+        self.not_after
+    }
+
     /// True once a PACS asked for a client certificate during a handshake.
     pub(crate) fn asked(&self) -> bool {
         self.asked.load(Ordering::Relaxed)
@@ -83,8 +99,14 @@ pub(crate) fn client_config(cfg: &UplinkConfig) -> Result<(rustls::ClientConfig,
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|source| UplinkError::BuildTlsConfig { source })?
         .with_root_certificates(roots);
+    let key = client_key(cfg, &provider)?;
+    let not_after = match &key {
+        Some(key) => Some(leaf_not_after(cfg, key.cert.first())?),
+        None => None,
+    };
     let auth = Arc::new(ClientAuth {
-        key: client_key(cfg, &provider)?.map(Arc::new),
+        key: key.map(Arc::new),
+        not_after,
         asked: AtomicBool::new(false),
     });
     let mut config = builder.with_client_cert_resolver(auth.clone());
@@ -113,16 +135,7 @@ fn client_key(
         }
         (true, true) => {}
     }
-    let chain = read_certs(&cfg.client_cert).map_err(|e| match e {
-        PemError::Read(source) => UplinkError::ReadClientCert {
-            path: cfg.client_cert.clone(),
-            source,
-        },
-        PemError::Parse(detail) => UplinkError::LoadClientCert {
-            path: cfg.client_cert.clone(),
-            detail,
-        },
-    })?;
+    let chain = read_certs(&cfg.client_cert).map_err(|e| client_cert_error(cfg, e))?;
     if chain.is_empty() {
         return Err(UplinkError::LoadClientCert {
             path: cfg.client_cert.clone(),
@@ -136,6 +149,63 @@ fn client_key(
             path: cfg.client_key.clone(),
             detail: format!("it does not go with uplink.client_cert ({e})"),
         })
+}
+
+/// When the box's client certificate (`uplink.client_cert`'s first certificate) stops being valid;
+/// `None` if none is configured. For `passerelled status`, which reads the file itself.
+pub fn client_cert_not_after(cfg: &UplinkConfig) -> Result<Option<SystemTime>> {
+    if cfg.client_cert.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    let chain = read_certs(&cfg.client_cert).map_err(|e| client_cert_error(cfg, e))?;
+    leaf_not_after(cfg, chain.first()).map(Some)
+}
+
+/// The end of the validity period of `leaf`, the chain's first certificate.
+fn leaf_not_after(cfg: &UplinkConfig, leaf: Option<&CertificateDer<'_>>) -> Result<SystemTime> {
+    let invalid = |detail: String| UplinkError::LoadClientCert {
+        path: cfg.client_cert.clone(),
+        detail,
+    };
+    let leaf = leaf.ok_or_else(|| invalid("it holds no PEM certificate".into()))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|e| invalid(format!("its first certificate is not valid X.509 ({e})")))?;
+    // A date before 1970 is as expired as 1970.
+    let secs = u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0);
+    Ok(UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+/// What the operator must hear about the box's client certificate at `now`, if anything.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CertNotice {
+    /// It has expired: the PACS refuses every upload.
+    Expired,
+    /// It expires within [`CLIENT_CERT_WARNING`]: in this many whole days (0: within a day).
+    ExpiresIn { days: u64 },
+}
+
+pub fn client_cert_notice(not_after: SystemTime, now: SystemTime) -> Option<CertNotice> {
+    match not_after.duration_since(now) {
+        Err(_) => Some(CertNotice::Expired),
+        Ok(left) if left.is_zero() => Some(CertNotice::Expired),
+        Ok(left) if left <= CLIENT_CERT_WARNING => Some(CertNotice::ExpiresIn {
+            days: left.as_secs() / 86_400,
+        }),
+        Ok(_) => None,
+    }
+}
+
+fn client_cert_error(cfg: &UplinkConfig, e: PemError) -> UplinkError {
+    match e {
+        PemError::Read(source) => UplinkError::ReadClientCert {
+            path: cfg.client_cert.clone(),
+            source,
+        },
+        PemError::Parse(detail) => UplinkError::LoadClientCert {
+            path: cfg.client_cert.clone(),
+            detail,
+        },
+    }
 }
 
 enum PemError {

@@ -137,3 +137,55 @@ fn a_client_key_that_does_not_match_the_certificate_is_refused() {
         Some("does not go with uplink.client_cert"),
     );
 }
+
+#[test]
+fn the_client_certificates_end_of_validity_is_read_for_the_config_and_for_status() {
+    let files = Files::new();
+    let (ca, _, _) = files.pki();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["box.local".to_string()]).unwrap();
+    params.not_after = rcgen::date_time_ymd(2030, 1, 1);
+    let cert = files.write("dated.pem", &params.self_signed(&key).unwrap().pem());
+    let cfg = config(ca, cert, files.write("dated.key", &key.serialize_pem()));
+    let jan_2030 = UNIX_EPOCH + Duration::from_secs(1_893_456_000);
+    assert_eq!(client_cert_not_after(&cfg).unwrap(), Some(jan_2030));
+    let (_, auth) = client_config(&cfg).unwrap();
+    assert_eq!(auth.not_after(), Some(jan_2030));
+    let none = UplinkConfig {
+        ca_file: cfg.ca_file.clone(),
+        ..UplinkConfig::default()
+    };
+    assert_eq!(client_cert_not_after(&none).unwrap(), None);
+    let garbage = UplinkConfig {
+        client_cert: files.write(
+            "garbage.pem",
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        ),
+        ..cfg
+    };
+    let msg = crate::error_chain(&client_cert_not_after(&garbage).unwrap_err());
+    assert!(msg.contains("not valid X.509"), "{msg}");
+}
+
+#[test]
+fn the_operator_hears_of_the_client_certificate_from_30_days_before_it_expires() {
+    let day = Duration::from_secs(86_400);
+    let now = UNIX_EPOCH + 20_000 * day;
+    let notice = |left: Duration| client_cert_notice(now + left, now);
+    assert_eq!(notice(31 * day), None);
+    assert_eq!(notice(30 * day + Duration::from_secs(1)), None);
+    assert_eq!(notice(30 * day), Some(CertNotice::ExpiresIn { days: 30 }));
+    assert_eq!(
+        notice(day + Duration::from_secs(3600)),
+        Some(CertNotice::ExpiresIn { days: 1 })
+    );
+    assert_eq!(
+        notice(Duration::from_secs(1)),
+        Some(CertNotice::ExpiresIn { days: 0 })
+    );
+    assert_eq!(notice(Duration::ZERO), Some(CertNotice::Expired));
+    assert_eq!(
+        client_cert_notice(now - day, now),
+        Some(CertNotice::Expired)
+    );
+}
