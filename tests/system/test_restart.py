@@ -3,6 +3,9 @@ loses nothing (the C-STORE success went out only after the instance was durable)
 
 from __future__ import annotations
 
+import os
+import signal
+import sqlite3
 from pathlib import Path
 
 from harness import send
@@ -97,3 +100,40 @@ def test_sigkill_during_upload_resumes(
     assert status["lost"] == 0 and status["failed"] == 0 and status["queued"] == 0, status
     assert_byte_identical(orthanc, {i.sop_instance_uid: storescu_reference[i.sop_instance_uid] for i in study})
     gw.stop_ok()
+
+
+def test_sigterm_during_start_up_waits_for_it_and_exits_cleanly(orthanc, make_gateway, tmp_path: Path) -> None:
+    """systemd may stop the daemon while it is still opening its spool (recovery of a large queue takes
+    seconds). The SIGTERM must not kill it half-way (exit by signal, what systemd logs as a failure): the
+    start-up ends, then the daemon stops as after any SIGTERM, exit code 0. The test holds the spool
+    database's write lock so that the start-up cannot end before the signal is sent."""
+    gw = make_gateway(orthanc)
+    gw.start()
+    gw.stop_ok()
+    db = sqlite3.connect(gw.spool_dir / "spool.db", isolation_level=None, timeout=30)
+    try:
+        db.execute("BEGIN EXCLUSIVE")
+        gw.start(wait_ready=False)
+        assert gw.proc is not None
+        spool_db = str(gw.spool_dir / "spool.db")
+        wait_until(lambda: spool_db in _open_files(gw.proc.pid), 30, "passerelled to open spool.db")
+        started = gw.log_path.read_text(errors="replace").split("===== start #")[-1]
+        assert "Passerelle is ready" not in started, "the start-up ended while the test held the write lock"
+        gw.proc.send_signal(signal.SIGTERM)
+    finally:
+        db.execute("COMMIT")
+        db.close()
+    gw.stop_ok()
+    last_run = gw.log_path.read_text(errors="replace").split("===== start #")[-1]
+    assert "Passerelle is ready" in last_run and "Passerelle stopped cleanly" in last_run, last_run[-3000:]
+
+
+def _open_files(pid: int) -> set[str]:
+    fds = Path(f"/proc/{pid}/fd")
+    out = set()
+    for fd in fds.iterdir():
+        try:
+            out.add(os.readlink(fd))
+        except OSError:
+            pass  # closed meanwhile
+    return out

@@ -222,6 +222,9 @@ fn daemon(cfg: Config) -> Result<()> {
 }
 
 async fn daemon_async(cfg: Config, listener: std::net::TcpListener) -> Result<()> {
+    // Before the spool is opened (its recovery can take seconds): a SIGTERM from then on waits for
+    // the start-up to end and stops the daemon cleanly, instead of killing it half-way.
+    let stop = StopSignals::register()?;
     let spool_cfg = cfg.spool.clone();
     let (spool, recovery) = tokio::task::spawn_blocking(move || Spool::open(&spool_cfg))
         .await
@@ -266,7 +269,7 @@ async fn daemon_async(cfg: Config, listener: std::net::TcpListener) -> Result<()
     );
     notify(&[sd_notify::NotifyState::Ready]);
 
-    wait_for_signal().await?;
+    stop.received().await;
     info!("Shutting down: no new associations; in-flight C-STOREs may finish, then uploads stop.");
     notify(&[sd_notify::NotifyState::Stopping]);
     let _ = shutdown_tx.send(true);
@@ -298,17 +301,29 @@ async fn daemon_async(cfg: Config, listener: std::net::TcpListener) -> Result<()
     }
 }
 
-async fn wait_for_signal() -> Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term =
-        signal(SignalKind::terminate()).map_err(|source| DaemonError::Signal { source })?;
-    let mut int =
-        signal(SignalKind::interrupt()).map_err(|source| DaemonError::Signal { source })?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, caught from registration on: one that arrives before [`Self::received`] is
+/// awaited is kept until then.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn register() -> Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let term =
+            signal(SignalKind::terminate()).map_err(|source| DaemonError::Signal { source })?;
+        let int =
+            signal(SignalKind::interrupt()).map_err(|source| DaemonError::Signal { source })?;
+        Ok(StopSignals { term, int })
     }
-    Ok(())
+
+    async fn received(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }
 
 /// Eviction of the confirmed cache, and the systemd watchdog: the watchdog is only fed while the spool
