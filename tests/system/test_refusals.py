@@ -11,6 +11,7 @@ from harness import send
 from harness.checks import wait_for_instances
 from harness.data import Study
 from harness.gateway import passerelled_bin
+from harness.pki import make_client_cert
 from harness.util import run, wait_until
 
 
@@ -111,6 +112,17 @@ def test_check_config_accepts_a_good_config(pki, tmp_path: Path) -> None:
     good.write_text(GOOD.format(spool=tmp_path / "spool", ca=pki.ca_cert))
     cp = _check_config(good)
     assert cp.returncode == 0, cp.stdout + cp.stderr
+    assert "client certificate" not in cp.stdout, cp.stdout
+
+    # With a client certificate, the operator who just installed one sees its end date; one close to it
+    # is announced, and is still not a configuration error (the box keeps receiving meanwhile).
+    for days, said in ((365, "client certificate: valid until"), (10, "client certificate: EXPIRES SOON")):
+        cert, key = make_client_cert(pki, tmp_path / "certs", f"client-{days}", days=days)
+        with_cert = tmp_path / f"with-cert-{days}.toml"
+        with_cert.write_text(good.read_text().replace(
+            "[admin]", f'client_cert = "{cert}"\nclient_key = "{key}"\n[admin]'))
+        cp = _check_config(with_cert)
+        assert cp.returncode == 0 and said in cp.stdout, (days, cp.stdout + cp.stderr)
 
 
 def test_check_config_names_each_bad_key_and_exits_non_zero(tmp_path: Path) -> None:

@@ -182,9 +182,9 @@ fn unprivileged_for_spool(cfg: &Config, create: bool) -> Result<privileges::Iden
 }
 
 fn check_config(path: &Path) -> i32 {
-    let problems = match Config::load(path) {
-        Ok(cfg) => cfg.validate(),
-        Err(passerelle_config::ConfigError::Invalid { problems, .. }) => problems,
+    let (problems, cfg) = match Config::load(path) {
+        Ok(cfg) => (cfg.validate(), Some(cfg)),
+        Err(passerelle_config::ConfigError::Invalid { problems, .. }) => (problems, None),
         Err(e) => {
             println!("{}: {e}", path.display());
             return 2;
@@ -192,6 +192,13 @@ fn check_config(path: &Path) -> i32 {
     };
     if problems.is_empty() {
         println!("{}: the configuration is valid.", path.display());
+        // Not a configuration problem (the box keeps receiving whatever its certificate), but what
+        // an operator who just installed one wants to see.
+        if let Some(cfg) = cfg.filter(|c| !c.uplink.client_cert.as_os_str().is_empty()) {
+            let cert =
+                passerelle_uplink::client_cert_not_after(&cfg.uplink).map_err(|e| error_chain(&e));
+            print!("{}", client_cert_line(&cert, SystemTime::now()));
+        }
         0
     } else {
         for p in &problems {
