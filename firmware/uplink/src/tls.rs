@@ -184,6 +184,8 @@ pub enum CertNotice {
     ExpiresIn { days: u64 },
 }
 
+/// Whether a client certificate valid until `not_after` has expired at `now`, or expires within
+/// [`CLIENT_CERT_WARNING`]; `None` while it has longer. The daemon's watch and `status` both ask it.
 pub fn client_cert_notice(not_after: SystemTime, now: SystemTime) -> Option<CertNotice> {
     match not_after.duration_since(now) {
         Err(_) => Some(CertNotice::Expired),
