@@ -22,7 +22,7 @@ cargo test --workspace
 # The system tests use only release builds, and need a few GiB (Orthanc's storage, the spools, the
 # appliance image): on a small disk, the debug build gives its room back to them.
 if [ "$(df -Pk target | awk 'NR == 2 { print $4 }')" -lt $((8 * 1024 * 1024)) ]; then
-    echo "less than 8 GiB free: removing target/debug (the unit tests' build, about 3 GiB) before the release builds"
+    echo "less than 8 GiB free: removing target/debug (the unit tests' build, about 1.5 GiB) before the release builds"
     rm -rf target/debug
 fi
 # The crash campaign's build first, in the same target dir (only our crates differ, the dependencies
