@@ -77,7 +77,7 @@ impl<W: Write> RawFrameWriter<W> {
         for piece in bytes.chunks(MAX_BLOCK) {
             match run_of(piece) {
                 Some(value) => self.rle_block(value, piece.len())?,
-                None => self.block(piece)?,
+                None => self.raw_block(piece)?,
             }
             self.checksum.update(piece);
         }
@@ -112,17 +112,16 @@ impl<W: Write> RawFrameWriter<W> {
 
     /// One RLE block that is not the last: its 3-byte header and the byte repeated `len` times.
     fn rle_block(&mut self, value: u8, len: usize) -> io::Result<()> {
-        let header = block_header(BlockType::Rle, false, len);
-        write_all_two(&mut self.inner, &header, &[value])?;
-        self.stored.update(&header);
-        self.stored.update(&[value]);
-        self.written += 4;
-        Ok(())
+        self.block(block_header(BlockType::Rle, false, len), &[value])
     }
 
     /// One raw block that is not the last: its 3-byte header and its bytes.
-    fn block(&mut self, payload: &[u8]) -> io::Result<()> {
-        let header = block_header(BlockType::Raw, false, payload.len());
+    fn raw_block(&mut self, payload: &[u8]) -> io::Result<()> {
+        self.block(block_header(BlockType::Raw, false, payload.len()), payload)
+    }
+
+    /// A block's header and its stored bytes, in one `writev`, counted in both digests' input.
+    fn block(&mut self, header: [u8; 3], payload: &[u8]) -> io::Result<()> {
         write_all_two(&mut self.inner, &header, payload)?;
         self.stored.update(&header);
         self.stored.update(payload);

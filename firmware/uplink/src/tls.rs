@@ -100,10 +100,18 @@ pub(crate) fn client_config(cfg: &UplinkConfig) -> Result<(rustls::ClientConfig,
         .map_err(|source| UplinkError::BuildTlsConfig { source })?
         .with_root_certificates(roots);
     let key = client_key(cfg, &provider)?;
-    let not_after = match &key {
-        Some(key) => Some(leaf_not_after(cfg, key.cert.first())?),
-        None => None,
-    };
+    // Only for the expiry warning: a certificate rustls took but whose dates cannot be read must
+    // not stop the uplink (nor the daemon with it); the PACS judges the certificate.
+    let not_after = key.as_ref().and_then(|key| {
+        leaf_not_after(cfg, key.cert.first())
+            .map_err(|e| {
+                log::warn!(
+                    "Cannot read the end date of the box's TLS client certificate, so no warning will come before it expires; uploads are not affected. Check the certificate's expiry by hand (openssl x509 -enddate -noout -in FILE). error=\"{}\"",
+                    crate::error_chain(&e)
+                )
+            })
+            .ok()
+    });
     let auth = Arc::new(ClientAuth {
         key: key.map(Arc::new),
         not_after,
