@@ -428,21 +428,32 @@ impl Uplink {
 
 /// Says, at start and then daily until shutdown, that the box's client certificate has expired or
 /// expires soon (see [`CLIENT_CERT_WARNING`]).
-async fn watch_client_cert(
+async fn watch_client_cert(path: String, not_after: SystemTime, shutdown: watch::Receiver<bool>) {
+    watch_client_cert_with(path, not_after, shutdown, SystemTime::now, |level, line| {
+        log::log!(level, "{line}")
+    })
+    .await
+}
+
+/// [`watch_client_cert`] with its clock and its log as parameters: the wall clock (`now`) dates
+/// the certificate, tokio's clock paces the daily repetition.
+async fn watch_client_cert_with(
     path: String,
     not_after: SystemTime,
     mut shutdown: watch::Receiver<bool>,
+    now: impl Fn() -> SystemTime,
+    mut say: impl FnMut(log::Level, String),
 ) {
     let date = httpdate::fmt_http_date(not_after);
     loop {
-        match tls::client_cert_notice(not_after, SystemTime::now()) {
-            Some(tls::CertNotice::Expired) => error!(
+        match tls::client_cert_notice(not_after, now()) {
+            Some(tls::CertNotice::Expired) => say(log::Level::Error, format!(
                 "The box's TLS client certificate has expired: the PACS refuses every upload until it is replaced. Install a renewed certificate and its key at uplink.client_cert and uplink.client_key, then restart passerelled. client_cert={path} not_after=\"{date}\""
-            ),
-            Some(tls::CertNotice::ExpiresIn { days }) => warn!(
+            )),
+            Some(tls::CertNotice::ExpiresIn { days }) => say(log::Level::Warn, format!(
                 "The box's TLS client certificate expires in {}: from then on the PACS will refuse every upload. Ask the network's certificate authority for a renewed one, install it and its key at uplink.client_cert and uplink.client_key, then restart passerelled. client_cert={path} not_after=\"{date}\"",
                 if days == 0 { "less than a day".to_string() } else { format!("{days} day(s)") }
-            ),
+            )),
             None => {}
         }
         tokio::select! {

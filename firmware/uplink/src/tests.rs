@@ -62,3 +62,64 @@ fn the_kernel_gives_a_slow_reader_a_whole_segment_at_1_kib_per_second_beyond_the
     check(3, 67);
     check(60, 124);
 }
+
+/// The expiry watch, on tokio's paused clock (the wall clock it reads follows it): silent while
+/// more than 30 days are left, then a WARN a day counting down, then an ERROR a day once expired.
+#[tokio::test(start_paused = true)]
+async fn the_client_certificate_warning_repeats_daily_and_becomes_an_error_once_expired() {
+    const DAY: Duration = Duration::from_secs(86_400);
+    let base = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let t0 = tokio::time::Instant::now();
+    let not_after = base + 31 * DAY + Duration::from_secs(3_600);
+    let said = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = said.clone();
+    let (stop, stopped) = watch::channel(false);
+    let watcher = tokio::spawn(watch_client_cert_with(
+        "/var/lib/passerelle/client.pem".into(),
+        not_after,
+        stopped,
+        move || base + (tokio::time::Instant::now() - t0),
+        move |level, line| {
+            let day = (tokio::time::Instant::now() - t0).as_secs() / DAY.as_secs();
+            sink.lock().unwrap().push((day, level, line));
+        },
+    ));
+    tokio::time::sleep(33 * DAY + Duration::from_secs(60)).await;
+    stop.send(true).unwrap();
+    watcher.await.unwrap();
+
+    let said = said.lock().unwrap();
+    let days: Vec<u64> = said.iter().map(|(day, _, _)| *day).collect();
+    assert_eq!(
+        days,
+        (2..=33).collect::<Vec<u64>>(),
+        "one line a day from day 2: {said:#?}"
+    );
+    for (day, level, line) in said.iter() {
+        assert!(
+            line.contains("client_cert=/var/lib/passerelle/client.pem"),
+            "{line}"
+        );
+        assert!(
+            line.contains("uplink.client_cert and uplink.client_key"),
+            "{line}"
+        );
+        match day {
+            2..=30 => {
+                assert_eq!(*level, log::Level::Warn);
+                assert!(
+                    line.contains(&format!("expires in {} day(s)", 31 - day)),
+                    "day {day}: {line}"
+                );
+            }
+            31 => {
+                assert_eq!(*level, log::Level::Warn);
+                assert!(line.contains("expires in less than a day"), "{line}");
+            }
+            _ => {
+                assert_eq!(*level, log::Level::Error);
+                assert!(line.contains("has expired"), "{line}");
+            }
+        }
+    }
+}
