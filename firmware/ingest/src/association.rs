@@ -20,9 +20,10 @@ use tokio::task::JoinHandle;
 
 use crate::dimse::{self, Command, Event, PdvAssembler};
 use crate::error::{
-    IngestError, Result, STATUS_CANNOT_UNDERSTAND, STATUS_SUCCESS, STATUS_UNRECOGNIZED_OPERATION,
+    IngestError, Result, STATUS_CANNOT_UNDERSTAND, STATUS_SOP_CLASS_NOT_SUPPORTED, STATUS_SUCCESS,
+    STATUS_UNRECOGNIZED_OPERATION,
 };
-use crate::negotiate::{self, AcceptedContext, Negotiation, Service};
+use crate::negotiate::{self, trim_uid, AcceptedContext, Negotiation, Service};
 use crate::pdu_io::{self, abort_pdu};
 use crate::store::{self, Chunk, Stored};
 
@@ -58,10 +59,12 @@ pub(crate) async fn run(
     let cfg = shared.cfg.clone();
     let artim = cfg.artim_timeout();
 
-    // The A-ASSOCIATE-RQ, within ARTIM.
+    // The A-ASSOCIATE-RQ, within ARTIM. Nothing else may come first, so every PDU type has the
+    // control PDUs' limit here: a P-DATA-TF sent before association is refused before its body
+    // is buffered, and a connection waiting for its association never pins more than 64 KiB.
     let first = tokio::time::timeout(
         artim,
-        pdu_io::read_pdu(&mut stream, peer, cfg.max_pdu_length),
+        pdu_io::read_pdu(&mut stream, peer, pdu_io::MAX_CONTROL_PDU),
     )
     .await;
     let rq = match first {
@@ -86,20 +89,21 @@ pub(crate) async fn run(
                 &mut stream,
                 peer,
                 AbortRQServiceProviderReason::UnexpectedPdu,
+                artim,
             )
             .await;
             return;
         }
         Ok(Err(e)) => {
             warn!("Aborted a connection before association: {e}. peer={peer} Check the sender's DICOM configuration.");
-            send_abort(&mut stream, peer, abort_reason(&e)).await;
+            send_abort(&mut stream, peer, abort_reason(&e), artim).await;
             return;
         }
     };
     let calling_ae = printable(rq.calling_ae_title.trim());
 
     let Slot { slots, waiting } = slot;
-    let active = slots.try_acquire_owned().ok();
+    let mut active = slots.try_acquire_owned().ok();
     match negotiate::negotiate(&rq, &cfg, active.is_some()) {
         Negotiation::Reject { rj, why } => {
             warn!(
@@ -116,6 +120,8 @@ pub(crate) async fn run(
             {
                 debug!("Cannot send A-ASSOCIATE-RJ: {e}. peer={peer}");
             }
+            // A rejected peer never holds an association slot, however long it lingers.
+            drop(active.take());
             linger_until_closed(&mut stream, artim).await;
         }
         Negotiation::Accept {
@@ -207,15 +213,30 @@ fn abort_reason(e: &IngestError) -> AbortRQServiceProviderReason {
     }
 }
 
+/// Sends an A-ABORT and closes our side. A peer that does not read (its window closed, our send
+/// buffer full) gets up to `artim` for it; then the connection is dropped all the same, so that it
+/// never holds its association slot.
 async fn send_abort(
     stream: &mut TcpStream,
     peer: SocketAddr,
     reason: AbortRQServiceProviderReason,
+    artim: Duration,
 ) {
-    if let Err(e) = pdu_io::write_pdu(stream, &abort_pdu(reason), peer, "A-ABORT").await {
-        debug!("Cannot send A-ABORT: {e}. peer={peer}");
+    let abort = async {
+        pdu_io::write_pdu(stream, &abort_pdu(reason), peer, "A-ABORT").await?;
+        stream
+            .shutdown()
+            .await
+            .map_err(|source| IngestError::WritePdu { peer, source })
+    };
+    match tokio::time::timeout(artim, abort).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => debug!("Cannot send A-ABORT: {e}. peer={peer}"),
+        Err(_) => info!(
+            "Dropped a connection whose peer did not read our A-ABORT within the ARTIM timeout ({} s). peer={peer}",
+            artim.as_secs()
+        ),
     }
-    let _ = stream.shutdown().await;
 }
 
 /// After a rejection or a release: close our side, then give the peer up to `artim` to close its own.
@@ -357,7 +378,8 @@ impl Association {
 
     async fn abort(&mut self, reason: AbortRQServiceProviderReason) {
         self.current = None; // dropping the sender makes the store task discard the partial file
-        send_abort(&mut self.stream, self.peer, reason).await;
+        let artim = self.shared.cfg.artim_timeout();
+        send_abort(&mut self.stream, self.peer, reason, artim).await;
     }
 
     async fn on_pdu(&mut self, pdu: Pdu) -> Result<Flow> {
@@ -386,8 +408,19 @@ impl Association {
             Pdu::ReleaseRQ => {
                 let note = self.in_flight_note();
                 self.current = None;
-                pdu_io::write_pdu(&mut self.stream, &Pdu::ReleaseRP, self.peer, "A-RELEASE-RP")
-                    .await?;
+                let artim = self.shared.cfg.artim_timeout();
+                let rp =
+                    pdu_io::write_pdu(&mut self.stream, &Pdu::ReleaseRP, self.peer, "A-RELEASE-RP");
+                let Ok(sent) = tokio::time::timeout(artim, rp).await else {
+                    warn!(
+                        "Dropped an association whose peer asked to release it but did not read the A-RELEASE-RP within the ARTIM timeout ({} s). peer={} calling_ae={} {note}",
+                        artim.as_secs(),
+                        self.ip(),
+                        self.calling_ae
+                    );
+                    return Ok(Flow::Stop);
+                };
+                sent?;
                 if note.is_empty() && self.assembler.is_idle() {
                     info!(
                         "Association released. peer={} calling_ae={} instances_stored={}",
@@ -458,6 +491,25 @@ impl Association {
                 );
                 self.respond(pc_id, dimse::C_ECHO_RSP, &cmd, STATUS_SUCCESS)
                     .await
+            }
+            dimse::C_STORE_RQ
+                if cmd.has_dataset
+                    && ctx.service == Service::Storage
+                    && trim_uid(&cmd.sop_class_uid) != trim_uid(&ctx.abstract_syntax) =>
+            {
+                // The SOP class is what was negotiated for the context (and what
+                // `dicom.private_sop_classes` allows): another class on it is refused unread.
+                warn!(
+                    "C-STORE refused: its SOP Class is not the one negotiated for its presentation context. sop_class_uid={} context_id={pc_id} context_abstract_syntax={} sop_instance_uid={} calling_ae={} peer={} status=0x0122 Check the modality's DICOM export (it must propose a presentation context for each SOP class it sends); nothing was stored.",
+                    printable(&cmd.sop_class_uid), ctx.abstract_syntax, printable(&cmd.sop_instance_uid), self.calling_ae, self.ip()
+                );
+                self.current = Some(InFlight::Refuse {
+                    cmd,
+                    pc_id,
+                    field: dimse::C_STORE_RSP,
+                    status: STATUS_SOP_CLASS_NOT_SUPPORTED,
+                });
+                Ok(())
             }
             dimse::C_STORE_RQ if cmd.has_dataset && ctx.service == Service::Storage => {
                 match bad_uid(&cmd.sop_class_uid).or(bad_uid(&cmd.sop_instance_uid)) {

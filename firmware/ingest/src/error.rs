@@ -14,6 +14,8 @@ pub const STATUS_DATASET_MISMATCH: u16 = 0xA900;
 pub const STATUS_CANNOT_UNDERSTAND: u16 = 0xC000;
 /// DIMSE status: refused, unrecognized operation (a DIMSE command we do not serve).
 pub const STATUS_UNRECOGNIZED_OPERATION: u16 = 0x0211;
+/// Refused: SOP Class not supported (the command's class is not its presentation context's).
+pub const STATUS_SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
 
 /// Everything that can go wrong in the Storage SCP. Variants are named after the action that failed.
 #[derive(Debug, thiserror::Error)]

@@ -942,3 +942,145 @@ async fn a_pdu_body_cut_short_by_the_peer_is_a_read_error() {
     let err = passerelle_ingest::fuzzing::read_pdu(&bytes, 16384).unwrap_err();
     assert!(err.starts_with("Cannot read a PDU"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_c_store_whose_sop_class_is_not_its_contexts_is_refused_0122_and_nothing_is_stored() {
+    let scp = start(dicom_cfg(), 1).await;
+    let addr = scp.addr;
+    let mr = dataset(ELE, uids::MR_IMAGE_STORAGE, "1.2.3.301", 3000);
+    let ct = dataset(ELE, CT, "1.2.3.302", 3000);
+    blocking(move || {
+        let mut a = associate(
+            addr,
+            "CT1",
+            AE,
+            &[(CT, &[ELE]), (uids::VERIFICATION, &[ILE])],
+        )
+        .unwrap();
+        let (pc, _) = pc_for(&a, CT);
+        // An MR instance (command and data set agree) sent on the context negotiated for CT.
+        let rsp = store(&mut a, pc, 7, uids::MR_IMAGE_STORAGE, "1.2.3.301", &mr);
+        assert_eq!(u16_of(&rsp, tags::STATUS), 0x0122);
+        assert_eq!(u16_of(&rsp, tags::MESSAGE_ID_BEING_RESPONDED_TO), 7);
+        // The association goes on.
+        let rsp = store(&mut a, pc, 8, CT, "1.2.3.302", &ct);
+        assert_eq!(u16_of(&rsp, tags::STATUS), 0);
+        assert_eq!(u16_of(&echo(&mut a, 9), tags::STATUS), 0);
+        a.release().unwrap();
+    })
+    .await;
+    let got = spooled(&scp.spool);
+    let uids: Vec<_> = got
+        .iter()
+        .map(|(q, _)| q.sop_instance_uid.as_str())
+        .collect();
+    assert_eq!(
+        uids,
+        vec!["1.2.3.302"],
+        "the refused instance is not queued"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_peer_that_keeps_its_connection_open_does_not_hold_the_only_slot() {
+    let mut cfg = dicom_cfg();
+    cfg.max_associations = 1;
+    cfg.artim_timeout_secs = 600;
+    let scp = start(cfg, 1).await;
+    let addr = scp.addr;
+    blocking(move || {
+        let mut rejected = raw_connect(addr);
+        let Pdu::AssociationRQ(mut rq) = raw_rq(vec![(1, uids::VERIFICATION, vec![ILE])]) else {
+            unreachable!()
+        };
+        rq.called_ae_title = "SOMEONE_ELSE".into();
+        send_raw(&mut rejected, &Pdu::AssociationRQ(rq));
+        assert!(matches!(
+            recv_raw(&mut rejected),
+            Some(Pdu::AssociationRJ(_))
+        ));
+        // `rejected` stays open (the server lingers up to ARTIM, 10 min here); a modality still gets in.
+        let mut a = associate(addr, "CT1", AE, &[(uids::VERIFICATION, &[ILE])]).unwrap();
+        assert_eq!(u16_of(&echo(&mut a, 1), tags::STATUS), 0);
+        a.release().unwrap();
+        drop(rejected);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pdata_sent_before_association_is_aborted_before_its_body_arrives() {
+    let mut cfg = dicom_cfg();
+    // Well above the 64 KiB of a control PDU: the limit before association must not be this one.
+    cfg.max_pdu_length = 1024 * 1024;
+    cfg.artim_timeout_secs = 600;
+    let scp = start(cfg, 1).await;
+    let addr = scp.addr;
+    blocking(move || {
+        let mut s = raw_connect(addr);
+        let announced: u32 = 200_000;
+        let mut header = vec![0x04, 0];
+        header.extend_from_slice(&announced.to_be_bytes());
+        s.write_all(&header).unwrap();
+        s.write_all(&[0u8; 100]).unwrap();
+        // Answered at once (the read timeout is 20 s, ARTIM 10 min), not after the body.
+        assert!(matches!(recv_raw(&mut s), Some(Pdu::AbortRQ { .. })));
+        assert!(closed_by_server(&mut s));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_reading_loses_its_slot_after_the_idle_timeout_and_artim() {
+    let mut cfg = dicom_cfg();
+    cfg.max_associations = 1;
+    cfg.idle_timeout_secs = 1;
+    cfg.artim_timeout_secs = 1;
+    let scp = start(cfg, 1).await;
+    let addr = scp.addr;
+    blocking(move || {
+        let mut s = raw_connect(addr);
+        send_raw(&mut s, &raw_rq(vec![(1, uids::VERIFICATION, vec![ILE])]));
+        assert!(matches!(recv_raw(&mut s), Some(Pdu::AssociationAC(_))));
+        // C-ECHO requests, never reading the responses, until both directions are full: the
+        // server's writes block, its idle timeout fires, and its A-ABORT cannot be written either.
+        let mut burst = Vec::new();
+        for id in 0..1000u16 {
+            dicom_ul::write_pdu(
+                &mut burst,
+                &Pdu::PData {
+                    data: vec![pdv(
+                        1,
+                        true,
+                        true,
+                        command(0x0030, id, uids::VERIFICATION, None, false),
+                    )],
+                },
+            )
+            .unwrap();
+        }
+        s.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
+        let started = Instant::now();
+        while s.write_all(&burst).is_ok() {
+            assert!(started.elapsed() < DEADLINE, "the server kept reading");
+        }
+        // `s` stays open and unread. The only slot must come back.
+        let start = Instant::now();
+        loop {
+            match associate(addr, "CT1", AE, &[(uids::VERIFICATION, &[ILE])]) {
+                Ok(mut a) => {
+                    assert_eq!(u16_of(&echo(&mut a, 1), tags::STATUS), 0);
+                    a.release().unwrap();
+                    break;
+                }
+                Err(UlError::Rejected { .. }) if start.elapsed() < DEADLINE => {
+                    // Poll interval, not synchronisation: the loop checks the condition.
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) => panic!("the slot did not come back: {e}"),
+            }
+        }
+        drop(s);
+    })
+    .await;
+}
