@@ -128,6 +128,33 @@ def test_sigterm_during_start_up_waits_for_it_and_exits_cleanly(orthanc, make_ga
     assert "Passerelle is ready" in last_run and "Passerelle stopped cleanly" in last_run, last_run[-3000:]
 
 
+def test_a_second_daemon_on_the_same_spool_refuses_to_start_and_the_first_goes_on(
+    orthanc, make_gateway, ct_study: Study, storescu_reference: dict[str, bytes], tmp_path: Path
+) -> None:
+    """Two daemons on one spool (a copied config with another port, a unit started twice) would empty each
+    other's pre-created files and re-queue each other's uploads. The second one exits non-zero with an ERROR
+    that names the spool and the fix; the first one keeps receiving and forwarding."""
+    first = make_gateway(orthanc)
+    first.start()
+    second = make_gateway(orthanc, name="second")
+    second.write_config()
+    text = second.config_path.read_text()
+    second.config_path.write_text(text.replace(str(second.spool_dir), str(first.spool_dir)))
+    second.start(wait_ready=False)
+    assert second.proc is not None
+    code = second.proc.wait(timeout=60)
+    log = second.log_path.read_text(errors="replace")
+    assert code != 0, log[-3000:]
+    assert f"Another passerelled already runs on the spool {first.spool_dir}" in log, log[-3000:]
+    assert "Passerelle is ready" not in log, log[-3000:]
+
+    study = ct_study.instances[:5]
+    send.storescu(first.port, study, tmp_path / "scu", called_ae=first.ae_title)
+    wait_for_instances(orthanc, len(study), timeout=120, what="the first daemon's deliveries")
+    assert_byte_identical(orthanc, {i.sop_instance_uid: storescu_reference[i.sop_instance_uid] for i in study})
+    first.stop_ok()
+
+
 def _open_files(pid: int) -> set[str]:
     fds = Path(f"/proc/{pid}/fd")
     out = set()

@@ -15,6 +15,8 @@ pub enum DaemonError {
     Uplink(#[from] passerelle_uplink::UplinkError),
     #[error("The DICOM service failed")]
     Ingest(#[from] passerelle_ingest::IngestError),
+    #[error("Another passerelled already runs on the spool {dir} (it holds {dir}/spool.lock), and two daemons on one spool would overwrite each other's files. Stop the other one (systemctl status passerelled; `fuser -v {dir}/spool.lock` names it), or give this one a spool of its own (spool.dir)")]
+    SpoolInUse { dir: String },
     #[error("Cannot listen for modalities on {addr}; check dicom.listen and that no other program uses the port")]
     Bind {
         addr: String,

@@ -228,14 +228,38 @@ fn daemon(cfg: Config) -> Result<()> {
     runtime.block_on(daemon_async(cfg, listener))
 }
 
+/// Opens the spool as its owner. `Spool::open` lets a second process in without recovery (for
+/// `status` and `requeue`, which hold it for moments); a daemon must own it, because its recovery,
+/// pool and eviction assume no other writer. It waits up to [`SPOOL_LOCK_WAIT`] for such a command
+/// to finish, then refuses to start.
+async fn open_owned_spool(cfg: &Config) -> Result<(Spool, passerelle_spool::RecoveryReport)> {
+    let started = std::time::Instant::now();
+    loop {
+        let spool_cfg = cfg.spool.clone();
+        let (spool, recovery) = tokio::task::spawn_blocking(move || Spool::open(&spool_cfg))
+            .await
+            .map_err(|source| DaemonError::Join { source })??;
+        if spool.is_owner() {
+            return Ok((spool, recovery));
+        }
+        drop(spool);
+        if started.elapsed() >= SPOOL_LOCK_WAIT {
+            return Err(DaemonError::SpoolInUse {
+                dir: cfg.spool.dir.display().to_string(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// How long start-up waits for another process to release the spool.
+const SPOOL_LOCK_WAIT: Duration = Duration::from_secs(5);
+
 async fn daemon_async(cfg: Config, listener: std::net::TcpListener) -> Result<()> {
     // Before the spool is opened (its recovery can take seconds): a SIGTERM from then on waits for
     // the start-up to end and stops the daemon cleanly, instead of killing it half-way.
     let stop = StopSignals::register()?;
-    let spool_cfg = cfg.spool.clone();
-    let (spool, recovery) = tokio::task::spawn_blocking(move || Spool::open(&spool_cfg))
-        .await
-        .map_err(|source| DaemonError::Join { source })??;
+    let (spool, recovery) = open_owned_spool(&cfg).await?;
     info!(
         "Opened the spool. dir={} temp_files_removed={} uploading_requeued={} lost={} taken_in_from_precreated_files={}",
         cfg.spool.dir.display(),
