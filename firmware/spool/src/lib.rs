@@ -1297,18 +1297,36 @@ impl Spool {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 if state != SENT {
+                    // Only the row as read above: an identical copy received meanwhile may have
+                    // pointed it at a new file (and been acknowledged); then it is read from there.
+                    let marked = self
+                        .conn()
+                        .prepare_cached(
+                            "UPDATE instances SET state = 'lost', last_error = ?2
+                             WHERE id = ?1 AND path = ?3 AND state = ?4",
+                        )
+                        .and_then(|mut s| {
+                            s.execute(params![
+                                id,
+                                format!("spool file missing: {rel}"),
+                                rel,
+                                state
+                            ])
+                        })
+                        .ctx("mark an instance lost")?;
+                    if marked == 0 {
+                        return Err(SpoolError::Read {
+                            path,
+                            source: io::Error::new(
+                                io::ErrorKind::NotFound,
+                                "the instance's row changed while its file was opened; it is tried again",
+                            ),
+                        });
+                    }
                     log::error!(
                         "The spool file of an unconfirmed instance is missing; the instance is marked lost and must be sent again from the modality. sop_instance_uid={uid} path={}",
                         path.display()
                     );
-                    self.conn()
-                        .prepare_cached(
-                            "UPDATE instances SET state = 'lost', last_error = ?2 WHERE id = ?1",
-                        )
-                        .and_then(|mut s| {
-                            s.execute(params![id, format!("spool file missing: {rel}")])
-                        })
-                        .ctx("mark an instance lost")?;
                 }
                 return Err(SpoolError::Missing {
                     sop_instance_uid: uid,

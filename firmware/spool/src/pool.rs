@@ -207,7 +207,10 @@ impl Spool {
         let want = POOL_BATCH.min(POOL_MAX - have);
         let fan = format!("{:02x}", rand::random::<u8>());
         let dir = self.inner.objects_dir.join(&fan);
-        files::create_dir(&dir)?;
+        // Made at start-up; if it was not, its name must be durable before the files in it are.
+        if files::create_dir(&dir)? {
+            files::fsync_dir(&self.inner.objects_dir)?;
+        }
         let mut created = Vec::with_capacity(want);
         for _ in 0..want {
             let rel = format!("objects/{fan}/{:032x}.dcm.zst", rand::random::<u128>());
@@ -298,8 +301,21 @@ impl Spool {
                         path.display()
                     );
                 }
-                // Cut short before its end: never acknowledged. Empty it for reuse.
-                _ => {
+                // Cut short before its end: never acknowledged (its fdatasync comes before the
+                // response). Empty it for reuse, and say so: the operator can match it to a
+                // modality's failed or unanswered C-STORE.
+                damaged => {
+                    let (uid, detail) = match damaged {
+                        Ok(scanned) => {
+                            (scanned.sop_instance_uid, scanned.damage.unwrap_or_default())
+                        }
+                        Err(rebuild::ScanError::Corrupt(detail)) => (String::new(), detail),
+                        Err(rebuild::ScanError::Read(e)) => (String::new(), e.to_string()),
+                    };
+                    log::warn!(
+                        "A pre-created spool file held an incomplete instance at start-up: it was being received when the daemon stopped, before its acknowledgement. It is emptied for reuse; the modality resends what it did not see acknowledged. sop_instance_uid={uid} path={} bytes={len} detail=\"{detail}\"",
+                        path.display()
+                    );
                     empty_file(&path).map_err(|source| SpoolError::Write {
                         path: path.clone(),
                         source,
