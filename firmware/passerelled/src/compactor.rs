@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use log::{info, warn};
-use passerelle_spool::{CompactReport, PoolBatch, Spool};
+use passerelle_spool::{PoolBatch, Spool};
 
 /// Files per compaction batch: between batches the thread checks whether it must stop.
 const BATCH: usize = 4;
@@ -118,20 +118,18 @@ pub fn compactor(spool: Spool) -> std::io::Result<Worker> {
         loop {
             let work = spool.compaction_due().and_then(|due| {
                 if due {
-                    spool.compact_batch(BATCH)
+                    spool.compact_batch(BATCH).map(Some)
                 } else {
-                    Ok(CompactReport::default())
+                    Ok(None)
                 }
             });
             let wait = match work {
-                Ok(r) => {
+                // Only work done says the trouble is over (a pass that was not due tried nothing).
+                Ok(Some(r)) if r.compacted + r.skipped > 0 => {
                     failing.ok();
-                    if r.compacted + r.skipped > 0 {
-                        Duration::ZERO
-                    } else {
-                        IDLE
-                    }
+                    Duration::ZERO
                 }
+                Ok(_) => IDLE,
                 Err(e) => failing.failed(&e),
             };
             if stop_requested(stopped, wait) {

@@ -19,6 +19,9 @@
 //! row's path never changes, so the uplink, eviction and `rebuild-index` need not know about it, and
 //! a reader that opened the intake file keeps reading it after the rename. An older passerelled
 //! (rolled back) ignores the `intake` table and reads intake files as the zstd streams they are.
+//! A file it cannot read stays an intake file, off the list, with a WARN (compaction only saves
+//! space; one bad file must not stop the others), and a copy is started only while the free space
+//! stays above `spool.min_free_mb` with it.
 //!
 //! The digest replaces the one ingest recorded for the intake file (see `rawframe`). It lets
 //! [`Spool::open_verified`] check a file by hashing its stored bytes (XXH3, several GB/s) instead of
@@ -29,6 +32,7 @@
 
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use rusqlite::{params, OptionalExtension};
@@ -137,7 +141,18 @@ impl Spool {
     pub fn compact_batch(&self, max: usize) -> Result<CompactReport> {
         let pending = self.pending_compaction(max)?;
         let mut report = CompactReport::default();
+        let reserve = self.inner.cfg.min_free_mb.saturating_mul(files::MIB);
         for p in pending {
+            // The copy needs room beside the original until the rename: never out of the reserve
+            // that keeps ingest answering (a disk this full is eviction's business, not ours).
+            if self.free_bytes()? < reserve.saturating_add(p.stored_size) {
+                log::debug!(
+                    "Compaction waits for free space: a copy of the next intake file would go below spool.min_free_mb. sop_instance_uid={} stored_bytes={}",
+                    p.uid,
+                    p.stored_size
+                );
+                break;
+            }
             match self.rewrite(&p)? {
                 Rewrite::Drop(why) => {
                     log::debug!(
@@ -254,12 +269,7 @@ impl Spool {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Ok(Rewrite::Drop("file missing"))
             }
-            Err(source) => {
-                return Err(SpoolError::Read {
-                    path: source_path,
-                    source,
-                })
-            }
+            Err(source) => return Ok(unreadable(p, &source_path, &source)),
         };
         let (out, tmp) = files::create_temp(&self.inner.tmp_dir, "compact")?;
         let write_err = |source| SpoolError::Write {
@@ -276,12 +286,7 @@ impl Spool {
         match files::hash_decompressed_into(source, &mut encoder) {
             HashOutcome::Ok { sha256, len } if sha256 == p.sha256 && len == p.raw_size => {}
             HashOutcome::Ok { .. } => return Ok(Rewrite::Drop("content does not match its row")),
-            HashOutcome::ReadFailed(source) => {
-                return Err(SpoolError::Read {
-                    path: source_path,
-                    source,
-                })
-            }
+            HashOutcome::ReadFailed(source) => return Ok(unreadable(p, &source_path, &source)),
             // Damaged content is the uplink's verification's business (it quarantines the file).
             HashOutcome::Undecodable(_) => return Ok(Rewrite::Drop("content unreadable")),
             HashOutcome::WriteFailed(source) => return Err(write_err(source)),
@@ -303,4 +308,15 @@ impl Spool {
             digest,
         })
     }
+}
+
+/// An intake file the compactor cannot read stays as it is (compaction only saves space) and off
+/// the list, so that the files after it are still compacted; the uplink verifies it before sending.
+fn unreadable(p: &Pending, path: &Path, error: &io::Error) -> Rewrite {
+    log::warn!(
+        "Could not read a spool file to compact it; it stays stored as received and the files after it are compacted. Check the disk (dmesg, SMART); the uplink verifies the file before sending it and quarantines it if it is damaged. sop_instance_uid={} path={} error={error}",
+        p.uid,
+        path.display()
+    );
+    Rewrite::Drop("unreadable")
 }

@@ -2242,3 +2242,66 @@ fn the_object_directories_are_marked_to_be_spread_over_the_block_groups_before_t
         assert!(objects.join(format!("{fan:02x}")).is_dir());
     }
 }
+
+#[test]
+fn an_intake_file_the_compactor_cannot_read_stays_as_it_is_and_the_files_after_it_are_compacted() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    let insts: Vec<_> = (0..3)
+        .map(|k| Inst::new(&format!("1.2.7.{k}"), "1.2.7", 200_000, 70 + k))
+        .collect();
+    let ids: Vec<_> = insts.iter().map(|i| i.stored_id(&spool)).collect();
+    // The oldest intake file cannot be read (a directory in its place reads as EISDIR, whoever runs
+    // the test; a disk error does the same on a box).
+    let first = file_of(&fx, &spool, ids[0]);
+    fs::remove_file(&first).unwrap();
+    fs::create_dir(&first).unwrap();
+
+    let report = spool.compact_batch(10).unwrap();
+    assert_eq!((report.compacted, report.skipped), (2, 1), "{report:?}");
+    assert_eq!(
+        spool.status(SystemTime::now()).unwrap().awaiting_compaction,
+        0
+    );
+    for (inst, id) in insts.iter().zip(&ids).skip(1) {
+        let stored = fs::read(file_of(&fx, &spool, *id)).unwrap();
+        assert!(stored.len() < inst.raw().len(), "compacted");
+        assert_eq!(zstd::decode_all(stored.as_slice()).unwrap(), inst.raw());
+    }
+    assert_eq!(
+        state(&spool, ids[0]),
+        "queued",
+        "left for the uplink to verify"
+    );
+}
+
+#[test]
+fn compaction_never_takes_the_free_space_reserve() {
+    let mut fx = Fixture::new();
+    let inst = Inst::new("1.2.8.1", "1.2.8", 200_000, 81);
+    let id = {
+        let spool = fx.spool();
+        inst.stored_id(&spool)
+    };
+    // The same spool, with a reserve larger than the disk: no copy may be started.
+    fx.cfg.min_free_mb = 1 << 40;
+    let spool = fx.spool();
+    let before = fs::read(file_of(&fx, &spool, id)).unwrap();
+    assert_eq!(spool.compact_batch(10).unwrap(), CompactReport::default());
+    assert_eq!(
+        spool.status(SystemTime::now()).unwrap().awaiting_compaction,
+        1
+    );
+    assert_eq!(fs::read(file_of(&fx, &spool, id)).unwrap(), before);
+    assert_eq!(
+        fs::read_dir(fx.path("tmp")).unwrap().count(),
+        0,
+        "no copy was started"
+    );
+    // With room again, it is compacted.
+    drop(spool);
+    fx.cfg.min_free_mb = 0;
+    let spool = fx.spool();
+    assert_eq!(spool.compact_batch(10).unwrap().compacted, 1);
+    assert_eq!(read_all(&spool, &claim_one(&spool)).unwrap(), inst.raw());
+}
