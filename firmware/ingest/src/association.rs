@@ -358,8 +358,13 @@ impl Association {
                         self.calling_ae,
                         self.in_flight_note()
                     );
-                    self.abort(AbortRQServiceProviderReason::UnexpectedPduParameter)
-                        .await;
+                    let reason = match e {
+                        IngestError::UnexpectedPdu { .. } => {
+                            AbortRQServiceProviderReason::UnexpectedPdu
+                        }
+                        _ => AbortRQServiceProviderReason::UnexpectedPduParameter,
+                    };
+                    self.abort(reason).await;
                     return;
                 }
             }
@@ -456,10 +461,10 @@ impl Association {
                 }
                 Ok(Flow::Stop)
             }
-            other => Err(self.violation(format!(
-                "unexpected PDU on an established association: {}",
-                other.short_description()
-            ))),
+            other => Err(IngestError::UnexpectedPdu {
+                peer: self.peer,
+                pdu: other.short_description().to_string(),
+            }),
         }
     }
 
@@ -492,10 +497,17 @@ impl Association {
                 self.respond(pc_id, dimse::C_ECHO_RSP, &cmd, STATUS_SUCCESS)
                     .await
             }
+            dimse::C_STORE_RQ if !cmd.has_dataset => {
+                warn!(
+                    "C-STORE refused: the request announced no data set, so there is nothing to store. sop_instance_uid={} calling_ae={} peer={} status=0xC000 Check the modality's DICOM software; nothing was stored.",
+                    printable(&cmd.sop_instance_uid), self.calling_ae, self.ip()
+                );
+                self.respond(pc_id, dimse::C_STORE_RSP, &cmd, STATUS_CANNOT_UNDERSTAND)
+                    .await
+            }
             dimse::C_STORE_RQ
-                if cmd.has_dataset
-                    && ctx.service == Service::Storage
-                    && trim_uid(&cmd.sop_class_uid) != trim_uid(&ctx.abstract_syntax) =>
+                if ctx.service != Service::Storage
+                    || trim_uid(&cmd.sop_class_uid) != trim_uid(&ctx.abstract_syntax) =>
             {
                 // The SOP class is what was negotiated for the context (and what
                 // `dicom.private_sop_classes` allows): another class on it is refused unread.
@@ -511,7 +523,7 @@ impl Association {
                 });
                 Ok(())
             }
-            dimse::C_STORE_RQ if cmd.has_dataset && ctx.service == Service::Storage => {
+            dimse::C_STORE_RQ => {
                 match bad_uid(&cmd.sop_class_uid).or(bad_uid(&cmd.sop_instance_uid)) {
                     None => self.start_store(pc_id, cmd, &ctx),
                     Some(why) => {

@@ -49,6 +49,11 @@ pub enum IngestError {
         detail: String,
     },
 
+    #[error(
+        "{peer} sent {pdu} on an established association, where the protocol does not allow it"
+    )]
+    UnexpectedPdu { peer: SocketAddr, pdu: String },
+
     #[error("Cannot send a PDU to {peer}")]
     WritePdu {
         peer: SocketAddr,
@@ -63,7 +68,7 @@ pub enum IngestError {
         detail: String,
     },
 
-    #[error("{peer} sent nothing for {secs} s while we waited for {waiting_for}")]
+    #[error("{peer} made no progress for {secs} s while we waited for {waiting_for}")]
     WaitForPeer {
         peer: SocketAddr,
         secs: u64,
@@ -165,6 +170,7 @@ impl IngestError {
             | IngestError::EncodePdu { .. }
             | IngestError::WaitForPeer { .. }
             | IngestError::FollowProtocol { .. }
+            | IngestError::UnexpectedPdu { .. }
             | IngestError::ParseCommand { .. }
             | IngestError::BuildResponse { .. } => STATUS_CANNOT_UNDERSTAND,
         }

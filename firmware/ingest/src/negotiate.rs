@@ -162,6 +162,24 @@ pub(crate) fn negotiate(rq: &AssociationRQ, cfg: &DicomConfig, have_slot: bool) 
             "the calling AE title is not in dicom.allowed_calling_ae_titles; add it there if this modality may store".into(),
         );
     }
+    // PS3.8 9.3.2.2: each proposed context has an odd ID of its own. With a repeated ID the
+    // answer would be ambiguous (which transfer syntax was accepted for it?), and the data set
+    // could be stored under a Part-10 header naming another one.
+    let mut seen = [false; 256];
+    for pc in &rq.presentation_contexts {
+        let repeated = std::mem::replace(&mut seen[usize::from(pc.id)], true);
+        if pc.id % 2 == 0 || repeated {
+            return reject(
+                Permanent,
+                AssociationRJSource::ServiceUser(AssociationRJServiceUserReason::NoReasonGiven),
+                format!(
+                    "the request proposes presentation context ID {} {}, while each context needs an odd ID of its own (PS3.8 9.3.2.2); the modality's DICOM software is at fault, report it to its vendor",
+                    pc.id,
+                    if repeated { "more than once" } else { "(an even number)" }
+                ),
+            );
+        }
+    }
     if !have_slot {
         return reject(
             Transient,
@@ -283,6 +301,51 @@ mod tests {
                 .collect(),
             user_variables: vec![UserVariableItem::MaxLength(16384)],
         }
+    }
+
+    #[test]
+    fn repeated_or_even_context_ids_are_rejected_permanently() {
+        for ids in [[1u8, 1], [1, 4]] {
+            let mut r = rq(
+                "CT1",
+                "PASSERELLE",
+                vec![
+                    (
+                        uids::CT_IMAGE_STORAGE,
+                        vec![uids::EXPLICIT_VR_LITTLE_ENDIAN],
+                    ),
+                    (
+                        uids::CT_IMAGE_STORAGE,
+                        vec![uids::IMPLICIT_VR_LITTLE_ENDIAN],
+                    ),
+                ],
+            );
+            for (pc, id) in r.presentation_contexts.iter_mut().zip(ids) {
+                pc.id = id;
+            }
+            match negotiate(&r, &cfg(), true) {
+                Negotiation::Reject { rj, why } => {
+                    assert_eq!(rj.result, AssociationRJResult::Permanent);
+                    assert!(why.contains(&format!("ID {}", ids[1])), "{why}");
+                }
+                Negotiation::Accept { .. } => panic!("accepted context IDs {ids:?}"),
+            }
+        }
+        assert!(matches!(
+            negotiate(
+                &rq(
+                    "CT1",
+                    "PASSERELLE",
+                    vec![(
+                        uids::CT_IMAGE_STORAGE,
+                        vec![uids::EXPLICIT_VR_LITTLE_ENDIAN]
+                    )]
+                ),
+                &cfg(),
+                true
+            ),
+            Negotiation::Accept { .. }
+        ));
     }
 
     #[test]

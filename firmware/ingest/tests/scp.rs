@@ -962,6 +962,19 @@ async fn a_c_store_whose_sop_class_is_not_its_contexts_is_refused_0122_and_nothi
         let rsp = store(&mut a, pc, 7, uids::MR_IMAGE_STORAGE, "1.2.3.301", &mr);
         assert_eq!(u16_of(&rsp, tags::STATUS), 0x0122);
         assert_eq!(u16_of(&rsp, tags::MESSAGE_ID_BEING_RESPONDED_TO), 7);
+        // A CT instance sent on the Verification context.
+        let (echo_pc, _) = pc_for(&a, uids::VERIFICATION);
+        let rsp = store(&mut a, echo_pc, 10, CT, "1.2.3.302", &ct);
+        assert_eq!(u16_of(&rsp, tags::STATUS), 0x0122);
+        // A C-STORE announcing no data set.
+        let cmd = command(0x0001, 11, CT, Some("1.2.3.303"), false);
+        a.send(&Pdu::PData {
+            data: vec![pdv(pc, true, true, cmd)],
+        })
+        .unwrap();
+        let rsp = response(&mut a);
+        assert_eq!(u16_of(&rsp, tags::STATUS), 0xC000);
+        assert_eq!(u16_of(&rsp, tags::MESSAGE_ID_BEING_RESPONDED_TO), 11);
         // The association goes on.
         let rsp = store(&mut a, pc, 8, CT, "1.2.3.302", &ct);
         assert_eq!(u16_of(&rsp, tags::STATUS), 0);
@@ -1081,6 +1094,30 @@ async fn a_peer_that_stops_reading_loses_its_slot_after_the_idle_timeout_and_art
             }
         }
         drop(s);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_association_request_on_an_established_association_is_aborted_as_an_unexpected_pdu(
+) {
+    let scp = start(dicom_cfg(), 1).await;
+    let addr = scp.addr;
+    blocking(move || {
+        let mut s = raw_connect(addr);
+        send_raw(&mut s, &raw_rq(vec![(1, uids::VERIFICATION, vec![ILE])]));
+        assert!(matches!(recv_raw(&mut s), Some(Pdu::AssociationAC(_))));
+        send_raw(&mut s, &raw_rq(vec![(1, uids::VERIFICATION, vec![ILE])]));
+        match recv_raw(&mut s) {
+            Some(Pdu::AbortRQ { source }) => assert_eq!(
+                source,
+                dicom_ul::pdu::AbortRQSource::ServiceProvider(
+                    dicom_ul::pdu::AbortRQServiceProviderReason::UnexpectedPdu
+                )
+            ),
+            other => panic!("expected an A-ABORT, got {other:?}"),
+        }
+        assert!(closed_by_server(&mut s));
     })
     .await;
 }
