@@ -412,7 +412,7 @@ impl Spool {
                     .and_then(|mut s| s.execute([tx.last_insert_rowid()]))
                     .ctx("list an intake file")?;
                 log::warn!(
-                    "Queued an instance found whole in a pre-created spool file: it was acknowledged just before the stop, and its queue row had not reached the disk. sop_instance_uid={} path={}",
+                    "Queued an instance found whole in a pre-created spool file: it was received whole just before the stop and its queue row had not reached the disk (acknowledged, or refused for a reason found after it was written, such as a UID mismatch; either way it is forwarded, and the PACS keeps one copy). sop_instance_uid={} path={}",
                     scanned.sop_instance_uid,
                     path.display()
                 );
