@@ -27,6 +27,15 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// The shortest `uplink.auth_pause_secs` accepted: below it, a refused request (a wrong password, a
+/// refused certificate, a wrong URL) would be sent again almost at once, over and over.
+pub const MIN_AUTH_PAUSE_SECS: u64 = 10;
+/// The longest `uplink.auth_pause_secs` accepted (a day): after the cause is fixed, the uplink would
+/// otherwise stay idle for days unless passerelled is restarted.
+pub const MAX_AUTH_PAUSE_SECS: u64 = 86_400;
+/// The longest `uplink.retry_max_secs` accepted (a day): an instance is never left waiting longer
+/// between attempts.
+pub const MAX_RETRY_MAX_SECS: u64 = 86_400;
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
@@ -139,9 +148,13 @@ pub struct UplinkConfig {
     pub connect_timeout_secs: u64,
     /// No byte sent or received for this long aborts the request (a slow but moving upload is fine).
     pub idle_timeout_secs: u64,
+    /// Exponential backoff of retried instances and of the hold after an outage: the first delay
+    /// (at least 1 s).
     pub retry_base_secs: u64,
+    /// The longest backoff (at least `retry_base_secs`, at most [`MAX_RETRY_MAX_SECS`]).
     pub retry_max_secs: u64,
-    /// After an authentication or certificate failure, the uplink pauses this long before trying again.
+    /// After an authentication or certificate failure, the uplink pauses this long before trying
+    /// again ([`MIN_AUTH_PAUSE_SECS`]..=[`MAX_AUTH_PAUSE_SECS`]).
     pub auth_pause_secs: u64,
     /// Requests in flight at once (1..=8), each on its own connection, or, with `http2` agreed by
     /// the PACS, each a stream of one shared connection.
@@ -540,6 +553,34 @@ impl Config {
                 "uplink.retry_base_secs / uplink.retry_max_secs",
                 "The retry base must be at least 1 s and no larger than the cap.".into(),
                 "Use e.g. retry_base_secs = 2 and retry_max_secs = 600.",
+            );
+        }
+        if self.uplink.retry_max_secs > MAX_RETRY_MAX_SECS {
+            bad(
+                "uplink.retry_max_secs",
+                format!(
+                    "A backoff of up to {} s is longer than a day: a retried instance could wait that long between attempts.",
+                    self.uplink.retry_max_secs
+                ),
+                &format!("Use at most {MAX_RETRY_MAX_SECS} (default 600)."),
+            );
+        }
+        let pause = self.uplink.auth_pause_secs;
+        if pause < MIN_AUTH_PAUSE_SECS {
+            bad(
+                "uplink.auth_pause_secs",
+                format!(
+                    "A pause of {pause} s after a refused request (wrong credentials, a refused certificate, a wrong URL) would send the next one almost at once, over and over."
+                ),
+                &format!("Use {MIN_AUTH_PAUSE_SECS} to {MAX_AUTH_PAUSE_SECS} seconds (default 600)."),
+            );
+        } else if pause > MAX_AUTH_PAUSE_SECS {
+            bad(
+                "uplink.auth_pause_secs",
+                format!(
+                    "A pause of {pause} s is longer than a day: once the cause is fixed, the uplink would stay idle that long unless passerelled is restarted."
+                ),
+                &format!("Use {MIN_AUTH_PAUSE_SECS} to {MAX_AUTH_PAUSE_SECS} seconds (default 600)."),
             );
         }
 

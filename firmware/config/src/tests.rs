@@ -242,3 +242,53 @@ fn http2_is_off_unless_asked_for() {
     )
     .is_err());
 }
+
+/// The uplink adds these to the clock: each is bounded, so that no value can make it overflow or
+/// repeat a refused request in a tight loop, and each default lies within its bounds.
+#[test]
+fn uplink_pauses_and_backoff_are_bounded_and_their_defaults_lie_within() {
+    let d = UplinkConfig::default();
+    assert!((MIN_AUTH_PAUSE_SECS..=MAX_AUTH_PAUSE_SECS).contains(&d.auth_pause_secs));
+    assert!((1..=d.retry_max_secs).contains(&d.retry_base_secs));
+    assert!(d.retry_max_secs <= MAX_RETRY_MAX_SECS);
+
+    fn set(key: &'static str, value: i64) -> impl Fn(String) -> String {
+        move |s| s.replace("[uplink]\n", &format!("[uplink]\n{key} = {value}\n"))
+    }
+    for good in [10, 600, 86_400] {
+        check(set("auth_pause_secs", good), &[]);
+    }
+    // i64::MAX is the largest integer TOML has; as seconds added to the clock it overflowed.
+    for bad in [0, 1, 9, 86_401, i64::MAX] {
+        check(set("auth_pause_secs", bad), &["uplink.auth_pause_secs"]);
+    }
+    for good in [2, 600, 86_400] {
+        check(set("retry_max_secs", good), &[]);
+    }
+    for bad in [86_401, i64::MAX] {
+        check(set("retry_max_secs", bad), &["uplink.retry_max_secs"]);
+    }
+    check(
+        set("retry_base_secs", 0),
+        &["uplink.retry_base_secs / uplink.retry_max_secs"],
+    );
+}
+
+#[test]
+fn a_pause_out_of_bounds_says_why_and_what_to_use() {
+    let ca = ca_pem();
+    for (value, why) in [(0, "almost at once"), (100_000, "longer than a day")] {
+        let text = minimal(ca.path()).replace(
+            "[uplink]\n",
+            &format!("[uplink]\nauth_pause_secs = {value}\n"),
+        );
+        let problems = Config::parse(&text).unwrap().validate();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].problem.contains(why), "{}", problems[0]);
+        assert!(
+            problems[0].fix.contains("10 to 86400 seconds"),
+            "{}",
+            problems[0]
+        );
+    }
+}

@@ -138,7 +138,7 @@ impl Progress {
             if self.busy.load(Ordering::Relaxed) {
                 self.touch();
             }
-            let limit = idle + self.drain_allowance();
+            let limit = idle.saturating_add(self.drain_allowance());
             let since = self.idle_for();
             if since >= limit {
                 return;

@@ -190,7 +190,9 @@ const MAX_SEGMENT_BYTES: u64 = 64 * 1024;
 /// that time as "unacknowledged" even though the peer answers every probe; with the idle timeout
 /// alone the kernel dropped slow but moving uploads (ETIMEDOUT after `idle_timeout_secs`).
 fn tcp_user_timeout(idle: Duration) -> Duration {
-    idle + Duration::from_secs(MAX_SEGMENT_BYTES / body::DRAIN_MIN_RATE)
+    idle.saturating_add(Duration::from_secs(
+        MAX_SEGMENT_BYTES / body::DRAIN_MIN_RATE,
+    ))
 }
 
 /// Responses larger than this are cut (a STOW-RS response for a batch is a few KB).
@@ -810,7 +812,7 @@ impl Worker {
             for inst in left_out {
                 if let Some((_, why)) = report.unreadable.iter().find(|(id, _)| *id == inst.id) {
                     let error = format!("The spool file could not be read: {why}");
-                    let at = now + self.retry_delay(inst.attempts, None);
+                    let at = outcome::time_after(now, self.retry_delay(inst.attempts, None));
                     link.note_error(&error, now);
                     marks.push((
                         inst.id,
@@ -878,7 +880,8 @@ impl Worker {
                     work.push(in_request);
                 }
                 Decision::Pause { error } => {
-                    let until = now + Duration::from_secs(link.cfg.auth_pause_secs);
+                    let until =
+                        outcome::time_after(now, outcome::pause_length(link.cfg.auth_pause_secs));
                     let already_paused = {
                         let mut h = link.health();
                         h.proven = false;
@@ -973,7 +976,7 @@ impl Worker {
                     marks.push((id, uid, Outcome::Sent { redelivery }));
                 }
                 Action::Retry { error, not_before } => {
-                    let at = now + self.retry_delay(inst.attempts, not_before);
+                    let at = outcome::time_after(now, self.retry_delay(inst.attempts, not_before));
                     match retries.iter_mut().find(|(e, _, _)| *e == error) {
                         Some((_, n, first_at)) => {
                             *n += 1;
@@ -1037,7 +1040,7 @@ impl Worker {
             h.upstream_failures = h.upstream_failures.saturating_add(1);
             let now = Instant::now();
             h.failure_counted_at = Some(now);
-            h.hold_until = Some(now + delay);
+            h.hold_until = Some(outcome::instant_after(now, delay));
             (h.upstream_failures, delay)
         };
         info!(

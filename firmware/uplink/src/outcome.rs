@@ -3,7 +3,7 @@
 //! `lib.rs` records that in the spool.
 
 use std::error::Error as StdError;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use passerelle_spool::{InstanceId, QueuedInstance};
 
@@ -511,9 +511,47 @@ fn truncate(s: &str, max_chars: usize) -> String {
     }
 }
 
+/// The longest wait the uplink derives from its settings or from a Retry-After (a pause, a backoff,
+/// the hold after an outage): the largest `uplink.auth_pause_secs` and `uplink.retry_max_secs` that
+/// the configuration accepts, a day. A longer one (settings that were not validated) is cut to it,
+/// so that adding it to the clock can neither overflow (a panic) nor give a date that the log
+/// (HTTP dates end in year 9999) and the spool cannot write.
+pub(crate) const LONGEST_WAIT: Duration = Duration::from_secs(
+    if passerelle_config::MAX_AUTH_PAUSE_SECS > passerelle_config::MAX_RETRY_MAX_SECS {
+        passerelle_config::MAX_AUTH_PAUSE_SECS
+    } else {
+        passerelle_config::MAX_RETRY_MAX_SECS
+    },
+);
+
+/// How long the uplink pauses after a failure the operator must fix: `uplink.auth_pause_secs`,
+/// within the bounds the configuration accepts. Below them (0 s) worker 0 would send the refused
+/// request again in a tight loop; above them the pause would overflow the clock.
+pub(crate) fn pause_length(auth_pause_secs: u64) -> Duration {
+    Duration::from_secs(auth_pause_secs.clamp(
+        passerelle_config::MIN_AUTH_PAUSE_SECS,
+        passerelle_config::MAX_AUTH_PAUSE_SECS,
+    ))
+}
+
+/// `now + wait`, `wait` cut to [`LONGEST_WAIT`], with checked arithmetic: a clock too close to the
+/// end of `SystemTime` for even that (never seen) gives `now` rather than a panic.
+pub(crate) fn time_after(now: SystemTime, wait: Duration) -> SystemTime {
+    now.checked_add(wait.min(LONGEST_WAIT)).unwrap_or(now)
+}
+
+/// [`time_after`] for a monotonic instant (the hold after an outage).
+pub(crate) fn instant_after(now: Instant, wait: Duration) -> Instant {
+    now.checked_add(wait.min(LONGEST_WAIT)).unwrap_or(now)
+}
+
 /// Exponential backoff: `base * 2^attempts`, capped at `max`, with `jitter` (clamped to ±20%)
-/// applied, never above `max`.
+/// applied, never above `max`. `max` is taken within 1 s..=[`LONGEST_WAIT`] and `base` within
+/// 1 s..=`max`, as the configuration accepts them: a base of 0 would retry in a tight loop, and a
+/// maximum near `u64::MAX` seconds is more than a `Duration` made from an `f64` can hold.
 pub(crate) fn backoff(base_secs: u64, max_secs: u64, attempts: u32, jitter: f64) -> Duration {
+    let max_secs = max_secs.clamp(1, LONGEST_WAIT.as_secs());
+    let base_secs = base_secs.clamp(1, max_secs);
     let exp = base_secs.saturating_mul(2u64.saturating_pow(attempts));
     let capped = exp.min(max_secs) as f64;
     let jittered = capped * (1.0 + jitter.clamp(-0.2, 0.2));
@@ -521,7 +559,7 @@ pub(crate) fn backoff(base_secs: u64, max_secs: u64, attempts: u32, jitter: f64)
 }
 
 /// The delay before the next attempt: the backoff, and no less than Retry-After (itself capped
-/// at `max`).
+/// at `max`, and `max` at [`LONGEST_WAIT`]).
 pub(crate) fn retry_delay(
     base_secs: u64,
     max_secs: u64,
@@ -530,8 +568,9 @@ pub(crate) fn retry_delay(
     jitter: f64,
 ) -> Duration {
     let b = backoff(base_secs, max_secs, attempts, jitter);
+    let max = Duration::from_secs(max_secs).min(LONGEST_WAIT);
     match not_before {
-        Some(nb) => b.max(nb.min(Duration::from_secs(max_secs))),
+        Some(nb) => b.max(nb.min(max)),
         None => b,
     }
 }

@@ -136,6 +136,76 @@ async fn an_xml_response_confirms_instances_too() {
     running.stop().await;
 }
 
+/// `uplink.auth_pause_secs = 0`, had it bypassed validation, would repeat a refused request in a
+/// tight loop: the pause is at least 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zero_auth_pause_still_pauses_instead_of_looping() {
+    let env = Env::new();
+    let spool = spool_in(env.dir.path());
+    let stub = env.stub(|_| Reply::status(401)).await;
+    store_study(&spool, &stub, 2, 100);
+    let mut cfg = uplink_config(&stub.url(), &env.ca);
+    cfg.auth_pause_secs = 0;
+    let started = SystemTime::now();
+    let running = start(cfg, &spool);
+    wait_paused(&spool).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    running.stop().await;
+    assert_eq!(stub.seen().len(), 1, "one refused request, no loop");
+    let until = spool.uplink_state().unwrap().paused_until.unwrap();
+    assert!(until >= started + Duration::from_secs(9), "{until:?}");
+}
+
+/// `uplink.auth_pause_secs` too large for the clock panicked the worker when it computed the pause
+/// (the rows stayed `uploading` until a restart): the pause is a day at most.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_auth_pause_is_a_day_and_does_not_panic_the_worker() {
+    let env = Env::new();
+    let spool = spool_in(env.dir.path());
+    let stub = env.stub(|_| Reply::status(401)).await;
+    store_study(&spool, &stub, 2, 100);
+    let mut cfg = uplink_config(&stub.url(), &env.ca);
+    cfg.auth_pause_secs = u64::MAX;
+    let started = SystemTime::now();
+    let running = start(cfg, &spool);
+    wait_paused(&spool).await;
+    running.stop().await;
+    const DAY: Duration = Duration::from_secs(86_400);
+    let until = spool.uplink_state().unwrap().paused_until.unwrap();
+    assert!(
+        until >= started + DAY - Duration::from_secs(1)
+            && until <= SystemTime::now() + DAY + Duration::from_secs(1),
+        "{until:?}"
+    );
+    assert_eq!(status(&spool).queued, 2);
+}
+
+/// Backoff settings too large for the clock panicked the worker when it scheduled a retry: the
+/// backoff is a day at most.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_backoff_settings_schedule_a_retry_within_a_day_without_panicking() {
+    let env = Env::new();
+    let spool = spool_in(env.dir.path());
+    let stub = env.stub(|_| Reply::status(503)).await;
+    store_study(&spool, &stub, 2, 100);
+    let mut cfg = uplink_config(&stub.url(), &env.ca);
+    cfg.retry_base_secs = u64::MAX;
+    cfg.retry_max_secs = u64::MAX;
+    let running = start(cfg, &spool);
+    wait_for("the batch back in the queue", WAIT, || {
+        let s = status(&spool);
+        s.queued == 2 && s.uploading == 0 && s.uplink.last_error.is_some()
+    })
+    .await;
+    running.stop().await;
+    let due = spool.next_due().unwrap().unwrap();
+    assert!(
+        due <= SystemTime::now() + Duration::from_secs(86_400),
+        "{due:?}"
+    );
+    assert_eq!(stub.seen().len(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_success_status_without_confirmation_sends_nothing_as_sent() {
     let env = Env::new();

@@ -854,3 +854,41 @@ fn a_2xx_that_is_not_a_stow_response_pauses_unless_the_pacs_has_stored_before() 
         );
     }
 }
+
+/// No setting, however large, makes a pause, a backoff or a hold overflow the clock (which panicked
+/// the worker) or give a date the log cannot write; a pause of 0 s would have been a tight loop.
+#[test]
+fn no_setting_makes_a_pause_or_a_backoff_overflow_the_clock() {
+    const DAY: Duration = Duration::from_secs(86_400);
+    let now = SystemTime::now();
+    assert_eq!(pause_length(0), Duration::from_secs(10));
+    assert_eq!(pause_length(600), Duration::from_secs(600));
+    assert_eq!(pause_length(u64::MAX), DAY);
+    assert_eq!(time_after(now, pause_length(u64::MAX)), now + DAY);
+    assert_eq!(time_after(now, Duration::MAX), now + DAY);
+    assert_eq!(
+        time_after(now, Duration::from_secs(30)),
+        now + Duration::from_secs(30)
+    );
+    // HTTP dates end in year 9999: the log line of the pause can be written.
+    let _ = httpdate::fmt_http_date(time_after(now, Duration::MAX));
+    // A clock at the end of SystemTime keeps its reading instead of panicking.
+    if let Some(end) = SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(i64::MAX as u64)) {
+        assert_eq!(time_after(end, DAY), end);
+    }
+    let start = Instant::now();
+    assert_eq!(instant_after(start, Duration::MAX), start + DAY);
+
+    // Backoff and Retry-After with the largest values: a day at most, never a panic.
+    for jitter in [-0.2, 0.0, 0.2] {
+        let b = backoff(u64::MAX, u64::MAX, u32::MAX, jitter);
+        assert!(b <= DAY && b >= DAY.mul_f64(0.8), "{b:?}");
+        let d = retry_delay(u64::MAX, u64::MAX, 3, Some(Duration::MAX), jitter);
+        assert_eq!(d, DAY);
+    }
+    assert_eq!(retry_delay(2, u64::MAX, 0, Some(Duration::MAX), 0.0), DAY);
+    // A base or maximum of 0 s is 1 s: never a tight loop.
+    assert_eq!(backoff(0, 0, 0, 0.0), Duration::from_secs(1));
+    assert_eq!(backoff(0, 600, 0, 0.0), Duration::from_secs(1));
+    assert_eq!(backoff(0, 600, 3, 0.0), Duration::from_secs(8));
+}
