@@ -36,6 +36,12 @@ pub const MAX_AUTH_PAUSE_SECS: u64 = 86_400;
 /// The longest `uplink.retry_max_secs` accepted (a day): an instance is never left waiting longer
 /// between attempts.
 pub const MAX_RETRY_MAX_SECS: u64 = 86_400;
+/// The largest `uplink.batch_max_instances` accepted. The uplink reads at most 1 MiB of the PACS's
+/// answer to a request; a STOW-RS response names each instance in one item of well under 2 KiB
+/// (SOP Class UID, SOP Instance UID, Retrieve URL, even as indented XML), so 500 instances fit with room
+/// to spare. Larger batches gain nothing: the default is 10.
+pub const MAX_BATCH_INSTANCES: usize = 500;
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
@@ -140,9 +146,9 @@ pub struct UplinkConfig {
     pub bearer_token: String,
     /// Optional HTTP CONNECT proxy, e.g. `http://proxy.hospital.local:3128`.
     pub proxy: String,
-    /// Instances of one study per request. Small enough that the requests of a large study keep
-    /// every connection busy and fall out of step (one waits for the PACS while others send), and that
-    /// a failed request over a slow link resends little.
+    /// Instances of one study per request (1..=[`MAX_BATCH_INSTANCES`]). Small enough that the
+    /// requests of a large study keep every connection busy and fall out of step (one waits for the
+    /// PACS while others send), and that a failed request over a slow link resends little.
     pub batch_max_instances: usize,
     pub batch_max_mb: u64,
     pub connect_timeout_secs: u64,
@@ -529,7 +535,17 @@ impl Config {
             bad(
                 "uplink.batch_max_instances / uplink.batch_max_mb",
                 "A batch limit of 0 would never send anything.".into(),
-                "Use at least 1 (defaults: 50 instances, 256 MB).",
+                "Use at least 1 (defaults: 10 instances, 256 MB).",
+            );
+        }
+        if self.uplink.batch_max_instances > MAX_BATCH_INSTANCES {
+            bad(
+                "uplink.batch_max_instances",
+                format!(
+                    "{} instances per request is more than {MAX_BATCH_INSTANCES}: the PACS's answer to such a request could be longer than the 1 MiB the uplink reads of it.",
+                    self.uplink.batch_max_instances
+                ),
+                &format!("Use 1 to {MAX_BATCH_INSTANCES} (default 10): larger batches do not make uploads faster."),
             );
         }
         if !(1..=8).contains(&self.uplink.connections) {

@@ -251,6 +251,7 @@ fn uplink_pauses_and_backoff_are_bounded_and_their_defaults_lie_within() {
     assert!((MIN_AUTH_PAUSE_SECS..=MAX_AUTH_PAUSE_SECS).contains(&d.auth_pause_secs));
     assert!((1..=d.retry_max_secs).contains(&d.retry_base_secs));
     assert!(d.retry_max_secs <= MAX_RETRY_MAX_SECS);
+    assert!((1..=MAX_BATCH_INSTANCES).contains(&d.batch_max_instances));
 
     fn set(key: &'static str, value: i64) -> impl Fn(String) -> String {
         move |s| s.replace("[uplink]\n", &format!("[uplink]\n{key} = {value}\n"))
@@ -291,4 +292,34 @@ fn a_pause_out_of_bounds_says_why_and_what_to_use() {
             problems[0]
         );
     }
+}
+
+#[test]
+fn a_batch_is_at_most_500_instances_so_the_pacs_answer_fits_what_the_uplink_reads() {
+    for good in [1, 10, 500] {
+        check(
+            |s| {
+                s.replace(
+                    "[uplink]\n",
+                    &format!("[uplink]\nbatch_max_instances = {good}\n"),
+                )
+            },
+            &[],
+        );
+    }
+    for bad in [501, 100_000] {
+        check(
+            |s| {
+                s.replace(
+                    "[uplink]\n",
+                    &format!("[uplink]\nbatch_max_instances = {bad}\n"),
+                )
+            },
+            &["uplink.batch_max_instances"],
+        );
+    }
+    check(
+        |s| s.replace("[uplink]\n", "[uplink]\nbatch_max_instances = 0\n"),
+        &["uplink.batch_max_instances / uplink.batch_max_mb"],
+    );
 }

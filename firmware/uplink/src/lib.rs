@@ -195,9 +195,6 @@ fn tcp_user_timeout(idle: Duration) -> Duration {
     ))
 }
 
-/// Responses larger than this are cut (a STOW-RS response for a batch is a few KB).
-const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
-
 enum Auth {
     None,
     Basic { username: String, password: String },
@@ -694,7 +691,13 @@ impl Worker {
             }
 
             let now = SystemTime::now();
-            let (max_count, max_bytes) = (link.cfg.batch_max_instances, link.cfg.batch_max_bytes());
+            // The configuration accepts at most MAX_BATCH_INSTANCES, whose answer fits the
+            // response cap; a larger value that bypassed validation is cut to it.
+            let max_count = link
+                .cfg
+                .batch_max_instances
+                .min(passerelle_config::MAX_BATCH_INSTANCES);
+            let max_bytes = link.cfg.batch_max_bytes();
             let batch = match link
                 .spool_call("claim a batch", move |s| {
                     s.claim_batch_lingering(max_count, max_bytes, now, Some(LINGER))
@@ -1167,7 +1170,8 @@ fn warn_new_versions(uids: &[String]) {
     }
 }
 
-/// Reads the status, the headers that matter and the body (bounded) of a response.
+/// Reads the status, the headers that matter and the body of a response, up to
+/// [`response::MAX_BODY_BYTES`]: a longer body is cut there (`Answer::cut`) and the rest is not read.
 async fn read_answer(
     mut response: reqwest::Response,
     progress: &body::Progress,
@@ -1186,6 +1190,7 @@ async fn read_answer(
         retry_after: header(RETRY_AFTER)
             .and_then(|v| outcome::parse_retry_after(&v, SystemTime::now())),
         body: Vec::new(),
+        cut: false,
         http_version: match response.version() {
             reqwest::Version::HTTP_2 => "HTTP/2",
             reqwest::Version::HTTP_11 => "HTTP/1.1",
@@ -1194,13 +1199,14 @@ async fn read_answer(
     };
     while let Some(chunk) = response.chunk().await? {
         progress.touch();
-        let room = MAX_RESPONSE_BYTES - answer.body.len();
-        answer
-            .body
-            .extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if answer.body.len() >= MAX_RESPONSE_BYTES {
+        let room = crate::response::MAX_BODY_BYTES.saturating_sub(answer.body.len());
+        if chunk.len() > room {
+            // A STOW-RS response is never this long: keep what fits, read no further.
+            answer.body.extend_from_slice(&chunk[..room]);
+            answer.cut = true;
             break;
         }
+        answer.body.extend_from_slice(&chunk);
     }
     Ok(answer)
 }

@@ -16,12 +16,14 @@ pub(crate) enum Exchange {
     Failed(TransportFailure),
 }
 
-/// An HTTP response, its body read (up to a limit).
+/// An HTTP response, its body read (up to [`response::MAX_BODY_BYTES`]).
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Answer {
     pub(crate) status: u16,
     pub(crate) content_type: Option<String>,
     pub(crate) body: Vec<u8>,
+    /// The PACS sent more than [`response::MAX_BODY_BYTES`]: `body` holds the first of it only.
+    pub(crate) cut: bool,
     /// The Retry-After header, already turned into a delay.
     pub(crate) retry_after: Option<Duration>,
     /// The Location header (redirects).
@@ -250,7 +252,8 @@ fn decide_answer(instances: &[QueuedInstance], a: &Answer, stored_before: bool) 
     let status = a.status;
     // Parsed once; every case that reads the body reads this.
     let parsed: Result<StowResponse, String> =
-        response::parse(status, a.content_type.as_deref(), &a.body).map_err(|e| e.to_string());
+        response::parse_read(status, a.content_type.as_deref(), &a.body, a.cut)
+            .map_err(|e| e.to_string());
     let is_stow_response = parsed.as_ref().is_ok_and(|r| r.names_sequences);
     // A STOW-RS response listing no instance at all, neither stored nor failed: the PACS took the
     // request and stored nothing (Orthanc's DICOMweb plugin, when its storage cannot be written,
@@ -497,10 +500,15 @@ fn server_message(a: &Answer) -> String {
         .split_whitespace()
         .collect::<Vec<_>>()
         .join(" ");
-    if one_line.is_empty() {
+    let said = if one_line.is_empty() {
         "no explanation was given".into()
     } else {
         format!("\"{}\"", truncate(&one_line, 200))
+    };
+    if a.cut {
+        format!("{said}; {}", response::CUT_NOTE)
+    } else {
+        said
     }
 }
 

@@ -6,6 +6,30 @@
 
 use crate::error::{Result, UplinkError};
 
+/// The most of a response body the uplink reads; the rest is cut. A STOW-RS response names each
+/// instance of the request in one item of SOP Class UID, SOP Instance UID and Retrieve URL: about
+/// 0.5 KiB as compact JSON, under 1.1 KiB as indented XML with 64-character UIDs and a long
+/// Retrieve URL (the test `the_largest_batch_s_answer_fits_the_cap` builds one).
+/// [`BYTES_PER_INSTANCE`] allows 2 KiB, so the largest batch the configuration accepts
+/// (`passerelle_config::MAX_BATCH_INSTANCES`, 500) needs under 1,000 KiB, and 1 MiB is ample. A body
+/// that long is held by each of up to 8 workers, and parsed whole.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// What a response item naming one instance may take, with room to spare.
+pub const BYTES_PER_INSTANCE: usize = 2 * 1024;
+
+/// What the top level of a response may take besides its items (XML declaration, root element,
+/// the study's Retrieve URL, WarningReason).
+const ENVELOPE_BYTES: usize = 16 * 1024;
+
+// The answer to the largest batch the configuration accepts is never cut.
+const _: () = assert!(
+    passerelle_config::MAX_BATCH_INSTANCES * BYTES_PER_INSTANCE + ENVELOPE_BYTES <= MAX_BODY_BYTES
+);
+
+/// What a cut body says in its error: [`MAX_BODY_BYTES`] in words.
+pub const CUT_NOTE: &str = "the PACS's answer was longer than 1 MiB; cut there";
+
 const REFERENCED_SOP_SEQUENCE: &str = "00081199";
 const FAILED_SOP_SEQUENCE: &str = "00081198";
 const REFERENCED_SOP_INSTANCE_UID: &str = "00081155";
@@ -87,6 +111,28 @@ pub fn parse(status: u16, content_type: Option<&str>, body: &[u8]) -> Result<Sto
     } else {
         parse_json(trimmed).map_err(fail)
     }
+}
+
+/// Parses a response body as the uplink read it: `cut` when the PACS sent more than
+/// [`MAX_BODY_BYTES`] and the rest was not read. A cut body is not parsed: a STOW-RS response is
+/// never that long, what it lists beyond the cut is unknown, and the error says what happened
+/// instead of the parser's "EOF while parsing".
+pub fn parse_read(
+    status: u16,
+    content_type: Option<&str>,
+    body: &[u8],
+    cut: bool,
+) -> Result<StowResponse> {
+    if cut {
+        return Err(UplinkError::ParseStowResponse {
+            status,
+            content_type: content_type.unwrap_or("").to_ascii_lowercase(),
+            detail: format!(
+                "{CUT_NOTE}, while a STOW-RS response is a few KiB per batch: check what the PACS or its front end answers at uplink.stow_url"
+            ),
+        });
+    }
+    parse(status, content_type, body)
 }
 
 // ---------------------------------------------------------------------------------------------

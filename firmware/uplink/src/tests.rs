@@ -123,3 +123,53 @@ async fn the_client_certificate_warning_repeats_daily_and_becomes_an_error_once_
         }
     }
 }
+
+/// A response whose body arrives in `chunks`, as reqwest hands it to `read_answer`.
+fn response_of(chunks: impl Iterator<Item = Vec<u8>> + Send + 'static) -> reqwest::Response {
+    let body = reqwest::Body::wrap_stream(futures_util::stream::iter(
+        chunks.map(|c| Ok::<_, std::io::Error>(bytes::Bytes::from(c))),
+    ));
+    reqwest::Response::from(
+        hyper::Response::builder()
+            .status(200)
+            .header("content-type", "application/dicom+json")
+            .body(body)
+            .unwrap(),
+    )
+}
+
+async fn read(chunks: impl Iterator<Item = Vec<u8>> + Send + 'static) -> Answer {
+    read_answer(response_of(chunks), &body::Progress::new())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_response_body_is_read_up_to_1_mib_and_a_longer_one_is_cut_there() {
+    const MIB: usize = 1024 * 1024;
+    let small = read(std::iter::once(b"{}".to_vec())).await;
+    assert_eq!((small.body.as_slice(), small.cut), (&b"{}"[..], false));
+
+    // Exactly the cap: whole, not cut.
+    let whole = read((0..16).map(|_| vec![b' '; 64 * 1024])).await;
+    assert_eq!((whole.body.len(), whole.cut), (MIB, false));
+
+    // One byte more: cut at the cap.
+    let over = read((0..3).map(|i| vec![b' '; if i < 2 { MIB / 2 } else { 1 }])).await;
+    assert_eq!((over.body.len(), over.cut), (MIB, true));
+
+    // A PACS that never stops: reading stops at the cap, not after 16 MiB or never.
+    let pulled = Arc::new(AtomicU32::new(0));
+    let counter = pulled.clone();
+    let endless = read(std::iter::repeat_with(move || {
+        counter.fetch_add(1, Ordering::Relaxed);
+        vec![b'x'; 64 * 1024]
+    }))
+    .await;
+    assert_eq!((endless.body.len(), endless.cut), (MIB, true));
+    assert!(
+        pulled.load(Ordering::Relaxed) <= 18,
+        "read {} chunks of 64 KiB",
+        pulled.load(Ordering::Relaxed)
+    );
+}

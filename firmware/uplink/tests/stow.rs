@@ -136,6 +136,38 @@ async fn an_xml_response_confirms_instances_too() {
     running.stop().await;
 }
 
+/// An answer longer than the 1 MiB the uplink reads is cut there: it confirms nothing, and the
+/// error says it was cut rather than quoting the parser's end of input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_longer_than_1_mib_is_cut_and_said_to_be() {
+    let env = Env::new();
+    let spool = spool_in(env.dir.path());
+    let stub = env
+        .stub(|seen| {
+            let uids: Vec<&str> = seen.uids.iter().map(String::as_str).collect();
+            // A STOW-RS response confirming every instance, then 2 MiB of Retrieve URL.
+            let whole = stow_json(&uids, &[]);
+            let body = format!(
+                r#"{}, "00081190": {{"vr": "UR", "Value": ["https://pacs/{}"]}}}}"#,
+                whole.strip_suffix('}').unwrap(),
+                "x".repeat(2 * 1024 * 1024)
+            );
+            Reply::json(200, body)
+        })
+        .await;
+    store_study(&spool, &stub, 2, 100);
+    let running = start(uplink_config(&stub.url(), &env.ca), &spool);
+    wait_paused(&spool).await;
+    running.stop().await;
+    let error = spool.uplink_state().unwrap().last_error.unwrap();
+    assert!(
+        error.contains("the PACS's answer was longer than 1 MiB; cut there"),
+        "{error}"
+    );
+    let s = status(&spool);
+    assert_eq!((s.queued, s.sent, s.failed), (2, 0, 0));
+}
+
 /// `uplink.auth_pause_secs = 0`, had it bypassed validation, would repeat a refused request in a
 /// tight loop: the pause is at least 10 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

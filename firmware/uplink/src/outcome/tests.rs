@@ -21,9 +21,7 @@ fn answer(status: u16, body: &str) -> Exchange {
         status,
         content_type: Some("application/dicom+json".into()),
         body: body.as_bytes().to_vec(),
-        retry_after: None,
-        location: None,
-        http_version: "HTTP/1.1",
+        ..Answer::default()
     })
 }
 
@@ -719,9 +717,7 @@ fn nginx_certificate_page(title: &str) -> Exchange {
             "<html>\r\n<head><title>400 {title}</title></head>\r\n<body>\r\n<center><h1>400 Bad Request</h1></center>\r\n<center>{title}</center>\r\n<hr><center>nginx/1.22.1</center>\r\n</body>\r\n</html>\r\n"
         )
         .into_bytes(),
-        retry_after: None,
-        location: None,
-        http_version: "HTTP/1.1",
+        ..Answer::default()
     })
 }
 
@@ -853,6 +849,56 @@ fn a_2xx_that_is_not_a_stow_response_pauses_unless_the_pacs_has_stored_before() 
             Expect::Each(&[(1, Is::Retry), (2, Is::Retry), (3, Is::Retry)]),
         );
     }
+}
+
+fn cut_answer(status: u16, body: &str) -> Exchange {
+    Exchange::Answered(Answer {
+        status,
+        content_type: Some("application/dicom+json".into()),
+        body: body.as_bytes().to_vec(),
+        cut: true,
+        ..Answer::default()
+    })
+}
+
+/// A body cut at the cap confirms nothing, even if what was read would parse, and every message
+/// about it says it was cut instead of quoting the parser's "EOF while parsing".
+#[test]
+fn an_answer_cut_at_the_cap_confirms_nothing_and_says_it_was_cut() {
+    let cut_note = "the PACS's answer was longer than 1 MiB; cut there";
+    let half = &ALL_REFERENCED[..ALL_REFERENCED.len() / 2];
+    for body in [half, ALL_REFERENCED] {
+        let got = decide(&batch(), &cut_answer(200, body), true);
+        let Decision::PerInstance(actions) = got else {
+            panic!("expected per-instance retries, got {got:?}");
+        };
+        assert_eq!(actions.len(), 3);
+        for (_, action) in actions {
+            let Action::Retry { error, .. } = action else {
+                panic!("a cut answer confirms nothing: {action:?}");
+            };
+            assert!(error.contains(cut_note), "{error}");
+            assert!(!error.contains("EOF"), "{error}");
+        }
+    }
+    // From an endpoint that has stored nothing yet, a cut 2xx pauses as before; the pause says why.
+    let got = decide(&batch(), &cut_answer(200, half), false);
+    let Decision::Pause { error } = got else {
+        panic!("expected a pause, got {got:?}");
+    };
+    assert!(error.contains(cut_note), "{error}");
+    // An error page that long is quoted, and said to be cut.
+    let got = decide(&batch()[..1], &cut_answer(503, "<html>busy"), true);
+    let Decision::PerInstance(actions) = got else {
+        panic!("expected a retry, got {got:?}");
+    };
+    let Action::Retry { error, .. } = &actions[0].1 else {
+        panic!("a 503 is retried: {actions:?}");
+    };
+    assert!(
+        error.contains("\"<html>busy\"") && error.contains(cut_note),
+        "{error}"
+    );
 }
 
 /// No setting, however large, makes a pause, a backoff or a hold overflow the clock (which panicked

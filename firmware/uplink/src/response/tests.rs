@@ -268,3 +268,80 @@ fn the_error_names_the_status_and_content_type() {
     assert!(msg.contains("HTTP 502"), "{msg}");
     assert!(msg.contains("text/html"), "{msg}");
 }
+
+/// The answer to the largest batch the configuration accepts, each item as long as a real one gets
+/// (64-character UIDs, a long Retrieve URL, a WarningReason; indented XML, the longer syntax), fits
+/// the cap with room to spare, and parses.
+#[test]
+fn the_largest_batch_s_answer_fits_the_cap() {
+    let n = passerelle_config::MAX_BATCH_INSTANCES;
+    let uid = |i: usize| format!("1.2.826.0.1.3680043.10.1137.{:0>35}", i);
+    let study = uid(0);
+    let base = format!(
+        "https://pacs.regional-health-network.example.org:8443/{}/dicom-web",
+        "a".repeat(120)
+    );
+    let attr = |tag: &str, vr: &str, keyword: &str, value: &str| {
+        format!(
+            "      <DicomAttribute tag=\"{tag}\" vr=\"{vr}\" keyword=\"{keyword}\">\n        <Value number=\"1\">{value}</Value>\n      </DicomAttribute>\n"
+        )
+    };
+    let item = |i: usize| {
+        format!(
+            "    <Item number=\"{}\">\n{}{}{}{}    </Item>\n",
+            i + 1,
+            attr("00081150", "UI", "ReferencedSOPClassUID", &uid(999_999)),
+            attr("00081155", "UI", "ReferencedSOPInstanceUID", &uid(i + 1)),
+            attr(
+                "00081190",
+                "UR",
+                "RetrieveURL",
+                &format!(
+                    "{base}/studies/{study}/series/{}/instances/{}",
+                    uid(7),
+                    uid(i + 1)
+                )
+            ),
+            attr("00081196", "US", "WarningReason", "45056"),
+        )
+    };
+    let one = item(0).len();
+    assert!(
+        one <= BYTES_PER_INSTANCE,
+        "an item of {one} bytes is more than the {BYTES_PER_INSTANCE} allowed"
+    );
+    let items: String = (0..n).map(item).collect();
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<NativeDicomModel xmlns=\"http://dicom.nema.org/PS3.19/models/NativeDICOM\">\n{}  <DicomAttribute tag=\"00081199\" vr=\"SQ\" keyword=\"ReferencedSOPSequence\">\n{items}  </DicomAttribute>\n</NativeDicomModel>\n",
+        attr("00081190", "UR", "RetrieveURL", &format!("{base}/studies/{study}")),
+    );
+    assert!(
+        body.len() < MAX_BODY_BYTES,
+        "{} bytes for {n} instances",
+        body.len()
+    );
+    let parsed = parse(200, XML, body.as_bytes()).unwrap();
+    assert_eq!(parsed.referenced.len(), n);
+    assert_eq!(parsed.referenced[n - 1].sop_instance_uid, uid(n));
+}
+
+#[test]
+fn a_body_cut_at_the_cap_is_not_parsed_and_says_so() {
+    let whole =
+        r#"{"00081199": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": ["1.2.3"]}}]}}"#;
+    let err = parse_read(200, JSON, &whole.as_bytes()[..40], true).unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("the PACS's answer was longer than 1 MiB; cut there"),
+        "{msg}"
+    );
+    assert!(!msg.contains("EOF"), "{msg}");
+    assert!(parse_read(200, JSON, whole.as_bytes(), true).is_err());
+    assert_eq!(
+        parse_read(200, JSON, whole.as_bytes(), false)
+            .unwrap()
+            .referenced
+            .len(),
+        1
+    );
+}
