@@ -83,7 +83,7 @@
 //!   `uplink.stow_url` (Orthanc's REST `/instances` answers so), instead of failing the backlog.
 //!   A 2xx that is not a STOW-RS response from a PACS that has stored nothing since start pauses
 //!   the same way (an HTTPS service that is not the PACS's STOW-RS endpoint).
-//!   413 splits the batch; 401/403/407/411/415, wrong endpoints and certificate failures pause the
+//!   413 splits the batch; 401/403/406/407/411/415, wrong endpoints and certificate failures pause the
 //!   uplink for `uplink.auth_pause_secs` with an ERROR that says what to fix (a PACS certificate
 //!   that is expired or not yet valid names both possible causes, its renewal or the box's clock,
 //!   and gives the clock's reading, instead of pointing at `uplink.ca_file`; a CA certificate
@@ -558,7 +558,7 @@ impl Link {
             .client
             .post(self.url.clone())
             .header(CONTENT_TYPE, body::content_type(&boundary))
-            .header(ACCEPT, "application/dicom+json")
+            .header(ACCEPT, response::ACCEPT)
             .body(reqwest::Body::wrap_stream(BodyStream::new(
                 rx,
                 shared.clone(),

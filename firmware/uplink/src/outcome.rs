@@ -117,7 +117,9 @@ pub(crate) enum HttpClass {
     UnsupportedMediaType,
     /// 411: the front end wants a Content-Length; our bodies are chunked.
     LengthRequired,
-    /// 3xx, 404, 405, 406: stow_url does not point at a STOW-RS endpoint.
+    /// 406: the PACS produces its STOW-RS response in neither media type we accept.
+    NotAcceptable,
+    /// 3xx, 404, 405: stow_url does not point at a STOW-RS endpoint.
     WrongEndpoint,
     /// 408, 429, 5xx.
     Transient,
@@ -135,7 +137,8 @@ pub(crate) fn http_class(status: u16) -> HttpClass {
         413 => HttpClass::TooLarge,
         415 => HttpClass::UnsupportedMediaType,
         411 => HttpClass::LengthRequired,
-        300..=399 | 404 | 405 | 406 => HttpClass::WrongEndpoint,
+        406 => HttpClass::NotAcceptable,
+        300..=399 | 404 | 405 => HttpClass::WrongEndpoint,
         408 | 429 | 500..=599 => HttpClass::Transient,
         _ => HttpClass::Unexpected,
     }
@@ -344,6 +347,14 @@ fn decide_answer(instances: &[QueuedInstance], a: &Answer, stored_before: bool) 
             error: format!(
                 "The PACS does not accept multipart/related; type=\"application/dicom\" at uplink.stow_url (HTTP 415: {}). Make sure uplink.stow_url is the STOW-RS endpoint (e.g. https://pacs/dicom-web/studies) and that DICOMweb is enabled on the PACS; then restart passerelled.",
                 server_message(a)
+            ),
+        },
+        HttpClass::NotAcceptable => Decision::Pause {
+            error: format!(
+                "The PACS answered HTTP 406 Not Acceptable ({}): it offers its STOW-RS response neither as {} nor as {}, the two media types Passerelle asks for and reads, so it cannot say which instances it stored. Turn on DICOMweb JSON (or XML) responses on the PACS or its front end, or ask its operator which response types it can produce; if uplink.stow_url is not the PACS's STOW-RS endpoint (e.g. https://pacs/dicom-web/studies), correct it; then restart passerelled.",
+                server_message(a),
+                response::DICOM_JSON,
+                response::DICOM_XML,
             ),
         },
         HttpClass::WrongEndpoint => Decision::Pause {

@@ -30,6 +30,15 @@ const _: () = assert!(
 /// What a cut body says in its error: [`MAX_BODY_BYTES`] in words.
 pub const CUT_NOTE: &str = "the PACS's answer was longer than 1 MiB; cut there";
 
+/// The STOW-RS response media type the uplink prefers.
+pub const DICOM_JSON: &str = "application/dicom+json";
+/// The other STOW-RS response media type this module parses (the Native DICOM Model).
+pub const DICOM_XML: &str = "application/dicom+xml";
+
+/// The Accept header of a STOW-RS request: both media types this module parses, JSON preferred. A
+/// PACS that produces only XML answers in XML instead of HTTP 406 Not Acceptable.
+pub const ACCEPT: &str = "application/dicom+json, application/dicom+xml;q=0.9";
+
 const REFERENCED_SOP_SEQUENCE: &str = "00081199";
 const FAILED_SOP_SEQUENCE: &str = "00081198";
 const REFERENCED_SOP_INSTANCE_UID: &str = "00081155";

@@ -173,3 +173,11 @@ async fn a_response_body_is_read_up_to_1_mib_and_a_longer_one_is_cut_there() {
         pulled.load(Ordering::Relaxed)
     );
 }
+
+#[test]
+fn requests_accept_a_json_or_an_xml_stow_response() {
+    assert_eq!(
+        response::ACCEPT,
+        "application/dicom+json, application/dicom+xml;q=0.9"
+    );
+}

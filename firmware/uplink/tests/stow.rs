@@ -77,7 +77,10 @@ async fn each_instance_of_a_delivered_batch_gets_the_outcome_the_pacs_gave_it() 
         "{}",
         req.content_type
     );
-    assert_eq!(req.accept, "application/dicom+json");
+    assert_eq!(
+        req.accept,
+        "application/dicom+json, application/dicom+xml;q=0.9"
+    );
     assert_eq!(
         req.authorization.as_deref(),
         Some("Basic cGFzc2VyZWxsZTpzZWNyZXQ=")
@@ -134,6 +137,66 @@ async fn an_xml_response_confirms_instances_too() {
     let running = start(uplink_config(&stub.url(), &env.ca), &spool);
     wait_for("3 sent", WAIT, || status(&spool).sent == 3).await;
     running.stop().await;
+}
+
+/// A PACS that produces its STOW-RS response only as XML answers 406 to a request that accepts only
+/// JSON: the uplink accepts both, and such a PACS confirms the instances.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pacs_answering_only_in_xml_is_asked_for_xml_too_and_confirms_instances() {
+    let env = Env::new();
+    let spool = spool_in(env.dir.path());
+    let stub = env
+        .stub(|seen| {
+            if !seen.accept.contains("application/dicom+xml") {
+                return Reply::status(406);
+            }
+            let items: String = seen
+                .uids
+                .iter()
+                .map(|u| {
+                    format!(
+                        r#"<Item number="1"><DicomAttribute tag="00081155" vr="UI"><Value number="1">{u}</Value></DicomAttribute></Item>"#
+                    )
+                })
+                .collect();
+            Reply {
+                status: 200,
+                headers: vec![("Content-Type".into(), "application/dicom+xml".into())],
+                body: format!(
+                    r#"<?xml version="1.0"?><NativeDicomModel><DicomAttribute tag="00081199" vr="SQ">{items}</DicomAttribute></NativeDicomModel>"#
+                ),
+                hang: false,
+            }
+        })
+        .await;
+    store_study(&spool, &stub, 3, 500);
+    let running = start(uplink_config(&stub.url(), &env.ca), &spool);
+    wait_for("3 sent", WAIT, || status(&spool).sent == 3).await;
+    running.stop().await;
+    assert_eq!(stub.seen().len(), 1, "one request, answered in XML");
+    assert!(spool.uplink_state().unwrap().paused_until.is_none());
+}
+
+/// A PACS that produces neither JSON nor XML answers 406: the uplink pauses and says so, instead of
+/// calling uplink.stow_url no STOW-RS endpoint; nothing is failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pacs_offering_neither_json_nor_xml_pauses_the_uplink_saying_so() {
+    let env = Env::new();
+    let spool = spool_in(env.dir.path());
+    let stub = env.stub(|_| Reply::status(406)).await;
+    store_study(&spool, &stub, 2, 100);
+    let running = start(uplink_config(&stub.url(), &env.ca), &spool);
+    wait_paused(&spool).await;
+    running.stop().await;
+    assert_eq!(stub.seen().len(), 1, "no retry before the pause ends");
+    let error = spool.uplink_state().unwrap().last_error.unwrap();
+    assert!(
+        error.contains("HTTP 406")
+            && error.contains("neither as application/dicom+json nor as application/dicom+xml"),
+        "{error}"
+    );
+    let s = status(&spool);
+    assert_eq!((s.queued, s.sent, s.failed), (2, 0, 0));
 }
 
 /// An answer longer than the 1 MiB the uplink reads is cut there: it confirms nothing, and the

@@ -267,7 +267,7 @@ fn statuses_that_need_the_operator_pause_the_uplink() {
         (415, "STOW-RS endpoint"),
         (404, "uplink.stow_url"),
         (405, "uplink.stow_url"),
-        (406, "uplink.stow_url"),
+        (406, "application/dicom+xml"),
         (301, "uplink.stow_url"),
     ];
     for (status, word) in cases {
@@ -347,6 +347,7 @@ fn every_status_maps_to_its_class() {
         (413, HttpClass::TooLarge),
         (415, HttpClass::UnsupportedMediaType),
         (411, HttpClass::LengthRequired),
+        (406, HttpClass::NotAcceptable),
         (301, HttpClass::WrongEndpoint),
         (302, HttpClass::WrongEndpoint),
         (404, HttpClass::WrongEndpoint),
@@ -847,6 +848,35 @@ fn a_2xx_that_is_not_a_stow_response_pauses_unless_the_pacs_has_stored_before() 
             answer(200, body),
             true,
             Expect::Each(&[(1, Is::Retry), (2, Is::Retry), (3, Is::Retry)]),
+        );
+    }
+}
+
+/// A PACS that produces its STOW-RS response neither as JSON nor as XML answers 406: that is what
+/// the pause says, not that uplink.stow_url is no STOW-RS endpoint; nothing is failed.
+#[test]
+fn not_acceptable_says_the_pacs_offers_neither_json_nor_xml_and_pauses() {
+    for stored_before in [false, true] {
+        let got = decide(
+            &batch(),
+            &answer(406, "Not Acceptable: application/dicom+json"),
+            stored_before,
+        );
+        let Decision::Pause { error } = got else {
+            panic!("a 406 pauses the uplink, got {got:?}");
+        };
+        for said in [
+            "HTTP 406 Not Acceptable",
+            "\"Not Acceptable: application/dicom+json\"",
+            "neither as application/dicom+json nor as application/dicom+xml",
+            "JSON (or XML) responses on the PACS",
+            "restart passerelled",
+        ] {
+            assert!(error.contains(said), "{said:?} missing from: {error}");
+        }
+        assert!(
+            !error.contains("is not a STOW-RS endpoint"),
+            "not the wrong-endpoint diagnosis: {error}"
         );
     }
 }
