@@ -1501,6 +1501,18 @@ impl Spool {
         Ok(found)
     }
 
+    /// Makes the next [`Spool::open_verified`] of row `id` check its file in full (decompress, SHA-256
+    /// against the row) instead of trusting the digest of its stored bytes: for a file that passed
+    /// that digest and then failed while it was read. A damaged file is then quarantined, an
+    /// unreadable one reported, instead of being retried on the strength of the digest forever.
+    pub fn distrust_stored_digest(&self, id: InstanceId) -> Result<()> {
+        self.conn()
+            .prepare_cached("DELETE FROM file_digest WHERE id = ?1")
+            .and_then(|mut s| s.execute([id.0]))
+            .ctx("forget a file's stored digest")?;
+        Ok(())
+    }
+
     /// Records the outcomes of one upload in a single transaction: one WAL sync for the whole batch
     /// instead of one per instance. This is the one place the upload states change; [`Spool::mark_sent`],
     /// [`Spool::mark_retry`], [`Spool::mark_failed`] and [`Spool::release`] record a single outcome

@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use passerelle_spool::{InstanceId, QueuedInstance, Spool, SpoolError};
+
+use crate::outcome::LocalFailure;
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -156,7 +158,7 @@ pub(crate) struct Shared {
     /// Set by the producer after it sent the closing delimiter.
     completed: AtomicBool,
     /// Why the producer stopped early, if it did because of a local error.
-    failure: Mutex<Option<String>>,
+    failure: Mutex<Option<LocalFailure>>,
 }
 
 impl Shared {
@@ -174,19 +176,22 @@ impl Shared {
         self.completed.load(Ordering::Acquire)
     }
 
-    /// The local error that stopped the producer, if any.
-    pub(crate) fn failure(&self) -> Option<String> {
+    /// The local error that stopped the producer, if any, and the instance it was reading.
+    pub(crate) fn failure(&self) -> Option<LocalFailure> {
         self.failure
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone()
     }
 
-    fn fail(&self, why: String) {
+    fn fail(&self, instance: InstanceId, detail: String) {
         *self
             .failure
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(why);
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(LocalFailure {
+            instance: Some(instance),
+            detail,
+        });
     }
 }
 
@@ -248,7 +253,7 @@ impl BodyStream {
             let why = self
                 .shared
                 .failure()
-                .unwrap_or_else(|| "the body producer stopped early".into());
+                .map_or_else(|| "the body producer stopped early".into(), |f| f.detail);
             Poll::Ready(Some(Err(std::io::Error::other(why))))
         }
     }
@@ -381,10 +386,13 @@ pub(crate) fn produce<S: PartSource>(
             let chunk = match read_chunk(&mut reader) {
                 Ok(chunk) => chunk,
                 Err(e) => {
-                    shared.fail(format!(
-                        "reading the spool file of SOP Instance {} failed after {sent} bytes ({e})",
-                        inst.sop_instance_uid
-                    ));
+                    shared.fail(
+                        inst.id,
+                        format!(
+                            "reading the spool file of SOP Instance {} failed after {sent} bytes ({e})",
+                            inst.sop_instance_uid
+                        ),
+                    );
                     return report;
                 }
             };
@@ -403,10 +411,13 @@ pub(crate) fn produce<S: PartSource>(
         }
         if sent != len {
             if !shared.cancel.is_cancelled() {
-                shared.fail(format!(
-                    "the spool file of SOP Instance {} gave {sent} bytes instead of {len}",
-                    inst.sop_instance_uid
-                ));
+                shared.fail(
+                    inst.id,
+                    format!(
+                        "the spool file of SOP Instance {} gave {sent} bytes instead of {len}",
+                        inst.sop_instance_uid
+                    ),
+                );
             }
             return report;
         }

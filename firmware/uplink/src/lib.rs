@@ -533,8 +533,10 @@ impl Link {
         let (first, pending, mut report) = match opener.await {
             Ok(opened) => opened,
             Err(e) => {
-                let failure =
-                    TransportFailure::LocalRead(format!("opening the spool files failed ({e})"));
+                let failure = TransportFailure::LocalRead(outcome::LocalFailure {
+                    instance: None,
+                    detail: format!("opening the spool files failed ({e})"),
+                });
                 return (
                     Sent::Done(Exchange::Failed(failure)),
                     ProducerReport::default(),
@@ -869,6 +871,48 @@ impl Worker {
                         in_request.len()
                     );
                     marks.extend(released(in_request));
+                }
+                Decision::LocalRead(failure) => {
+                    let study = study_of(&in_request).to_string();
+                    let (failing, others): (Vec<_>, Vec<_>) = in_request
+                        .into_iter()
+                        .partition(|i| Some(i.id) == failure.instance);
+                    error!(
+                        "Could not read the spool while sending to the PACS: {}. The PACS is not at fault and uploads go on: {} other instance(s) of the request go out again at once{}. Check the disk (dmesg, SMART); before its next upload the file is checked in full, and quarantined if its content is damaged. study_instance_uid={study}",
+                        failure.detail,
+                        others.len(),
+                        if failing.is_empty() { "" } else { ", this one after its backoff" },
+                    );
+                    marks.extend(released(others));
+                    if let Some(id) = failure.instance {
+                        if let Err(e) = link
+                            .spool_call("distrust a spool file's digest", move |s| {
+                                s.distrust_stored_digest(id)
+                            })
+                            .await
+                        {
+                            warn!(
+                                "Could not mark a spool file for a full check before its next upload; it is checked by its digest again. error=\"{}\"",
+                                error_chain(&e)
+                            );
+                        }
+                    }
+                    let actions = failing
+                        .iter()
+                        .map(|i| {
+                            (
+                                i.id,
+                                outcome::Action::Retry {
+                                    error: format!(
+                                        "The spool could not be read: {}.",
+                                        failure.detail
+                                    ),
+                                    not_before: None,
+                                },
+                            )
+                        })
+                        .collect();
+                    self.apply(&failing, actions, None, elapsed, now, &mut marks);
                 }
                 Decision::Split { reason } => {
                     let second = in_request.split_off(in_request.len().div_ceil(2));

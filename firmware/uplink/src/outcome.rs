@@ -32,6 +32,14 @@ pub(crate) struct Answer {
     pub(crate) http_version: &'static str,
 }
 
+/// A spool error that stopped a request's body: what went wrong, and the instance being read
+/// (unknown when opening the files failed as a whole).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LocalFailure {
+    pub(crate) instance: Option<InstanceId>,
+    pub(crate) detail: String,
+}
+
 /// Why no HTTP response came back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum TransportFailure {
@@ -58,7 +66,7 @@ pub(crate) enum TransportFailure {
     /// Nothing was sent or received for this long.
     IdleTimeout(Duration),
     /// Reading the spool failed while the body was being sent.
-    LocalRead(String),
+    LocalRead(LocalFailure),
 }
 
 /// What to record for one instance.
@@ -96,6 +104,10 @@ pub(crate) enum Decision {
     Resend {
         detail: String,
     },
+    /// The spool could not be read while the body was sent: the instance being read is retried
+    /// after its backoff, the others go back to the queue as they were, and the upstream is not
+    /// held (it is not at fault).
+    LocalRead(LocalFailure),
 }
 
 /// HTTP statuses as the uplink understands them.
@@ -243,11 +255,9 @@ fn decide_transport(instances: &[QueuedInstance], failure: &TransportFailure) ->
             ),
             None,
         ),
-        TransportFailure::LocalRead(detail) => retry_all(
-            instances,
-            format!("The upload was aborted because the spool could not be read: {detail}."),
-            None,
-        ),
+        // Not the PACS's doing: no hold for the uplink, no attempt for the instances it did not
+        // concern (the worker gives them back to the queue).
+        TransportFailure::LocalRead(failure) => Decision::LocalRead(failure.clone()),
     }
 }
 

@@ -648,6 +648,84 @@ async fn a_corrupt_spool_file_is_left_out_and_the_rest_is_delivered() {
     assert_eq!(seen[0].unknown_parts, 0, "no corrupt bytes were sent");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_failing_mid_upload_holds_nothing_else_and_is_checked_in_full_next_time() {
+    let env = Env::new();
+    let spool = spool_in(env.dir.path());
+    let stub = env
+        .stub(|seen| {
+            let uids: Vec<&str> = seen.uids.iter().map(String::as_str).collect();
+            Reply::json(200, stow_json(&uids, &[]))
+        })
+        .await;
+    // The first instance's file passes the check before sending (its recorded digest is made to
+    // match damaged bytes, as if the disk returned other bytes than were written), then fails to
+    // decode while it streams.
+    let first = format!("{STUDY}.1");
+    store(&spool, STUDY, &first, 50_000);
+    let files = files_under(&spool.dir().join("objects"));
+    assert_eq!(files.len(), 1);
+    let mut bytes = std::fs::read(&files[0]).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&files[0], &bytes).unwrap();
+    let db = rusqlite::Connection::open(spool.dir().join("spool.db")).unwrap();
+    let changed = db
+        .execute(
+            "UPDATE file_digest SET xxh3 = ?1 WHERE id = (SELECT id FROM instances WHERE sop_instance_uid = ?2)",
+            rusqlite::params![xxhash_rust::xxh3::xxh3_128(&bytes).to_le_bytes(), first],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    drop(db);
+    for i in 2..=3 {
+        let uid = format!("{STUDY}.{i}");
+        let raw = store(&spool, STUDY, &uid, 1000);
+        stub.knows(&raw, &uid);
+    }
+    // retry_base_secs is 30: a hold of the whole uplink, or a retry of the others, would keep
+    // them past WAIT.
+    let running = start(uplink_config(&stub.url(), &env.ca), &spool);
+    wait_for("the two readable instances sent", WAIT, || {
+        status(&spool).sent == 2
+    })
+    .await;
+    running.stop().await;
+    let delivered: Vec<String> = stub.seen().into_iter().flat_map(|r| r.uids).collect();
+    assert!(delivered.contains(&format!("{STUDY}.2")) && delivered.contains(&format!("{STUDY}.3")));
+    let s = status(&spool);
+    assert_eq!((s.sent, s.failed, s.lost), (2, 0, 0), "{s:?}");
+    assert_eq!(s.queued + s.quarantined, 1, "{s:?}");
+    // Its digest is no longer trusted: the next open checks the content and quarantines the file
+    // (the uplink may already have done so, when it brought its retries forward).
+    let (id, attempts): (i64, u32) = rusqlite::Connection::open(spool.dir().join("spool.db"))
+        .unwrap()
+        .query_row(
+            "SELECT id, attempts FROM instances WHERE sop_instance_uid = ?1",
+            [&first],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert!(attempts >= 1, "the failed upload counted as an attempt");
+    let inst = passerelle_spool::QueuedInstance {
+        id: passerelle_spool::InstanceId(id),
+        sop_class_uid: String::new(),
+        sop_instance_uid: first.clone(),
+        study_instance_uid: STUDY.into(),
+        transfer_syntax_uid: String::new(),
+        raw_size: 50_000,
+        attempts,
+    };
+    match spool.open_verified(&inst) {
+        Err(passerelle_spool::SpoolError::Corrupt { .. }) => {}
+        other => panic!(
+            "expected the damaged file quarantined, got {:?}",
+            other.map(|_| ())
+        ),
+    }
+    assert_eq!(status(&spool).quarantined, 1);
+}
+
 fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap() {

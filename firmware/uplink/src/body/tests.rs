@@ -102,6 +102,8 @@ struct Streamed {
     /// The error that ended the stream, if it did not end cleanly.
     error: Option<String>,
     report: ProducerReport,
+    /// What the producer recorded as its local failure.
+    failure: Option<LocalFailure>,
 }
 
 impl Streamed {
@@ -123,6 +125,7 @@ async fn stream_body(source: FakeSource, ids: &[i64], cancel_after: Option<usize
             chunks: Vec::new(),
             error: None,
             report,
+            failure: shared.failure(),
         };
     };
     let (tx, rx) = mpsc::channel(CHANNEL_CHUNKS);
@@ -160,6 +163,7 @@ async fn stream_body(source: FakeSource, ids: &[i64], cancel_after: Option<usize
         chunks,
         error,
         report,
+        failure: shared.failure(),
     }
 }
 
@@ -280,6 +284,20 @@ async fn a_read_error_mid_instance_ends_the_body_with_an_error() {
         error.contains("corrupted block") && error.contains("1.2.3.1"),
         "{error}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_error_names_the_instance_being_read_not_the_others() {
+    let source = FakeSource::new(vec![
+        (1, Fake::Bytes(data(CHUNK_SIZE + 7, 1))),
+        (2, Fake::FailAfter(data(CHUNK_SIZE + 5, 2))),
+        (3, Fake::Bytes(data(100, 3))),
+    ]);
+    let s = stream_body(source, &[1, 2, 3], None).await;
+    let failure = s.failure.expect("the producer records its failure");
+    assert_eq!(failure.instance, Some(InstanceId(2)));
+    assert!(failure.detail.contains("1.2.3.2"), "{}", failure.detail);
+    assert!(s.error.is_some_and(|e| e == failure.detail));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -391,7 +391,6 @@ fn transport_failures_pause_on_certificates_and_retry_otherwise() {
         ),
         (TransportFailure::Network("connection reset".into()), None),
         (TransportFailure::IdleTimeout(Duration::from_secs(60)), None),
-        (TransportFailure::LocalRead("EIO".into()), None),
     ];
     for (failure, pause_word) in cases {
         let exchange = Exchange::Failed(failure.clone());
@@ -967,4 +966,20 @@ fn no_setting_makes_a_pause_or_a_backoff_overflow_the_clock() {
     assert_eq!(backoff(0, 0, 0, 0.0), Duration::from_secs(1));
     assert_eq!(backoff(0, 600, 0, 0.0), Duration::from_secs(1));
     assert_eq!(backoff(0, 600, 3, 0.0), Duration::from_secs(8));
+}
+
+#[test]
+fn a_spool_read_error_retries_only_the_instance_being_read_and_holds_nothing() {
+    let failure = LocalFailure {
+        instance: Some(InstanceId(2)),
+        detail: "reading the spool file of SOP Instance 1.2.3.2 failed after 10 bytes (EIO)".into(),
+    };
+    let exchange = Exchange::Failed(TransportFailure::LocalRead(failure.clone()));
+    // Whatever the PACS did before: the decision names the instance, nothing is paused.
+    for stored_before in [false, true] {
+        assert_eq!(
+            decide(&batch(), &exchange, stored_before),
+            Decision::LocalRead(failure.clone())
+        );
+    }
 }
