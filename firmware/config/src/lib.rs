@@ -204,8 +204,31 @@ impl fmt::Debug for UplinkConfig {
             .field("username", &self.username)
             .field("password", &redacted(&self.password))
             .field("bearer_token", &redacted(&self.bearer_token))
-            .field("proxy", &self.proxy)
+            .field("proxy", &redacted_userinfo(&self.proxy))
             .finish_non_exhaustive()
+    }
+}
+
+/// A URL with the password of its user information (`scheme://user:password@host`) replaced.
+fn redacted_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            let password = if userinfo.contains(':') {
+                ":<redacted>"
+            } else {
+                ""
+            };
+            format!(
+                "{scheme}://{user}{password}@{host}{}",
+                &rest[authority_end..]
+            )
+        }
+        None => url.to_owned(),
     }
 }
 

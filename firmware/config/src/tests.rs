@@ -323,3 +323,24 @@ fn a_batch_is_at_most_500_instances_so_the_pacs_answer_fits_what_the_uplink_read
         &["uplink.batch_max_instances / uplink.batch_max_mb"],
     );
 }
+
+#[test]
+fn the_debug_form_of_the_uplink_settings_hides_every_secret_including_the_proxy_password() {
+    let cfg = UplinkConfig {
+        password: "pw-secret".into(),
+        bearer_token: "token-secret".into(),
+        proxy: "http://squid:proxy-secret@proxy.hospital.local:3128/".into(),
+        ..UplinkConfig::default()
+    };
+    let shown = format!("{cfg:?}");
+    for secret in ["pw-secret", "token-secret", "proxy-secret"] {
+        assert!(!shown.contains(secret), "{shown}");
+    }
+    assert!(
+        shown.contains("http://squid:<redacted>@proxy.hospital.local:3128/"),
+        "{shown}"
+    );
+    for plain in ["", "http://proxy:3128", "http://user@proxy:3128"] {
+        assert_eq!(redacted_userinfo(plain), plain);
+    }
+}
