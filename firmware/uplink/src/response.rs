@@ -170,9 +170,10 @@ fn parse_json(text: &str) -> std::result::Result<StowResponse, String> {
             || json_attr(ds, FAILED_SOP_SEQUENCE).is_some();
         for item in json_items(ds, REFERENCED_SOP_SEQUENCE)? {
             if let Some(uid) = json_string(item, REFERENCED_SOP_INSTANCE_UID)? {
+                let warning_reason = lenient_warning(json_u16(item, WARNING_REASON), &uid);
                 out.referenced.push(ReferencedInstance {
                     sop_instance_uid: uid,
-                    warning_reason: json_u16(item, WARNING_REASON)?,
+                    warning_reason,
                 });
             }
         }
@@ -185,10 +186,21 @@ fn parse_json(text: &str) -> std::result::Result<StowResponse, String> {
             }
         }
         if out.warning_reason.is_none() {
-            out.warning_reason = json_u16(ds, WARNING_REASON)?;
+            out.warning_reason = lenient_warning(json_u16(ds, WARNING_REASON), "(the response)");
         }
     }
     Ok(out)
+}
+
+/// A Warning Reason (0008,1196) that is not a US value (a server writing "B000" or 45056.0) does not
+/// undo the confirmation it comes with: the instance is listed as stored. It is logged and ignored.
+fn lenient_warning(parsed: std::result::Result<Option<u16>, String>, uid: &str) -> Option<u16> {
+    parsed.unwrap_or_else(|detail| {
+        log::warn!(
+            "The PACS's STOW-RS response has a Warning Reason that is not a DICOM US value ({detail}); the instance counts as stored, without its warning code. Tell the PACS's administrator; nothing needs doing on the box. sop_instance_uid={uid}"
+        );
+        None
+    })
 }
 
 /// The attribute `tag` (8 hex digits, any case) of a dataset.
@@ -270,9 +282,10 @@ fn parse_xml(text: &str) -> std::result::Result<StowResponse, String> {
     };
     for item in xml_items(root, REFERENCED_SOP_SEQUENCE) {
         if let Some(uid) = xml_value(item, REFERENCED_SOP_INSTANCE_UID).and_then(clean_uid) {
+            let warning_reason = lenient_warning(xml_u16(item, WARNING_REASON), &uid);
             out.referenced.push(ReferencedInstance {
                 sop_instance_uid: uid,
-                warning_reason: xml_u16(item, WARNING_REASON)?,
+                warning_reason,
             });
         }
     }
@@ -284,7 +297,7 @@ fn parse_xml(text: &str) -> std::result::Result<StowResponse, String> {
             });
         }
     }
-    out.warning_reason = xml_u16(root, WARNING_REASON)?;
+    out.warning_reason = lenient_warning(xml_u16(root, WARNING_REASON), "(the response)");
     Ok(out)
 }
 

@@ -345,3 +345,21 @@ fn a_body_cut_at_the_cap_is_not_parsed_and_says_so() {
         1
     );
 }
+
+#[test]
+fn a_warning_reason_that_is_not_a_us_value_does_not_undo_the_confirmation() {
+    for bad in [r#""B000""#, "45056.0", r#""""#, "70000", "true"] {
+        let body = format!(
+            r#"{{"00081199": {{"vr": "SQ", "Value": [{{"00081155": {{"vr": "UI", "Value": ["1.2.3.1"]}}, "00081196": {{"vr": "US", "Value": [{bad}]}}}}]}}, "00081196": {{"vr": "US", "Value": [{bad}]}}}}"#
+        );
+        let r = parse(200, JSON, body.as_bytes()).unwrap_or_else(|e| panic!("{bad}: {e}"));
+        assert_eq!(r.referenced.len(), 1, "{bad}");
+        assert_eq!(r.referenced[0].sop_instance_uid, "1.2.3.1");
+        assert_eq!(r.referenced[0].warning_reason, None, "{bad}");
+        assert_eq!(r.warning_reason, None, "{bad}");
+    }
+    let xml = r#"<NativeDicomModel><DicomAttribute tag="00081199" vr="SQ"><Item number="1"><DicomAttribute tag="00081155" vr="UI"><Value number="1">1.2.3.1</Value></DicomAttribute><DicomAttribute tag="00081196" vr="US"><Value number="1">B000</Value></DicomAttribute></Item></DicomAttribute></NativeDicomModel>"#;
+    let r = parse(200, XML, xml.as_bytes()).unwrap();
+    assert_eq!(r.referenced.len(), 1);
+    assert_eq!(r.referenced[0].warning_reason, None);
+}
