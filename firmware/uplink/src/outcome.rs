@@ -457,7 +457,9 @@ fn per_instance(
                             redelivery: inst.attempts > 0,
                             warning_reason: item.warning_reason.or(r.warning_reason),
                         },
-                        (None, Some(failed)) => failure_action(failed.failure_reason, status),
+                        (None, Some(failed)) => {
+                            failure_action(failed.failure_reason, status, inst.attempts)
+                        }
                         (None, None) => leftover(None),
                     },
                 };
@@ -467,8 +469,19 @@ fn per_instance(
     )
 }
 
-fn failure_action(reason: Option<u16>, status: u16) -> Action {
+/// How many times in a row a PACS may refuse an instance as a Duplicate SOP Instance (0x0111)
+/// before it is failed for the operator: a PACS that rejects duplicates answers so for ever once it
+/// holds the instance (typically a copy delivered earlier whose confirmation was lost).
+pub(crate) const MAX_DUPLICATE_REFUSALS: u32 = 3;
+
+/// `attempts`: the instance's attempts before this one.
+fn failure_action(reason: Option<u16>, status: u16, attempts: u32) -> Action {
     match reason {
+        Some(0x0111) if attempts.saturating_add(1) >= MAX_DUPLICATE_REFUSALS => Action::Failed {
+            reason: format!(
+                "The PACS refused the instance {MAX_DUPLICATE_REFUSALS} times as a Duplicate SOP Instance (FailureReason 0x0111, HTTP {status}): it already holds an instance with this SOP Instance UID, most likely a copy delivered earlier whose confirmation was lost. Check on the PACS that it holds this study's instance; `passerelled requeue` sends it again if needed."
+            ),
+        },
         None => Action::Retry {
             error: format!(
                 "The PACS listed the instance in FailedSOPSequence without a FailureReason (HTTP {status}); it will be sent again."

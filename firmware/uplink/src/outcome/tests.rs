@@ -983,3 +983,22 @@ fn a_spool_read_error_retries_only_the_instance_being_read_and_holds_nothing() {
         );
     }
 }
+
+#[test]
+fn a_duplicate_sop_instance_refusal_is_retried_then_failed_for_the_operator() {
+    for (attempts_before, want_failed) in [(0, false), (1, false), (2, true), (7, true)] {
+        let one = [inst(1, "1.1", attempts_before)];
+        let Decision::PerInstance(actions) = decide(&one, &answer(409, &failed_with(0x0111)), true)
+        else {
+            panic!("expected per-instance actions");
+        };
+        match (&actions[0].1, want_failed) {
+            (Action::Failed { reason }, true) => {
+                assert!(reason.contains("Duplicate SOP Instance"), "{reason}");
+                assert!(reason.contains("passerelled requeue"), "{reason}");
+            }
+            (Action::Retry { .. }, false) => {}
+            (other, _) => panic!("after {attempts_before} attempts: got {other:?}"),
+        }
+    }
+}
