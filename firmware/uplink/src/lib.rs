@@ -75,7 +75,7 @@
 //!   Redirects are not followed (a study is never re-posted elsewhere).
 //! - Outcomes (module `outcome`, pure and unit-tested): the response or transport failure is
 //!   classified in one exhaustive match, then per instance: referenced → sent; failed → by
-//!   FailureReason (A7xx, 0110, 0212 retried; 0111 retried, then failed at its third refusal; others failed for good); absent → retried
+//!   FailureReason (A7xx, 0110, 0212 retried; 0111 retried, failed from the third attempt; others failed for good); absent → retried
 //!   after a 2xx, failed for good after a 400 (with the PACS's message) or a 409. A 400 that is
 //!   not a STOW-RS response (no ReferencedSOPSequence or FailedSOPSequence) rejects the request as
 //!   a whole: the batch is split to isolate what the PACS refuses; a single instance is failed if

@@ -469,9 +469,9 @@ fn per_instance(
     )
 }
 
-/// How many times in a row a PACS may refuse an instance as a Duplicate SOP Instance (0x0111)
-/// before it is failed for the operator: a PACS that rejects duplicates answers so for ever once it
-/// holds the instance (typically a copy delivered earlier whose confirmation was lost).
+/// From this attempt on, a PACS's refusal of an instance as a Duplicate SOP Instance (0x0111) fails
+/// it for the operator: a PACS that rejects duplicates answers so for ever once it holds the
+/// instance (typically a copy delivered earlier whose confirmation was lost).
 pub(crate) const MAX_DUPLICATE_REFUSALS: u32 = 3;
 
 /// `attempts`: the instance's attempts before this one.
@@ -479,7 +479,8 @@ fn failure_action(reason: Option<u16>, status: u16, attempts: u32) -> Action {
     match reason {
         Some(0x0111) if attempts.saturating_add(1) >= MAX_DUPLICATE_REFUSALS => Action::Failed {
             reason: format!(
-                "The PACS refused the instance {MAX_DUPLICATE_REFUSALS} times as a Duplicate SOP Instance (FailureReason 0x0111, HTTP {status}): it already holds an instance with this SOP Instance UID, most likely a copy delivered earlier whose confirmation was lost. Check on the PACS that it holds this study's instance; `passerelled requeue` sends it again if needed."
+                "The PACS refused the instance as a Duplicate SOP Instance (FailureReason 0x0111, HTTP {status}) at attempt {} (the limit is {MAX_DUPLICATE_REFUSALS}): it already holds an instance with this SOP Instance UID, most likely a copy delivered earlier whose confirmation was lost. Check on the PACS that it holds this study's instance; `passerelled requeue` sends it again if needed.",
+                attempts.saturating_add(1)
             ),
         },
         None => Action::Retry {
