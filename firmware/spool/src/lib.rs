@@ -1347,14 +1347,25 @@ impl Spool {
                     path: path.clone(),
                     source,
                 })?;
-            if found == recorded {
+            // The compactor may have renamed its copy over the file between the read of the row
+            // and the open: the digest is read again, and a file still listed for compaction
+            // (the copy's digest not recorded yet) is checked in full without alarm.
+            let (now_recorded, compacting) = self.digest_and_intake(id)?;
+            if found == recorded || now_recorded == Some(found) {
                 return InstanceReader::new(file, raw_size, Verified::StoredDigest)
                     .map_err(|source| SpoolError::Read { path, source });
             }
-            log::warn!(
-                "A spool file no longer matches the digest recorded when it was written; checking its content in full before sending it. sop_instance_uid={uid} path={}",
-                path.display()
-            );
+            if compacting {
+                log::debug!(
+                    "A spool file was compacted while it was opened; checking its content in full before sending it. sop_instance_uid={uid} path={}",
+                    path.display()
+                );
+            } else {
+                log::warn!(
+                    "A spool file no longer matches the digest recorded when it was written; checking its content in full before sending it. sop_instance_uid={uid} path={}",
+                    path.display()
+                );
+            }
         }
         let detail = match files::hash_decompressed(&file) {
             // Hashing only writes to a sink that never fails; no other source of error.
@@ -1499,6 +1510,20 @@ impl Spool {
             }
         }
         Ok(found)
+    }
+
+    /// Row `id`'s recorded file digest, and whether it is listed for compaction.
+    fn digest_and_intake(&self, id: i64) -> Result<(Option<u128>, bool)> {
+        let (digest, listed): (Option<Vec<u8>>, bool) = self
+            .conn()
+            .prepare_cached(
+                "SELECT (SELECT xxh3 FROM file_digest WHERE id = ?1),
+                        EXISTS (SELECT 1 FROM intake WHERE id = ?1)",
+            )
+            .and_then(|mut s| s.query_row([id], |r| Ok((r.get(0)?, r.get(1)?))))
+            .ctx("read a file's digest")?;
+        let digest = digest.and_then(|d| Some(u128::from_le_bytes(d.try_into().ok()?)));
+        Ok((digest, listed))
     }
 
     /// Makes the next [`Spool::open_verified`] of row `id` check its file in full (decompress, SHA-256
