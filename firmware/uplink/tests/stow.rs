@@ -108,31 +108,31 @@ async fn each_instance_of_a_delivered_batch_gets_the_outcome_the_pacs_gave_it() 
     assert!(state.paused_until.is_none());
 }
 
+/// A 200 whose STOW-RS response, in XML, lists `uids` in ReferencedSOPSequence.
+fn xml_confirming(uids: &[String]) -> Reply {
+    let items: String = uids
+        .iter()
+        .map(|u| {
+            format!(
+                r#"<Item number="1"><DicomAttribute tag="00081155" vr="UI"><Value number="1">{u}</Value></DicomAttribute></Item>"#
+            )
+        })
+        .collect();
+    Reply {
+        status: 200,
+        headers: vec![("Content-Type".into(), "application/dicom+xml".into())],
+        body: format!(
+            r#"<?xml version="1.0"?><NativeDicomModel><DicomAttribute tag="00081199" vr="SQ">{items}</DicomAttribute></NativeDicomModel>"#
+        ),
+        hang: false,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_xml_response_confirms_instances_too() {
     let env = Env::new();
     let spool = spool_in(env.dir.path());
-    let stub = env
-        .stub(|seen| {
-            let items: String = seen
-                .uids
-                .iter()
-                .map(|u| {
-                    format!(
-                        r#"<Item number="1"><DicomAttribute tag="00081155" vr="UI"><Value number="1">{u}</Value></DicomAttribute></Item>"#
-                    )
-                })
-                .collect();
-            Reply {
-                status: 200,
-                headers: vec![("Content-Type".into(), "application/dicom+xml".into())],
-                body: format!(
-                    r#"<?xml version="1.0"?><NativeDicomModel><DicomAttribute tag="00081199" vr="SQ">{items}</DicomAttribute></NativeDicomModel>"#
-                ),
-                hang: false,
-            }
-        })
-        .await;
+    let stub = env.stub(|seen| xml_confirming(&seen.uids)).await;
     store_study(&spool, &stub, 3, 500);
     let running = start(uplink_config(&stub.url(), &env.ca), &spool);
     wait_for("3 sent", WAIT, || status(&spool).sent == 3).await;
@@ -150,23 +150,7 @@ async fn a_pacs_answering_only_in_xml_is_asked_for_xml_too_and_confirms_instance
             if !seen.accept.contains("application/dicom+xml") {
                 return Reply::status(406);
             }
-            let items: String = seen
-                .uids
-                .iter()
-                .map(|u| {
-                    format!(
-                        r#"<Item number="1"><DicomAttribute tag="00081155" vr="UI"><Value number="1">{u}</Value></DicomAttribute></Item>"#
-                    )
-                })
-                .collect();
-            Reply {
-                status: 200,
-                headers: vec![("Content-Type".into(), "application/dicom+xml".into())],
-                body: format!(
-                    r#"<?xml version="1.0"?><NativeDicomModel><DicomAttribute tag="00081199" vr="SQ">{items}</DicomAttribute></NativeDicomModel>"#
-                ),
-                hang: false,
-            }
+            xml_confirming(&seen.uids)
         })
         .await;
     store_study(&spool, &stub, 3, 500);
