@@ -70,7 +70,8 @@ def _boot(gw: VmGateway, r: int) -> float:
     wait_until(lambda: _ready_or_dead(gw), 90, f"boot {r}: passerelled in the VM to answer C-ECHO", interval=0.2)
     assert gw.running, (
         f"boot {r}: the VM stopped: passerelled exited with code {gw.daemon_exit_code()} after the power cut "
-        f"(a spool it refuses to open?)\n{gw.log_excerpt()}"
+        f"(a spool it refuses to open?); QEMU exit code {gw.proc.returncode if gw.proc else None} (0 with nothing "
+        f"on the console: the guest reset before /init, with -no-reboot)\n{gw.log_excerpt()}"
     )
     return time.monotonic() - t0
 
