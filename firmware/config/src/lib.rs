@@ -204,31 +204,21 @@ impl fmt::Debug for UplinkConfig {
             .field("username", &self.username)
             .field("password", &redacted(&self.password))
             .field("bearer_token", &redacted(&self.bearer_token))
-            .field("proxy", &redacted_userinfo(&self.proxy))
+            .field("proxy", &redact_url(&self.proxy))
             .finish_non_exhaustive()
     }
 }
 
-/// A URL with the password of its user information (`scheme://user:password@host`) replaced.
-fn redacted_userinfo(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
-            let password = if userinfo.contains(':') {
-                ":<redacted>"
-            } else {
-                ""
-            };
-            format!(
-                "{scheme}://{user}{password}@{host}{}",
-                &rest[authority_end..]
-            )
+/// A URL for logs and `Debug`, without its password (`uplink.proxy` may be
+/// `http://user:password@host:port`); what does not parse as a URL is returned as it is.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("redacted"));
+            u.to_string()
         }
-        None => url.to_owned(),
+        Ok(u) => u.to_string(),
+        Err(_) => url.to_string(),
     }
 }
 

@@ -159,7 +159,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use log::{error, info, warn};
-use passerelle_config::UplinkConfig;
+use passerelle_config::{redact_url, UplinkConfig};
 use passerelle_spool::{Claim, InstanceId, Linger, Outcome, QueuedInstance, Spool, UplinkState};
 use rand::Rng;
 use reqwest::header::{ACCEPT, CONTENT_TYPE, LOCATION, RETRY_AFTER};
@@ -1308,18 +1308,6 @@ fn study_of(instances: &[QueuedInstance]) -> &str {
     instances
         .first()
         .map_or("none", |i| i.study_instance_uid.as_str())
-}
-
-/// A URL for logs, without its password.
-fn redact_url(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("redacted"));
-            u.to_string()
-        }
-        Ok(u) => u.to_string(),
-        Err(_) => url.to_string(),
-    }
 }
 
 /// An error and its sources on one line, each message once.
