@@ -306,9 +306,8 @@ impl Association {
         let max_pdata = self.shared.cfg.max_pdu_length;
         loop {
             let read = tokio::select! {
-                r = tokio::time::timeout(
-                    idle,
-                    pdu_io::read_pdu_into(&mut self.stream, self.peer, max_pdata, &mut self.pdu_buf),
+                r = pdu_io::read_pdu_into(
+                    &mut self.stream, self.peer, max_pdata, &mut self.pdu_buf, Some(idle),
                 ) => r,
                 _ = aborted(&mut abort) => {
                     warn!(
@@ -320,7 +319,7 @@ impl Association {
                 }
             };
             let pdu = match read {
-                Err(_) => {
+                Err(IngestError::WaitForPeer { .. }) => {
                     warn!(
                         "Aborted association: nothing received for {} s (dicom.idle_timeout_secs). peer={} calling_ae={} {}",
                         idle.as_secs(), self.ip(), self.calling_ae, self.in_flight_note()
@@ -329,7 +328,7 @@ impl Association {
                         .await;
                     return;
                 }
-                Ok(Ok(None)) => {
+                Ok(None) => {
                     warn!(
                         "Connection closed without release. peer={} calling_ae={} {}",
                         self.ip(),
@@ -338,7 +337,7 @@ impl Association {
                     );
                     return;
                 }
-                Ok(Err(e)) => {
+                Err(e) => {
                     warn!(
                         "Aborted association: {e}. peer={} calling_ae={} {} Check the modality's maximum PDU length and network.",
                         self.ip(), self.calling_ae, self.in_flight_note()
@@ -346,7 +345,7 @@ impl Association {
                     self.abort(abort_reason(&e)).await;
                     return;
                 }
-                Ok(Ok(Some(pdu))) => pdu,
+                Ok(Some(pdu)) => pdu,
             };
             match self.on_pdu(pdu).await {
                 Ok(Flow::Continue) => {}

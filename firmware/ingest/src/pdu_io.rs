@@ -3,7 +3,9 @@
 //! The 6-byte header is read first; a PDU whose announced length exceeds our limit is refused before
 //! a single byte of its body is buffered. Only then is the body read and decoded by dicom-ul.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use dicom_ul::pdu::{self, AbortRQServiceProviderReason, AbortRQSource, Pdu};
@@ -35,7 +37,7 @@ pub(crate) async fn read_pdu<R: AsyncRead + Unpin>(
     peer: SocketAddr,
     max_pdata: u32,
 ) -> Result<Option<Pdu>> {
-    read_pdu_into(r, peer, max_pdata, &mut BytesMut::new()).await
+    read_pdu_into(r, peer, max_pdata, &mut BytesMut::new(), None).await
 }
 
 /// [`read_pdu`] through a caller's buffer, which keeps its allocation from one PDU to the next.
@@ -45,23 +47,29 @@ pub(crate) async fn read_pdu<R: AsyncRead + Unpin>(
 /// (for a `&[u8]` it copies every PDU into a new buffer before copying each PDV's data out of it).
 /// Once the decoded PDU no longer refers to them (each PDV's data is its own `Vec`), the buffer is
 /// the only owner of its allocation again and the next PDU reuses it.
+///
+/// With `idle`, every read must bring bytes within that time, or the read fails with
+/// [`IngestError::WaitForPeer`]: a peer that stops sending is told from one whose large PDU
+/// crosses a slow link, which may take longer than `idle` as a whole while it keeps progressing.
 pub(crate) async fn read_pdu_into<R: AsyncRead + Unpin>(
     r: &mut R,
     peer: SocketAddr,
     max_pdata: u32,
     buf: &mut BytesMut,
+    idle: Option<Duration>,
 ) -> Result<Option<Pdu>> {
     let mut header = [0u8; 6];
-    let n = r
-        .read(&mut header[..1])
-        .await
-        .map_err(|source| IngestError::ReadPdu { peer, source })?;
+    let n = within(idle, peer, "the next PDU", r.read(&mut header[..1])).await?;
     if n == 0 {
         return Ok(None);
     }
-    r.read_exact(&mut header[1..])
-        .await
-        .map_err(|source| IngestError::ReadPdu { peer, source })?;
+    within(
+        idle,
+        peer,
+        "the rest of a PDU",
+        r.read_exact(&mut header[1..]),
+    )
+    .await?;
     let pdu_type = header[0];
     let length = u32::from_be_bytes([header[2], header[3], header[4], header[5]]);
     let Some(max) = limit_for(pdu_type, max_pdata) else {
@@ -92,10 +100,7 @@ pub(crate) async fn read_pdu_into<R: AsyncRead + Unpin>(
         if buf.len() == buf.capacity() {
             buf.reserve((whole - buf.len()).min(buf.len()));
         }
-        let got = body
-            .read_buf(buf)
-            .await
-            .map_err(|source| IngestError::ReadPdu { peer, source })?;
+        let got = within(idle, peer, "the rest of a PDU", body.read_buf(buf)).await?;
         if got == 0 {
             return Err(IngestError::ReadPdu {
                 peer,
@@ -110,6 +115,28 @@ pub(crate) async fn read_pdu_into<R: AsyncRead + Unpin>(
         }
     }
     decode(buf.split().freeze(), peer).map(Some)
+}
+
+/// One read of a PDU's bytes, within `idle` if given.
+async fn within<T>(
+    idle: Option<Duration>,
+    peer: SocketAddr,
+    waiting_for: &'static str,
+    read: impl Future<Output = std::io::Result<T>>,
+) -> Result<T> {
+    let done = match idle {
+        None => read.await,
+        Some(idle) => {
+            tokio::time::timeout(idle, read)
+                .await
+                .map_err(|_| IngestError::WaitForPeer {
+                    peer,
+                    secs: idle.as_secs(),
+                    waiting_for,
+                })?
+        }
+    };
+    done.map_err(|source| IngestError::ReadPdu { peer, source })
 }
 
 /// Decodes one complete PDU (header included) with dicom-ul.
@@ -237,25 +264,25 @@ mod tests {
             }
         });
         let mut buf = BytesMut::new();
-        let got = read_pdu_into(&mut rx, peer(), 1 << 20, &mut buf)
+        let got = read_pdu_into(&mut rx, peer(), 1 << 20, &mut buf, None)
             .await
             .unwrap();
         assert_eq!(pdv_data(got), first);
         let after_first = buf.as_ptr();
-        let got = read_pdu_into(&mut rx, peer(), 1 << 20, &mut buf)
+        let got = read_pdu_into(&mut rx, peer(), 1 << 20, &mut buf, None)
             .await
             .unwrap();
         assert_eq!(pdv_data(got), second);
         // Same size, same allocation: the second PDU went where the first had been.
         assert_eq!(buf.as_ptr(), after_first);
-        let got = read_pdu_into(&mut rx, peer(), 1 << 20, &mut buf)
+        let got = read_pdu_into(&mut rx, peer(), 1 << 20, &mut buf, None)
             .await
             .unwrap();
         assert_eq!(pdv_data(got), first);
         assert_eq!(buf.as_ptr(), after_first);
         writer.await.unwrap();
         assert!(matches!(
-            read_pdu_into(&mut rx, peer(), 1 << 20, &mut buf).await,
+            read_pdu_into(&mut rx, peer(), 1 << 20, &mut buf, None).await,
             Ok(None)
         ));
     }
@@ -267,7 +294,7 @@ mod tests {
         bytes.extend_from_slice(&[7u8; 100]);
         let mut r = bytes.as_slice();
         let mut buf = BytesMut::new();
-        match read_pdu_into(&mut r, peer(), 4 << 20, &mut buf).await {
+        match read_pdu_into(&mut r, peer(), 4 << 20, &mut buf, None).await {
             Err(IngestError::ReadPdu { source, .. }) => {
                 assert_eq!(source.kind(), std::io::ErrorKind::UnexpectedEof);
                 assert!(source.to_string().contains("100 bytes into"), "{source}");
@@ -275,6 +302,57 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(buf.capacity() <= 64 * 1024, "{}", buf.capacity());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pdu_still_arriving_is_read_whole_however_long_it_takes() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+        let stream = pdata(&data);
+        let (mut tx, mut rx) = tokio::io::duplex(64 * 1024);
+        // Ten pieces, 4 s apart: 36 s in all, never 5 s without a byte.
+        let writer = tokio::spawn(async move {
+            for piece in stream.chunks(stream.len().div_ceil(10)) {
+                tx.write_all(piece).await.unwrap();
+                tokio::time::sleep(Duration::from_secs(4)).await;
+            }
+        });
+        let start = tokio::time::Instant::now();
+        let idle = Some(Duration::from_secs(5));
+        let got = read_pdu_into(&mut rx, peer(), 1 << 20, &mut BytesMut::new(), idle).await;
+        assert_eq!(pdv_data(got.unwrap()), data);
+        assert!(
+            start.elapsed() >= Duration::from_secs(36),
+            "{:?}",
+            start.elapsed()
+        );
+        writer.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_silent_for_the_idle_time_between_or_within_pdus_is_given_up() {
+        let idle = Some(Duration::from_secs(5));
+        let stream = pdata(&[9u8; 50_000]);
+        // Silent before a PDU.
+        let (_tx, mut rx) = tokio::io::duplex(64 * 1024);
+        let start = tokio::time::Instant::now();
+        match read_pdu_into(&mut rx, peer(), 1 << 20, &mut BytesMut::new(), idle).await {
+            Err(IngestError::WaitForPeer {
+                secs, waiting_for, ..
+            }) => assert_eq!((secs, waiting_for), (5, "the next PDU")),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+        // Silent in the middle of one, the connection still open.
+        let (mut tx, mut rx) = tokio::io::duplex(64 * 1024);
+        tx.write_all(&stream[..20_000]).await.unwrap();
+        let start = tokio::time::Instant::now();
+        match read_pdu_into(&mut rx, peer(), 1 << 20, &mut BytesMut::new(), idle).await {
+            Err(IngestError::WaitForPeer { waiting_for, .. }) => {
+                assert_eq!(waiting_for, "the rest of a PDU")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
     }
 
     #[tokio::test]

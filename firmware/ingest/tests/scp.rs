@@ -772,6 +772,47 @@ async fn a_silent_association_is_aborted_after_the_idle_timeout_and_a_silent_soc
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pdu_crossing_a_slow_link_is_stored_though_it_takes_longer_than_the_idle_timeout() {
+    let mut cfg = dicom_cfg();
+    cfg.idle_timeout_secs = 1;
+    let scp = start(cfg, 1).await;
+    let addr = scp.addr;
+    let sent = dataset(ELE, CT, "1.2.3.501", 6_000);
+    let ds = sent.clone();
+    blocking(move || {
+        let mut a = associate(addr, "CT1", AE, &[(CT, &[ELE])]).unwrap();
+        let (pc, _) = pc_for(&a, CT);
+        let cmd = command(0x0001, 78, CT, Some("1.2.3.501"), true);
+        a.send(&Pdu::PData {
+            data: vec![pdv(pc, true, true, cmd)],
+        })
+        .unwrap();
+        let mut pdu = Vec::new();
+        dicom_ul::write_pdu(
+            &mut pdu,
+            &Pdu::PData {
+                data: vec![pdv(pc, false, true, ds)],
+            },
+        )
+        .unwrap();
+        // A link that brings a piece every 0.25 s: 2.5 s for the PDU, never 1 s without a byte.
+        let started = Instant::now();
+        for piece in pdu.chunks(pdu.len().div_ceil(10)) {
+            a.inner_stream().write_all(piece).unwrap();
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        assert!(started.elapsed() >= Duration::from_millis(2500));
+        let rsp = response(&mut a);
+        assert_eq!(u16_of(&rsp, tags::STATUS), 0);
+        a.release().unwrap();
+    })
+    .await;
+    let got = spooled(&scp.spool);
+    assert_eq!(got.len(), 1);
+    assert!(split_part10(&got[0].1).1 == &sent[..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_stops_accepting_and_aborts_associations_still_open_after_the_grace_period() {
     let mut cfg = dicom_cfg();
     cfg.shutdown_grace_secs = 1;
