@@ -242,7 +242,8 @@ class Bench:
         method = ("Ingest method. Case by case (CT on 1, then 4 associations, MR, MF), passerelled and the +NODELAY "
                   "peers are measured back to back, so that the receivers a ratio compares run within seconds of "
                   "each other; their order is reversed every other run, so that none always goes first. The stock "
-                  "peers follow. The sender's files are read once before each run, so that every receiver's "
+                  "peers follow. After each receiver the disk is synced (outside any measure), so that none "
+                  "measures with another's writes still pending. The sender's files are read once before each run, so that every receiver's "
                   "sender reads them from the page cache.")
         if method not in self.notes:
             self.notes.append(method)
@@ -270,6 +271,9 @@ class Bench:
                 finally:
                     rx.stop()
                     wipe(d)
+                    # Whatever a receiver left for the disk to write (a non-durable storescp's files, the metadata
+                    # of a removed spool) is written now, not during the next receiver's measure.
+                    os.sync()
                 key = f"{rx.name}|{set_name}|{assocs}"
                 self.r.add(f"ips|{key}", s.instances / s.seconds)
                 self.r.add(f"mbs|{key}", s.bytes / s.seconds / 1e6)
