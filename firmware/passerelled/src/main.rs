@@ -186,7 +186,8 @@ fn check_config(path: &Path) -> i32 {
         Ok(cfg) => (cfg.validate(), Some(cfg)),
         Err(passerelle_config::ConfigError::Invalid { problems, .. }) => (problems, None),
         Err(e) => {
-            println!("{}: {e}", path.display());
+            // The cause (not found, permission denied) is the error's source: the operator needs it.
+            println!("{}: {}", path.display(), error_chain(&e));
             return 2;
         }
     };

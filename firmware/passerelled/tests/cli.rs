@@ -101,3 +101,27 @@ fn a_missing_config_file_is_a_clear_error() {
     assert_ne!(code, 0);
     assert!(out.contains("/nonexistent/passerelle.toml"), "{out}");
 }
+
+#[test]
+fn check_config_says_why_the_file_cannot_be_read() {
+    // A directory where the file should be: unreadable as a file whoever runs the test (root too).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_string_lossy().into_owned();
+    let why = std::fs::read_to_string(dir.path()).unwrap_err().to_string();
+    let (code, out) = passerelled(&["check-config", "--config", &path]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains(&path), "{out}");
+    assert!(
+        out.contains(&why),
+        "the cause ({why}) is missing in:\n{out}"
+    );
+
+    let missing = dir.path().join("passerelle.toml");
+    let why = std::fs::read_to_string(&missing).unwrap_err().to_string();
+    let (code, out) = passerelled(&["check-config", "--config", &missing.to_string_lossy()]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains(&why),
+        "the cause ({why}) is missing in:\n{out}"
+    );
+}
