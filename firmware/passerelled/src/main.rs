@@ -382,9 +382,7 @@ async fn housekeeping(spool: Spool, mut shutdown: watch::Receiver<bool>) {
                         r.files, r.bytes
                     ),
                     Ok(_) => {}
-                    Err(e) => warn!(
-                        "Eviction of the confirmed cache failed; it will be retried. error={e}"
-                    ),
+                    Err(e) => warn!("{}", eviction_failed(&e)),
                 }
             }
             s.next_due().is_ok()
@@ -402,6 +400,14 @@ async fn housekeeping(spool: Spool, mut shutdown: watch::Receiver<bool>) {
             _ = shutdown.changed() => return,
         }
     }
+}
+
+/// The log line for an eviction pass that failed.
+fn eviction_failed(e: &passerelle_spool::SpoolError) -> String {
+    format!(
+        "Eviction of the confirmed cache failed: confirmed instances stay on disk, and once the spool is full modalities are refused (nothing acknowledged is lost). It is retried every minute. Check the disk (dmesg, df) and that the spool is the daemon user's. error={}",
+        error_chain(e)
+    )
 }
 
 /// The watchdog interval systemd asks for (0 = none), with libsystemd's `sd_watchdog_enabled`
@@ -521,5 +527,26 @@ fn client_cert_line(cert: &CertExpiry, now: SystemTime) -> String {
         Some(CertNotice::Expired) => format!(
             "client certificate: EXPIRED on {date}: the PACS refuses uploads until a renewed one is installed\n"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[test]
+    fn a_failed_eviction_is_logged_with_its_cause_and_what_to_do() {
+        let e = passerelle_spool::SpoolError::Statvfs {
+            path: PathBuf::from("/var/lib/passerelle/spool"),
+            source: nix::errno::Errno::EIO,
+        };
+        let line = eviction_failed(&e);
+        // The cause, not only the action that failed.
+        assert!(line.contains("/var/lib/passerelle/spool"), "{line}");
+        assert!(line.contains(&nix::errno::Errno::EIO.to_string()), "{line}");
+        // What it means and what to do.
+        assert!(line.contains("refused"), "{line}");
+        assert!(line.contains("Check the disk"), "{line}");
     }
 }
