@@ -140,10 +140,9 @@ fn run(cli: Cli) -> Result<i32> {
             unprivileged_for_spool(&cfg, false)?;
             let spool = Spool::attach(&cfg.spool)?;
             let n = spool.requeue_failed(sop_instance_uid.as_deref())?;
-            println!(
-                "Re-queued {n} failed instance(s); the running daemon will send them shortly."
-            );
-            Ok(0)
+            let (text, code) = requeue_outcome(sop_instance_uid.as_deref(), n);
+            println!("{text}");
+            Ok(code)
         }
         Some(Command::RebuildIndex) => {
             let cfg = Config::load(&cli.config)?;
@@ -170,6 +169,28 @@ fn run(cli: Cli) -> Result<i32> {
             daemon(cfg)?;
             Ok(0)
         }
+    }
+}
+
+/// What `requeue` prints and its exit code, given the UID asked for (if any) and how many
+/// instances it re-queued.
+/// A UID that matched no failed instance (a typo, or already queued, sent or quarantined) is
+/// reported as such with a non-zero exit, so that a script does not take it for a re-queue.
+fn requeue_outcome(sop_instance_uid: Option<&str>, n: u64) -> (String, i32) {
+    match (sop_instance_uid, n) {
+        (Some(uid), 0) => (
+            format!(
+                "Nothing re-queued: no failed instance has SOP Instance UID {uid}. Check the UID; `passerelled status` shows how many instances are failed, and one that is queued or sent needs no re-queue."
+            ),
+            1,
+        ),
+        (None, 0) => ("Nothing re-queued: no instance is failed.".to_string(), 0),
+        _ => (
+            format!(
+                "Re-queued {n} failed instance(s); the running daemon will send them shortly."
+            ),
+            0,
+        ),
     }
 }
 
@@ -534,6 +555,26 @@ fn client_cert_line(cert: &CertExpiry, now: SystemTime) -> String {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    #[test]
+    fn requeue_of_a_uid_that_is_not_failed_says_so_and_exits_non_zero() {
+        let (text, code) = requeue_outcome(Some("1.2.3.4"), 0);
+        assert_eq!(code, 1, "{text}");
+        assert!(text.contains("1.2.3.4"), "{text}");
+        assert!(text.contains("status"), "{text}");
+        assert!(!text.contains("will send"), "{text}");
+
+        let (text, code) = requeue_outcome(Some("1.2.3.4"), 1);
+        assert_eq!(code, 0, "{text}");
+        assert!(text.contains("Re-queued 1"), "{text}");
+        // Everything failed, when nothing is: nothing to do, not an error (scripts run it blindly).
+        let (text, code) = requeue_outcome(None, 0);
+        assert_eq!(code, 0, "{text}");
+        assert!(!text.contains("will send"), "{text}");
+        let (text, code) = requeue_outcome(None, 3);
+        assert_eq!(code, 0, "{text}");
+        assert!(text.contains("Re-queued 3"), "{text}");
+    }
 
     #[test]
     fn a_failed_eviction_is_logged_with_its_cause_and_what_to_do() {
