@@ -57,6 +57,12 @@ pub enum DaemonError {
         #[source]
         source: std::io::Error,
     },
+    #[error("Cannot drop the process's capabilities ({step}); the kernel is older than 4.3 or forbids it. The daemon does not run with capabilities it does not need")]
+    DropCapabilities {
+        step: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("Cannot set PR_SET_NO_NEW_PRIVS; the kernel is older than 3.5 or forbids it")]
     NoNewPrivs {
         #[source]

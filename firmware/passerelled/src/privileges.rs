@@ -12,15 +12,11 @@
 //! - [`become_daemon_user`] then drops root for good, before the async runtime starts (so the process
 //!   has a single thread and every credential change applies to all of it): supplementary groups,
 //!   gid, uid (real, effective and saved), then checks that root cannot be regained and that no
-//!   capability is left, and sets `PR_SET_NO_NEW_PRIVS`. Started as another user, the process stays
-//!   that user (systemd already chose it).
+//!   capability is left. Started as another user, the process stays that user (systemd already
+//!   chose it), but gives up every capability it was started with: the ambient
+//!   `CAP_NET_BIND_SERVICE` served only to bind the port, which is done. Last, `PR_SET_NO_NEW_PRIVS`.
 //! - [`check_spool_access`] turns "permission denied" deep inside SQLite into one sentence naming the
 //!   directory, the user and the `chown` that fixes it.
-//!
-//! # Limitations
-//! Started as a non-root user with an ambient `CAP_NET_BIND_SERVICE`, the process keeps that one
-//! capability (the unit's bounding set allows nothing else); dropping it would need `capset(2)`,
-//! which nix does not wrap.
 
 use std::ffi::CString;
 use std::net::SocketAddr;
@@ -134,8 +130,28 @@ pub fn become_daemon_user(user: &str) -> Result<Identity> {
     if unistd::geteuid().is_root() {
         drop_root(user)?;
     }
+    drop_capabilities()?;
     nix::sys::prctl::set_no_new_privs().map_err(|source| DaemonError::NoNewPrivs { source })?;
     Ok(Identity::current())
+}
+
+/// Empties the calling thread's ambient, effective, permitted and inheritable capability sets
+/// (threads started later inherit the empty sets). Lowering capabilities needs no privilege.
+fn drop_capabilities() -> Result<()> {
+    use rustix::thread::{CapabilitySet, CapabilitySets};
+    let failed = |step: &'static str| {
+        move |e: rustix::io::Errno| DaemonError::DropCapabilities {
+            step,
+            source: e.into(),
+        }
+    };
+    rustix::thread::clear_ambient_capability_set().map_err(failed("clear the ambient set"))?;
+    let none = CapabilitySets {
+        effective: CapabilitySet::empty(),
+        permitted: CapabilitySet::empty(),
+        inheritable: CapabilitySet::empty(),
+    };
+    rustix::thread::set_capabilities(None, none).map_err(failed("capset"))
 }
 
 fn drop_root(name: &str) -> Result<()> {
@@ -325,6 +341,22 @@ mod tests {
             nonzero_capabilities(&with_bind),
             ["CapAmb:0000000000000400"]
         );
+    }
+
+    #[test]
+    fn dropping_capabilities_empties_every_set_of_the_thread() {
+        // Capabilities are per thread: a thread of its own, so that the test process keeps its own.
+        std::thread::spawn(|| {
+            drop_capabilities().unwrap();
+            let sets = rustix::thread::capabilities(None).unwrap();
+            assert!(sets.effective.is_empty(), "{sets:?}");
+            assert!(sets.permitted.is_empty(), "{sets:?}");
+            assert!(sets.inheritable.is_empty(), "{sets:?}");
+            let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+            assert!(nonzero_capabilities(&status).is_empty(), "{status}");
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
