@@ -11,9 +11,9 @@
 //! - The listening socket is bound first ([`bind_listener`]), while the process may still be root.
 //! - [`become_daemon_user`] then drops root for good, before the async runtime starts (so the process
 //!   has a single thread and every credential change applies to all of it): supplementary groups,
-//!   gid, uid (real, effective and saved), then checks that root cannot be regained and that no
-//!   capability is left. Started as another user, the process stays that user (systemd already
-//!   chose it), but gives up every capability it was started with: the ambient
+//!   gid, uid (real, effective and saved), then checks that root cannot be regained. Started as
+//!   another user, the process stays that user (systemd already chose it). Either way it then
+//!   empties every capability set and checks that none is left: the ambient
 //!   `CAP_NET_BIND_SERVICE` served only to bind the port, which is done. Last, `PR_SET_NO_NEW_PRIVS`.
 //! - [`check_spool_access`] turns "permission denied" deep inside SQLite into one sentence naming the
 //!   directory, the user and the `chown` that fixes it.
@@ -127,16 +127,26 @@ pub fn bind_listener(listen: &str) -> Result<std::net::TcpListener> {
 /// Started as root: switches to `user` for good and returns it. Started as anyone else: stays that
 /// user. Either way `PR_SET_NO_NEW_PRIVS` is set, so nothing the process runs can gain privileges.
 pub fn become_daemon_user(user: &str) -> Result<Identity> {
-    if unistd::geteuid().is_root() {
+    let was_root = unistd::geteuid().is_root();
+    if was_root {
         drop_root(user)?;
     }
     drop_capabilities()?;
+    if was_root {
+        let me = Identity::current();
+        info!(
+            "Switched from root to the daemon user; no capability is left. user={} uid={} gid={}",
+            me.name, me.uid, me.gid
+        );
+    }
     nix::sys::prctl::set_no_new_privs().map_err(|source| DaemonError::NoNewPrivs { source })?;
     Ok(Identity::current())
 }
 
 /// Empties the calling thread's ambient, effective, permitted and inheritable capability sets
-/// (threads started later inherit the empty sets). Lowering capabilities needs no privilege.
+/// (threads started later inherit the empty sets), then checks that none is left, whether the
+/// process was root (whose uid change already cleared them) or started with an ambient set.
+/// Lowering capabilities needs no privilege.
 fn drop_capabilities() -> Result<()> {
     use rustix::thread::{CapabilitySet, CapabilitySets};
     let failed = |step: &'static str| {
@@ -151,7 +161,15 @@ fn drop_capabilities() -> Result<()> {
         permitted: CapabilitySet::empty(),
         inheritable: CapabilitySet::empty(),
     };
-    rustix::thread::set_capabilities(None, none).map_err(failed("capset"))
+    rustix::thread::set_capabilities(None, none).map_err(failed("capset"))?;
+    let left = capabilities_left().map_err(|source| DaemonError::ReadCapabilities { source })?;
+    if !left.is_empty() {
+        return Err(DaemonError::DropCapabilities {
+            step: "check",
+            source: std::io::Error::other(format!("capabilities left: {}", left.join(" "))),
+        });
+    }
+    Ok(())
 }
 
 fn drop_root(name: &str) -> Result<()> {
@@ -205,23 +223,13 @@ fn drop_root(name: &str) -> Result<()> {
             ),
         });
     }
-    let left = capabilities_left().map_err(|source| DaemonError::ReadCapabilities { source })?;
-    if !left.is_empty() {
-        return Err(DaemonError::DropIncomplete {
-            user: name.to_string(),
-            detail: format!("capabilities left: {}", left.join(" ")),
-        });
-    }
-    info!(
-        "Switched from root to the daemon user; no capability is left. user={name} uid={} gid={}",
-        user.uid, user.gid
-    );
     Ok(())
 }
 
-/// The permitted, effective and ambient capability sets that are not empty, as `CapXxx:hex` strings.
+/// The calling thread's permitted, effective and ambient capability sets that are not empty, as
+/// `CapXxx:hex` strings.
 fn capabilities_left() -> std::io::Result<Vec<String>> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
+    let status = std::fs::read_to_string("/proc/thread-self/status")?;
     Ok(nonzero_capabilities(&status))
 }
 
