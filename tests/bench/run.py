@@ -257,7 +257,7 @@ class Bench:
                 d = WORK / f"rx-{run}"
                 wipe(d)
                 instances = self.sets[set_name]
-                if rx.name != "passerelled" and "NODELAY" not in rx.name:
+                if rx not in fast:
                     # Stock peers are bound by Nagle's algorithm (about 40 ms per C-STORE whatever the set
                     # size): the first 200 slices measure their rate as well, in a third of the time.
                     instances = instances[: min(len(instances), STOCK_SUBSET)]
