@@ -696,8 +696,8 @@ impl Association {
     fn report_failure(&self, cmd: &Command, e: &IngestError) -> u16 {
         let status = e.dimse_status();
         let line = format!(
-            "C-STORE failed: {e}{}. sop_instance_uid={} calling_ae={} peer={} status={status:#06X} {}",
-            source_chain(e),
+            "C-STORE failed: {}. sop_instance_uid={} calling_ae={} peer={} status={status:#06X} {}",
+            passerelle_spool::error_chain(e),
             cmd.sop_instance_uid,
             self.calling_ae,
             self.ip(),
@@ -761,18 +761,6 @@ async fn aborted(abort: &mut watch::Receiver<bool>) {
     if !set {
         std::future::pending::<()>().await;
     }
-}
-
-/// The causes of an error, for a log line (`: cause: cause`).
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut out = String::new();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

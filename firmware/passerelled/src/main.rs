@@ -86,16 +86,7 @@ fn main() {
     }
 }
 
-/// An error and its sources on one line.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        msg.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    msg
-}
+pub(crate) use passerelle_spool::error_chain;
 
 fn init_logging(daemon: bool) {
     if daemon && systemd_journal_logger::connected_to_journal() {

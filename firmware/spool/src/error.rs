@@ -119,3 +119,19 @@ pub enum SpoolError {
         source: std::io::Error,
     },
 }
+
+/// An error and its causes on one line (`what: cause: cause`), each message once: a message that
+/// already quotes its cause does not repeat it. Every crate's log lines use this, so that an operator
+/// sees the cause (permission denied, no space left) and not only the action that failed.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        let msg = e.to_string();
+        if !parts.iter().any(|p| p.contains(&msg)) {
+            parts.push(msg);
+        }
+        cur = e.source();
+    }
+    parts.join(": ")
+}

@@ -119,7 +119,7 @@ mod rawframe;
 mod rebuild;
 
 pub use compact::CompactReport;
-pub use error::{Result, SpoolError};
+pub use error::{error_chain, Result, SpoolError};
 pub use pool::PoolBatch;
 
 #[doc(hidden)]
@@ -907,7 +907,8 @@ impl Spool {
         };
         if let Err(e) = done {
             log::warn!(
-                "Could not create the spool's object directories ahead; each will be created when its first instance arrives. Check the disk. error={e}"
+                "Could not create the spool's object directories ahead; each will be created when its first instance arrives. Check the disk. error={}",
+                error_chain(&e)
             );
         }
     }
@@ -1613,7 +1614,10 @@ impl Spool {
             let _evicting = self.evicting();
             if let Err(e) = self.evict_stage(EvictStage::Retention(now_ms), now_ms) {
                 // The confirmations are recorded; the next eviction pass will free the files.
-                log::warn!("Could not evict confirmed instances right away; they will be evicted later. error={e}");
+                log::warn!(
+                    "Could not evict confirmed instances right away; they will be evicted at the next pass. If this repeats, check the disk. error={}",
+                    error_chain(&e)
+                );
             }
         }
         Ok(gone)

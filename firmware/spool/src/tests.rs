@@ -160,6 +160,41 @@ fn claim_one(spool: &Spool) -> QueuedInstance {
 }
 
 #[test]
+fn an_error_chain_reads_as_one_line_without_repeats() {
+    #[derive(Debug)]
+    struct Outer(std::io::Error);
+    impl std::fmt::Display for Outer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "cannot send: {}", self.0)
+        }
+    }
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+    let e = Outer(std::io::Error::other("connection reset"));
+    // The source's message is already part of the outer one: said once.
+    assert_eq!(error_chain(&e), "cannot send: connection reset");
+    let plain = std::io::Error::other("broken pipe");
+    assert_eq!(error_chain(&plain), "broken pipe");
+}
+
+#[test]
+fn a_spool_error_in_a_log_line_names_its_cause() {
+    let e = SpoolError::Write {
+        path: "/var/lib/passerelle/spool/objects/ab/x".into(),
+        source: std::io::Error::from_raw_os_error(28),
+    };
+    let line = error_chain(&e);
+    assert!(
+        line.starts_with("Cannot write spool file /var/lib/passerelle/spool/objects/ab/x: "),
+        "{line}"
+    );
+    assert!(line.contains("No space left on device"), "{line}");
+}
+
+#[test]
 fn stored_instance_comes_back_byte_identical_after_claim_and_verification() {
     let fx = Fixture::new();
     let spool = fx.spool();

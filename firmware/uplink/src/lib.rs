@@ -153,7 +153,6 @@ pub use error::{Result, UplinkError};
 pub use tls::{client_cert_not_after, client_cert_notice, CertNotice, CLIENT_CERT_WARNING};
 
 use std::collections::{HashSet, VecDeque};
-use std::error::Error as StdError;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -1310,19 +1309,7 @@ fn study_of(instances: &[QueuedInstance]) -> &str {
         .map_or("none", |i| i.study_instance_uid.as_str())
 }
 
-/// An error and its sources on one line, each message once.
-pub(crate) fn error_chain(err: &(dyn StdError + 'static)) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut cur = Some(err);
-    while let Some(e) = cur {
-        let msg = e.to_string();
-        if !parts.iter().any(|p| p.contains(&msg)) {
-            parts.push(msg);
-        }
-        cur = e.source();
-    }
-    parts.join(": ")
-}
+pub(crate) use passerelle_spool::error_chain;
 
 #[cfg(test)]
 mod tests;

@@ -20,27 +20,6 @@ fn proxy_urls_are_logged_without_their_password() {
 }
 
 #[test]
-fn an_error_chain_reads_as_one_line_without_repeats() {
-    #[derive(Debug)]
-    struct Outer(std::io::Error);
-    impl std::fmt::Display for Outer {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            write!(f, "cannot send: {}", self.0)
-        }
-    }
-    impl StdError for Outer {
-        fn source(&self) -> Option<&(dyn StdError + 'static)> {
-            Some(&self.0)
-        }
-    }
-    let e = Outer(std::io::Error::other("connection reset"));
-    // The source's message is already part of the outer one: said once.
-    assert_eq!(error_chain(&e), "cannot send: connection reset");
-    let plain = std::io::Error::other("broken pipe");
-    assert_eq!(error_chain(&plain), "broken pipe");
-}
-
-#[test]
 fn shutdown_is_seen_when_asked_or_when_its_sender_is_gone() {
     let (tx, rx) = watch::channel(false);
     assert!(!stop_requested(&rx));
