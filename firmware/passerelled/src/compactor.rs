@@ -10,15 +10,18 @@
 //!   pool below its low-water mark. One thread creates the files at nice 19, another lists them at
 //!   normal priority (see [`pool_filler`]).
 //!
+//! A panic in either (a defect) is logged as an ERROR and the work is started again 30 s later.
+//!
 //! Stopping them is not waited for beyond a moment: a compaction cut short leaves the intake file
 //! in place and a temporary file that the next start removes; files created but not yet listed in
 //! the pool stay empty and unused.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use log::{info, warn};
+use log::{error, info, warn};
 use passerelle_spool::{PoolBatch, Spool};
 
 /// Files per compaction batch: between batches the thread checks whether it must stop.
@@ -40,14 +43,37 @@ pub struct Worker {
 impl Worker {
     fn start(
         name: &'static str,
-        body: impl FnOnce(&mpsc::Receiver<()>) + Send + 'static,
+        body: impl Fn(&mpsc::Receiver<()>) + Send + 'static,
+    ) -> std::io::Result<Worker> {
+        Worker::start_restarting_after(name, AFTER_ERROR, body)
+    }
+
+    /// Runs `body` on a thread of its own until it returns. A panic in it (a defect) is logged
+    /// and `body` runs again after `restart_after`, so that the spool's background work never
+    /// stops unnoticed: what it was doing is safe to do again (a compaction goes through a
+    /// temporary file, a pool batch is listed in one commit).
+    fn start_restarting_after(
+        name: &'static str,
+        restart_after: Duration,
+        body: impl Fn(&mpsc::Receiver<()>) + Send + 'static,
     ) -> std::io::Result<Worker> {
         let (stop, stopped) = mpsc::channel::<()>();
         let (finished, done) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name(name.into())
             .spawn(move || {
-                body(&stopped);
+                while let Err(panic) =
+                    std::panic::catch_unwind(AssertUnwindSafe(|| body(&stopped)))
+                {
+                    error!(
+                        "A spool background task stopped on an internal error (a defect in passerelled); it is started again in {} s. Nothing stored is lost, but until it runs, instances may be stored more slowly or use more disk. Report this line to the vendor. thread={name} panic={}",
+                        restart_after.as_secs(),
+                        panic_message(panic.as_ref())
+                    );
+                    if stop_requested(&stopped, restart_after) {
+                        break;
+                    }
+                }
                 let _ = finished.send(());
             })?;
         Ok(Worker {
@@ -70,6 +96,15 @@ impl Worker {
             );
         }
     }
+}
+
+/// What a panic said (its `&str` or `String` payload).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 /// Sleeps up to `d`; true when the thread must stop.
@@ -181,7 +216,7 @@ pub fn pool_filler(spool: Spool) -> std::io::Result<PoolFiller> {
                     }
                 },
                 Err(RecvTimeoutError::Timeout) => {}
-                // The creating worker has ended (stopped, or it panicked).
+                // The creating worker has stopped (a panic restarts it on its own thread).
                 Err(RecvTimeoutError::Disconnected) => return,
             }
             if !matches!(stopped.try_recv(), Err(TryRecvError::Empty)) {
@@ -239,5 +274,56 @@ fn lower_priority(thread: &str) {
         warn!(
             "Could not lower a spool background thread's priority; it competes with ingest for CPU, and acknowledgements may be slower. thread={thread} error={e}"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    #[test]
+    fn a_worker_that_panics_is_started_again_and_still_stops_when_asked() {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let (running, started) = mpsc::channel::<usize>();
+        let counted = runs.clone();
+        let worker = Worker::start_restarting_after(
+            "test-worker",
+            Duration::from_millis(10),
+            move |stopped| {
+                let run = counted.fetch_add(1, Ordering::SeqCst) + 1;
+                if run == 1 {
+                    panic!("first run fails");
+                }
+                running.send(run).unwrap();
+                // Runs until asked to stop, as the real workers do.
+                let _ = stopped.recv();
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            started.recv_timeout(Duration::from_secs(10)),
+            Ok(2),
+            "the worker was not started again after its panic"
+        );
+        drop(worker.stop);
+        assert!(
+            worker.done.recv_timeout(STOP_WAIT).is_ok(),
+            "the restarted worker did not stop when asked"
+        );
+        worker.thread.join().unwrap();
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn a_panic_message_is_read_from_either_payload() {
+        let s: Box<dyn std::any::Any + Send> = Box::new("static text");
+        assert_eq!(panic_message(s.as_ref()), "static text");
+        let s: Box<dyn std::any::Any + Send> = Box::new(String::from("formatted 7"));
+        assert_eq!(panic_message(s.as_ref()), "formatted 7");
+        let s: Box<dyn std::any::Any + Send> = Box::new(7u8);
+        assert_eq!(panic_message(s.as_ref()), "(no message)");
     }
 }
