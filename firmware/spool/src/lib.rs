@@ -212,6 +212,14 @@ pub enum StoreOutcome {
     },
 }
 
+/// Claims take the versions of one SOP Instance UID (a modality's corrections, each its own row) one
+/// at a time and in the order they arrived: a row is not claimable while another row of its UID is
+/// being uploaded, or while an older one is still queued (waiting for a retry, say). A PACS that
+/// overwrites on a second store then ends with the modality's latest version, never with an older
+/// one sent after it; and a version whose twin is in a long request is not claimed and handed back
+/// again and again meanwhile (the uplink never sends two versions of one UID at once).
+const NOT_BEHIND_ANOTHER_VERSION: &str = "NOT EXISTS (SELECT 1 FROM instances AS other WHERE other.sop_instance_uid = instances.sop_instance_uid AND other.id != instances.id AND (other.state = 'uploading' OR (other.state = 'queued' AND other.id < instances.id)))";
+
 /// What an upload did for one instance, for [`Spool::record_outcomes`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -1160,7 +1168,7 @@ impl Spool {
         {
             let first = tx
                 .prepare_cached(&format!(
-                    "SELECT {COLUMNS} FROM instances WHERE state = 'queued' AND next_attempt_at <= ?1 ORDER BY next_attempt_at, id LIMIT 1"
+                    "SELECT {COLUMNS} FROM instances WHERE state = 'queued' AND next_attempt_at <= ?1 AND {NOT_BEHIND_ANOTHER_VERSION} ORDER BY next_attempt_at, id LIMIT 1"
                 ))
                 .and_then(|mut s| s.query_row([now], row).optional())
                 .ctx("find the next due instance")?;
@@ -1175,7 +1183,7 @@ impl Spool {
             if max_count > 1 {
                 let mut stmt = tx
                     .prepare_cached(&format!(
-                        "SELECT {COLUMNS} FROM instances WHERE study_instance_uid = ?1 AND state = 'queued' AND next_attempt_at <= ?2 AND id != ?3 ORDER BY next_attempt_at, id LIMIT ?4"
+                        "SELECT {COLUMNS} FROM instances WHERE study_instance_uid = ?1 AND state = 'queued' AND next_attempt_at <= ?2 AND id != ?3 AND {NOT_BEHIND_ANOTHER_VERSION} ORDER BY next_attempt_at, id LIMIT ?4"
                     ))
                     .ctx("find due instances of the study")?;
                 let limit = i64::try_from(max_count - 1).unwrap_or(i64::MAX);
@@ -1216,12 +1224,15 @@ impl Spool {
         Ok(Claim::Batch(batch))
     }
 
-    /// When the next queued instance becomes due (None if nothing is queued).
+    /// When the next claimable queued instance becomes due (None if nothing is queued, or only
+    /// versions waiting behind another version of their SOP Instance UID).
     pub fn next_due(&self) -> Result<Option<SystemTime>> {
         let conn = self.conn();
         let due: Option<i64> = conn
-            .prepare_cached("SELECT MIN(next_attempt_at) FROM instances WHERE state = 'queued'")
-            .and_then(|mut s| s.query_row([], |r| r.get(0)))
+            .prepare_cached(&format!(
+                "SELECT next_attempt_at FROM instances WHERE state = 'queued' AND {NOT_BEHIND_ANOTHER_VERSION} ORDER BY next_attempt_at LIMIT 1"
+            ))
+            .and_then(|mut s| s.query_row([], |r| r.get(0)).optional())
             .ctx("find the next due time")?;
         Ok(due.map(from_ms))
     }

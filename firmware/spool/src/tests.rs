@@ -149,6 +149,10 @@ fn tmp_entries(fx: &Fixture) -> usize {
     fs::read_dir(fx.path("tmp")).unwrap().count()
 }
 
+fn ids(batch: &[QueuedInstance]) -> Vec<InstanceId> {
+    batch.iter().map(|i| i.id).collect()
+}
+
 fn far_future() -> SystemTime {
     SystemTime::now() + 1000 * HOUR
 }
@@ -486,10 +490,10 @@ fn different_content_under_a_known_uid_is_kept_as_a_new_version() {
     assert_ne!(id, first);
     assert_eq!(spool.status(SystemTime::now()).unwrap().queued, 2);
     assert_ne!(file_of(&fx, &spool, id), file_of(&fx, &spool, first));
-    // Both versions can be read back intact.
+    // Both versions can be read back intact, one claim after the other (see the next test).
     let batch = spool.claim_batch(10, u64::MAX, far_future()).unwrap();
+    assert_eq!(batch.len(), 1);
     assert_eq!(read_all(&spool, &batch[0]).unwrap(), v1.raw());
-    assert_eq!(read_all(&spool, &batch[1]).unwrap(), v2.raw());
     // Once both are confirmed, the second is known as a version confirmed under other content
     // (which a PACS may have ignored); the first was confirmed alone, and a lone instance never is.
     spool.mark_sent(first, false).unwrap();
@@ -497,6 +501,9 @@ fn different_content_under_a_known_uid_is_kept_as_a_new_version() {
         .confirmed_under_other_content(&[first])
         .unwrap()
         .is_empty());
+    let batch = spool.claim_batch(10, u64::MAX, far_future()).unwrap();
+    assert_eq!(batch.len(), 1);
+    assert_eq!(read_all(&spool, &batch[0]).unwrap(), v2.raw());
     spool.mark_sent(id, false).unwrap();
     assert_eq!(
         spool.confirmed_under_other_content(&[id]).unwrap(),
@@ -508,6 +515,46 @@ fn different_content_under_a_known_uid_is_kept_as_a_new_version() {
         .confirmed_under_other_content(&[lone])
         .unwrap()
         .is_empty());
+}
+
+#[test]
+fn versions_of_one_uid_are_claimed_one_at_a_time_in_the_order_they_arrived() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    let start = SystemTime::now();
+    let v1 = Inst::new("1.2.3.5", "1.2.3", 20_000, 5).stored_id(&spool);
+    // v1 goes out and fails for now (the PACS is busy): it waits an hour for its retry.
+    let batch = spool.claim_batch(10, u64::MAX, SystemTime::now()).unwrap();
+    assert_eq!(ids(&batch), vec![v1]);
+    spool.mark_retry(v1, "503", start + HOUR).unwrap();
+    // Meanwhile the modality sends a corrected version, and another study arrives.
+    let StoreOutcome::NewVersion { id: v2, .. } =
+        Inst::new("1.2.3.5", "1.2.3", 20_000, 6).store(&spool)
+    else {
+        panic!("expected a new version");
+    };
+    let other = Inst::new("1.2.9.1", "1.2.9", 20_000, 7).stored_id(&spool);
+    let now = SystemTime::now();
+    // The correction is due now but waits behind its older version: sent first, an overwriting PACS
+    // would end with the uncorrected original.
+    let batch = spool.claim_batch(10, u64::MAX, now).unwrap();
+    assert_eq!(ids(&batch), vec![other]);
+    spool.mark_sent(other, false).unwrap();
+    assert!(spool.claim_batch(10, u64::MAX, now).unwrap().is_empty());
+    assert_eq!(
+        spool.next_due().unwrap(),
+        Some(from_ms(to_ms(start + HOUR)))
+    );
+    // At its retry the old version goes first, alone; while it is in flight the new one is not
+    // claimable either (it would only be handed back).
+    let later = now + 2 * HOUR;
+    let batch = spool.claim_batch(10, u64::MAX, later).unwrap();
+    assert_eq!(ids(&batch), vec![v1]);
+    assert!(spool.claim_batch(10, u64::MAX, later).unwrap().is_empty());
+    assert_eq!(spool.next_due().unwrap(), None);
+    spool.mark_sent(v1, false).unwrap();
+    let batch = spool.claim_batch(10, u64::MAX, later).unwrap();
+    assert_eq!(ids(&batch), vec![v2]);
 }
 
 #[test]
