@@ -142,6 +142,91 @@ pub enum IngestError {
         command_class: String,
         dataset_class: String,
     },
+
+    #[error("The data set of SOP Instance {sop_instance_uid} {problem}; nothing was stored and the modality is told it failed")]
+    DecodeDataset {
+        sop_instance_uid: String,
+        problem: WalkError,
+    },
+}
+
+/// Why a data set's element structure ([`crate::boundary::Walker`]) does not hold: it ends
+/// elsewhere than at an element boundary at the top level, or it does not decode. Tags are
+/// `gggg_eeee`, offsets count data set bytes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WalkError {
+    #[error("ends inside element {} ({}{len} bytes announced by its header at byte {header_at}, the last {missing} of them missing): {TRUNCATED}", tag_text(*tag), vr_prefix(*vr))]
+    EndsInValue {
+        tag: u32,
+        vr: Option<[u8; 2]>,
+        len: u32,
+        header_at: u64,
+        missing: u64,
+    },
+
+    #[error("ends inside {} at byte {at}, after {have} bytes of its header: {TRUNCATED}", tag.map(|t| format!("element {}", tag_text(t))).unwrap_or_else(|| "an element".into()))]
+    EndsInHeader {
+        tag: Option<u32>,
+        have: usize,
+        at: u64,
+    },
+
+    #[error("ends inside element {}, in one of its items of undefined length, before the item delimiter (at byte {at}): {TRUNCATED}", tag_text(*tag))]
+    EndsInItem { tag: u32, at: u64 },
+
+    #[error("ends inside element {}, of undefined length, before its sequence delimiter (at byte {at}): {TRUNCATED}", tag_text(*tag))]
+    EndsInSequence { tag: u32, at: u64 },
+
+    #[error("does not decode: element {} at byte {at} has the VR {}, which is not a DICOM VR", tag_text(*tag), vr_text(*vr))]
+    UnknownVr { tag: u32, vr: [u8; 2], at: u64 },
+
+    #[error("does not decode: element {} at byte {at} has the VR {} and an undefined length, which only sequences, UN and encapsulated pixel data may have", tag_text(*tag), vr_text(*vr))]
+    UndefinedLength { tag: u32, vr: [u8; 2], at: u64 },
+
+    #[error("does not decode: {} at byte {at} stands where an element was expected ({})", tag_text(*tag), if *inside == 0 { "at the top level".to_string() } else { format!("in an item of {}", tag_text(*inside)) })]
+    Misplaced { tag: u32, at: u64, inside: u32 },
+
+    #[error("does not decode: element {} at byte {at} stands among the items of {}, where only items and the sequence delimiter may be", tag_text(*tag), tag_text(*of))]
+    NotAnItem { tag: u32, of: u32, at: u64 },
+
+    #[error("does not decode: a fragment of the encapsulated pixel data {} at byte {at} has an undefined length", tag_text(*tag))]
+    FragmentWithoutLength { tag: u32, at: u64 },
+
+    #[error("does not decode: element {} at byte {at} opens a sequence nested more than {max} deep", tag_text(*tag))]
+    TooDeep { tag: u32, at: u64, max: usize },
+}
+
+const TRUNCATED: &str = "the modality marked its last fragment too early or sent a truncated file";
+
+impl WalkError {
+    /// The data set ended too early (as opposed to bytes that do not decode).
+    pub fn is_truncation(&self) -> bool {
+        matches!(
+            self,
+            WalkError::EndsInValue { .. }
+                | WalkError::EndsInHeader { .. }
+                | WalkError::EndsInItem { .. }
+                | WalkError::EndsInSequence { .. }
+        )
+    }
+}
+
+/// `(gggg,eeee)`.
+fn tag_text(tag: u32) -> String {
+    format!("({:04X},{:04X})", tag >> 16, tag & 0xFFFF)
+}
+
+/// A VR from the peer: its two letters, or its bytes in hex when they are not letters.
+fn vr_text(vr: [u8; 2]) -> String {
+    if vr.iter().all(u8::is_ascii_uppercase) {
+        String::from_utf8_lossy(&vr).into_owned()
+    } else {
+        format!("0x{:02X}{:02X}", vr[0], vr[1])
+    }
+}
+
+fn vr_prefix(vr: Option<[u8; 2]>) -> String {
+    vr.map(|v| format!("{}, ", vr_text(v))).unwrap_or_default()
 }
 
 impl IngestError {
@@ -161,6 +246,7 @@ impl IngestError {
                 STATUS_DATASET_MISMATCH
             }
             IngestError::ParseDataset { .. }
+            | IngestError::DecodeDataset { .. }
             | IngestError::BuildPart10Header { .. }
             | IngestError::Accept { .. }
             | IngestError::ReadPdu { .. }
@@ -178,6 +264,9 @@ impl IngestError {
 
     /// What the operator (or the modality's operator) should do about a failed C-STORE.
     pub fn operator_hint(&self) -> &'static str {
+        if let IngestError::DecodeDataset { .. } = self {
+            return "Check the modality's export of this image.";
+        }
         match self.dimse_status() {
             STATUS_OUT_OF_RESOURCES => {
                 "Free space on the spool partition or check the disk; the modality may resend."
@@ -268,6 +357,32 @@ mod tests {
                 detail: "bad".into(),
             },
             STATUS_CANNOT_UNDERSTAND,
+        );
+    }
+
+    #[test]
+    fn a_data_set_cut_short_answers_c000_with_a_sentence_naming_the_element_and_the_cause() {
+        let e = IngestError::DecodeDataset {
+            sop_instance_uid: "1.2.3".into(),
+            problem: WalkError::EndsInValue {
+                tag: 0x7FE0_0010,
+                vr: Some(*b"OW"),
+                len: 524_288,
+                header_at: 1200,
+                missing: 1000,
+            },
+        };
+        assert_eq!(e.dimse_status(), STATUS_CANNOT_UNDERSTAND);
+        assert_eq!(
+            e.to_string(),
+            "The data set of SOP Instance 1.2.3 ends inside element (7FE0,0010) (OW, 524288 bytes \
+             announced by its header at byte 1200, the last 1000 of them missing): the modality \
+             marked its last fragment too early or sent a truncated file; nothing was stored and \
+             the modality is told it failed"
+        );
+        assert_eq!(
+            e.operator_hint(),
+            "Check the modality's export of this image."
         );
     }
 

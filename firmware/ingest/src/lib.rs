@@ -34,7 +34,12 @@
 //!   implementation UID and the calling AE as Source AE) and then the data PDVs as they arrive,
 //!   has the spool scan the leading elements as they stream in (stopping after (0020,000E), never
 //!   reading pixel data; read back from the file only when they exceed 1 MiB), checks the UIDs
-//!   against the command, and commits. The response goes out
+//!   against the command, and commits. Beside that scan, the store task follows the data set's
+//!   element structure (`boundary`: headers only, values skipped by their length, nothing
+//!   allocated) and refuses (0xC000, nothing stored) a data set that does not end at an element
+//!   boundary at the top level: a modality that marked its last fragment too early or sent a
+//!   truncated file must not hear success. Deflated data sets are not followed (ingest does not
+//!   inflate them). The response goes out
 //!   after the commit. If the task fails early, the rest of the data set is read and discarded and
 //!   the association stays usable.
 //! - A C-STORE whose command UIDs are not 1 to 64 digits and dots is refused (0xC000) without
@@ -50,6 +55,9 @@
 //!   asynchronous operations window (one message at a time per association, as almost every
 //!   modality does).
 //! - C-ECHO and C-STORE only; other DIMSE requests get 0x0211 (unrecognized operation).
+//! - A data set cut exactly between two top-level elements (a modality that leaves out the pixel
+//!   data altogether) still has a valid structure and is stored; a deflated data set's structure is
+//!   not followed at all, so one cut short is caught only if its leading elements are cut.
 //! - Leading-element parsing stops early when a leading element announces more than 1 MiB (its
 //!   value would be allocated in full); the index fields after it stay empty.
 //! - More than 512 connections waiting for their association request (a flood that reopens them
@@ -58,6 +66,7 @@
 //!   each waiting connection buffers at most the 64 KiB of one control PDU, as its bytes arrive.
 
 mod association;
+mod boundary;
 mod dimse;
 mod error;
 #[doc(hidden)]
@@ -67,7 +76,7 @@ mod pdu_io;
 mod store;
 
 pub use error::{
-    IngestError, Result, STATUS_CANNOT_UNDERSTAND, STATUS_DATASET_MISMATCH,
+    IngestError, Result, WalkError, STATUS_CANNOT_UNDERSTAND, STATUS_DATASET_MISMATCH,
     STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, STATUS_UNRECOGNIZED_OPERATION,
 };
 

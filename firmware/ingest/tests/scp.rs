@@ -1162,3 +1162,72 @@ async fn a_second_association_request_on_an_established_association_is_aborted_a
     })
     .await;
 }
+
+/// Sends a C-STORE whose data set is `dataset`, in data PDVs of at most 8000 bytes, the last one
+/// marked last; returns the response.
+fn store_marked_last(
+    assoc: &mut ClientAssociation<TcpStream>,
+    pc: u8,
+    msg_id: u16,
+    instance: &str,
+    dataset: &[u8],
+) -> InMemDicomObject {
+    let cmd = command(0x0001, msg_id, CT, Some(instance), true);
+    assoc
+        .send(&Pdu::PData {
+            data: vec![pdv(pc, true, true, cmd)],
+        })
+        .unwrap();
+    let pieces: Vec<&[u8]> = dataset.chunks(8000).collect();
+    for (i, piece) in pieces.iter().enumerate() {
+        let last = i + 1 == pieces.len();
+        assoc
+            .send(&Pdu::PData {
+                data: vec![pdv(pc, false, last, piece.to_vec())],
+            })
+            .unwrap();
+    }
+    response(assoc)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_set_whose_last_fragment_is_marked_too_early_is_refused_and_not_stored() {
+    let scp = start(dicom_cfg(), 1).await;
+    let addr = scp.addr;
+    blocking(move || {
+        for (n, ts) in [ELE, ILE, EBE].into_iter().enumerate() {
+            let mut a = associate(addr, "CT1", AE, &[(CT, &[ts])]).unwrap();
+            let (pc, _) = pc_for(&a, CT);
+            let uid = format!("1.2.3.90{n}");
+            let full = dataset(ts, CT, &uid, 30_000);
+            // The pixel data element (a 30,000-byte OB) ends the data set.
+            let pixel_header = full.len() - 30_000 - if ts == ILE { 8 } else { 12 };
+            let cuts = [
+                full.len() - 1000, // inside the pixel data's value
+                pixel_header + 5,  // inside its header
+                pixel_header + 8,  // explicit VR: before its 4-byte length; implicit: at its value
+            ];
+            for (i, cut) in cuts.into_iter().enumerate() {
+                let id = (n * 10 + i + 1) as u16;
+                let rsp = store_marked_last(&mut a, pc, id, &uid, &full[..cut]);
+                let status = u16_of(&rsp, tags::STATUS);
+                assert_eq!(status, 0xC000, "{ts}: cut at {cut} of {}", full.len());
+                assert_eq!(u16_of(&rsp, tags::MESSAGE_ID_BEING_RESPONDED_TO), id);
+            }
+            // The association stays usable, and the whole data set is stored.
+            let rsp = store_marked_last(&mut a, pc, 99, &uid, &full);
+            assert_eq!(u16_of(&rsp, tags::STATUS), 0x0000, "{ts}: whole data set");
+            a.release().unwrap();
+        }
+    })
+    .await;
+    let mut got = spooled(&scp.spool);
+    got.sort_by(|x, y| x.0.sop_instance_uid.cmp(&y.0.sop_instance_uid));
+    assert_eq!(got.len(), 3, "only the whole data sets are queued");
+    for (n, ts) in [ELE, ILE, EBE].into_iter().enumerate() {
+        let (q, bytes) = &got[n];
+        let uid = format!("1.2.3.90{n}");
+        assert_eq!(q.sop_instance_uid, uid);
+        assert!(split_part10(bytes).1 == &dataset(ts, CT, &uid, 30_000)[..]);
+    }
+}

@@ -1,0 +1,859 @@
+//! Where a data set's elements begin and end, followed as its bytes stream in, so that a data set
+//! cut short (a modality that sets the last-fragment bit too early, or that fails reading its own
+//! file and still marks its last PDV) is refused instead of acknowledged.
+//!
+//! [`Walker`] reads element headers only: tag, VR (explicit syntaxes), length. A value of defined
+//! length is skipped by its length without being looked at, however large (multi-GB instances
+//! exist), so a CT slice costs the few hundred headers it has, not its half megabyte of pixels. An
+//! element of undefined length (a sequence, UN per CP-246, encapsulated pixel data) is followed
+//! item by item up to its sequence delimiter; an item of undefined length is walked as a nested
+//! data set up to its item delimiter. At the end of the data set the walker must be at an element
+//! boundary at the top level: anything else means bytes are missing.
+//!
+//! It allocates nothing: its state is a fixed array of open sequences and items (at most
+//! [`MAX_SEQUENCE_DEPTH`] sequences deep), a 12-byte header buffer and a count of value bytes still
+//! to skip. Headers may cross chunk boundaries anywhere.
+//!
+//! The native syntaxes are walked as such (implicit VR little endian, explicit VR little and big
+//! endian); every encapsulated (compressed) syntax has an explicit VR little endian data set. A
+//! deflated data set is not walked: it would have to be inflated here, and ingest does not
+//! inflate (the spool's leading-element scan inflates only what it needs of it).
+
+use dicom_encoding::transfer_syntax::{Codec, TransferSyntaxIndex};
+use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+
+use crate::error::WalkError;
+use crate::negotiate::trim_uid;
+
+/// Sequences (of undefined length) nested deeper than this are refused: no real data set comes
+/// close, and the walker's state stays a fixed size.
+pub(crate) const MAX_SEQUENCE_DEPTH: usize = 64;
+
+/// The top-level data set, then for each open sequence its items frame and, in an item of
+/// undefined length, that item's data set.
+const MAX_FRAMES: usize = 1 + 2 * MAX_SEQUENCE_DEPTH;
+
+const ITEM: u32 = 0xFFFE_E000;
+const ITEM_DELIMITER: u32 = 0xFFFE_E00D;
+const SEQUENCE_DELIMITER: u32 = 0xFFFE_E0DD;
+const PIXEL_DATA: u32 = 0x7FE0_0010;
+const UNDEFINED: u32 = 0xFFFF_FFFF;
+
+/// How a data set's element headers are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Syntax {
+    ImplicitLittle,
+    ExplicitLittle,
+    ExplicitBig,
+}
+
+impl Syntax {
+    /// The syntax of a data set sent in transfer syntax `uid` (padding allowed); `None` for a
+    /// deflated one (not walked, see the module's documentation).
+    pub(crate) fn of_transfer_syntax(uid: &str) -> Option<Syntax> {
+        let uid = trim_uid(uid);
+        match uid {
+            "1.2.840.10008.1.2" => Some(Syntax::ImplicitLittle),
+            "1.2.840.10008.1.2.2" => Some(Syntax::ExplicitBig),
+            _ if TransferSyntaxRegistry
+                .get(uid)
+                .is_some_and(|ts| matches!(ts.codec(), Codec::Dataset(_))) =>
+            {
+                None
+            }
+            // Explicit VR little endian, and every encapsulated syntax: negotiation accepts only
+            // syntaxes the registry knows, and those are all of these.
+            _ => Some(Syntax::ExplicitLittle),
+        }
+    }
+
+    fn explicit(self) -> bool {
+        self != Syntax::ImplicitLittle
+    }
+
+    fn u16(self, b: [u8; 2]) -> u16 {
+        match self {
+            Syntax::ExplicitBig => u16::from_be_bytes(b),
+            _ => u16::from_le_bytes(b),
+        }
+    }
+
+    fn u32(self, b: [u8; 4]) -> u32 {
+        match self {
+            Syntax::ExplicitBig => u32::from_be_bytes(b),
+            _ => u32::from_le_bytes(b),
+        }
+    }
+}
+
+/// What the walker is inside of.
+#[derive(Debug, Clone, Copy)]
+enum Frame {
+    /// A data set: the top level, or an item of undefined length of sequence `tag` (which ends at
+    /// an item delimiter).
+    Elements { syntax: Syntax, tag: u32 },
+    /// The items of element `tag`, of undefined length, up to its sequence delimiter. `fragments`:
+    /// encapsulated pixel data, whose items are byte fragments of defined length.
+    Items {
+        syntax: Syntax,
+        tag: u32,
+        fragments: bool,
+    },
+}
+
+/// The element whose header was read last, for messages.
+#[derive(Debug, Clone, Copy)]
+struct Last {
+    tag: u32,
+    vr: Option<[u8; 2]>,
+    len: u32,
+    /// Data set offset of its header.
+    at: u64,
+}
+
+/// Follows a data set's element structure as its bytes arrive ([`Walker::feed`]), then says
+/// whether it ended at an element boundary ([`Walker::finish`]).
+#[derive(Debug)]
+pub(crate) struct Walker {
+    frames: [Frame; MAX_FRAMES],
+    /// Frames in use; `frames[0]` is the top-level data set.
+    depth: usize,
+    header: [u8; 12],
+    /// Header bytes gathered so far.
+    have: usize,
+    /// Value bytes still to skip.
+    skip: u64,
+    /// Data set bytes consumed.
+    pos: u64,
+    last: Option<Last>,
+}
+
+impl Walker {
+    /// A walker at the start of a data set encoded in `syntax`.
+    pub(crate) fn new(syntax: Syntax) -> Walker {
+        let top = Frame::Elements { syntax, tag: 0 };
+        Walker {
+            frames: [top; MAX_FRAMES],
+            depth: 1,
+            header: [0; 12],
+            have: 0,
+            skip: 0,
+            pos: 0,
+            last: None,
+        }
+    }
+
+    fn frame(&self) -> Frame {
+        // `depth` is always 1..=MAX_FRAMES.
+        self.frames[self.depth - 1]
+    }
+
+    /// The next bytes of the data set, in order. An `Err` means the data set does not decode; the
+    /// walker must not be fed again.
+    pub(crate) fn feed(&mut self, mut bytes: &[u8]) -> Result<(), WalkError> {
+        while !bytes.is_empty() {
+            if self.skip > 0 {
+                let n = usize::try_from(self.skip).map_or(bytes.len(), |s| s.min(bytes.len()));
+                self.skip -= n as u64;
+                self.pos += n as u64;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let need = self.header_len()?;
+            let take = (need - self.have).min(bytes.len());
+            self.header[self.have..self.have + take].copy_from_slice(&bytes[..take]);
+            self.have += take;
+            self.pos += take as u64;
+            bytes = &bytes[take..];
+            // A header is complete once it has the bytes `header_len` asks for with all of them.
+            if self.have == need && self.header_len()? == need {
+                self.on_header()?;
+                self.have = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// How many bytes the header being read has: 8 until its tag and VR are known, then 8 or 12.
+    fn header_len(&self) -> Result<usize, WalkError> {
+        if self.have < 8 {
+            return Ok(8);
+        }
+        let Frame::Elements { syntax, .. } = self.frame() else {
+            return Ok(8);
+        };
+        let tag = self.tag(syntax);
+        if !syntax.explicit() || tag >> 16 == 0xFFFE {
+            return Ok(8);
+        }
+        let vr = [self.header[4], self.header[5]];
+        match vr_kind(vr) {
+            Some(VrKind::Long) => Ok(12),
+            Some(VrKind::Short) => Ok(8),
+            None => Err(WalkError::UnknownVr {
+                tag,
+                vr,
+                at: self.header_at(),
+            }),
+        }
+    }
+
+    fn tag(&self, syntax: Syntax) -> u32 {
+        let group = syntax.u16([self.header[0], self.header[1]]);
+        let element = syntax.u16([self.header[2], self.header[3]]);
+        (u32::from(group) << 16) | u32::from(element)
+    }
+
+    /// Data set offset of the header being read.
+    fn header_at(&self) -> u64 {
+        self.pos - self.have as u64
+    }
+
+    fn push(&mut self, frame: Frame, tag: u32) -> Result<(), WalkError> {
+        if self.depth >= MAX_FRAMES {
+            return Err(WalkError::TooDeep {
+                tag,
+                at: self.header_at(),
+                max: MAX_SEQUENCE_DEPTH,
+            });
+        }
+        self.frames[self.depth] = frame;
+        self.depth += 1;
+        Ok(())
+    }
+
+    /// A complete header (`self.have` bytes of `self.header`).
+    fn on_header(&mut self) -> Result<(), WalkError> {
+        let at = self.header_at();
+        match self.frame() {
+            Frame::Elements {
+                syntax,
+                tag: item_of,
+            } => {
+                let tag = self.tag(syntax);
+                let (vr, len) = if tag >> 16 == 0xFFFE || !syntax.explicit() {
+                    let len = syntax.u32([
+                        self.header[4],
+                        self.header[5],
+                        self.header[6],
+                        self.header[7],
+                    ]);
+                    (None, len)
+                } else if self.have == 12 {
+                    let len = syntax.u32([
+                        self.header[8],
+                        self.header[9],
+                        self.header[10],
+                        self.header[11],
+                    ]);
+                    (Some([self.header[4], self.header[5]]), len)
+                } else {
+                    let len = syntax.u16([self.header[6], self.header[7]]);
+                    (Some([self.header[4], self.header[5]]), u32::from(len))
+                };
+                self.last = Some(Last { tag, vr, len, at });
+                match tag {
+                    ITEM_DELIMITER if self.depth > 1 => self.depth -= 1,
+                    // A sequence delimiter where an item's delimiter was due ends both.
+                    SEQUENCE_DELIMITER if self.depth > 1 => self.depth -= 2,
+                    ITEM | ITEM_DELIMITER | SEQUENCE_DELIMITER => {
+                        return Err(WalkError::Misplaced {
+                            tag,
+                            at,
+                            inside: item_of,
+                        })
+                    }
+                    _ if len == UNDEFINED => {
+                        let frame = match vr {
+                            // CP-246: the items of a UN of undefined length are implicit VR
+                            // little endian, whatever the data set's syntax.
+                            Some(vr) if &vr == b"UN" => Frame::Items {
+                                syntax: Syntax::ImplicitLittle,
+                                tag,
+                                fragments: false,
+                            },
+                            Some(vr) if &vr == b"SQ" => Frame::Items {
+                                syntax,
+                                tag,
+                                fragments: false,
+                            },
+                            Some(vr) if &vr == b"OB" || &vr == b"OW" => Frame::Items {
+                                syntax,
+                                tag,
+                                fragments: true,
+                            },
+                            Some(vr) => return Err(WalkError::UndefinedLength { tag, vr, at }),
+                            // Implicit VR: a sequence, or encapsulated pixel data.
+                            None => Frame::Items {
+                                syntax,
+                                tag,
+                                fragments: tag == PIXEL_DATA,
+                            },
+                        };
+                        self.push(frame, tag)?;
+                    }
+                    _ => self.skip = u64::from(len),
+                }
+            }
+            Frame::Items {
+                syntax,
+                tag: of,
+                fragments,
+            } => {
+                let tag = self.tag(syntax);
+                let len = syntax.u32([
+                    self.header[4],
+                    self.header[5],
+                    self.header[6],
+                    self.header[7],
+                ]);
+                self.last = Some(Last {
+                    tag,
+                    vr: None,
+                    len,
+                    at,
+                });
+                match tag {
+                    ITEM if len == UNDEFINED && fragments => {
+                        return Err(WalkError::FragmentWithoutLength { tag: of, at })
+                    }
+                    ITEM if len == UNDEFINED => {
+                        self.push(Frame::Elements { syntax, tag: of }, of)?
+                    }
+                    ITEM => self.skip = u64::from(len),
+                    SEQUENCE_DELIMITER => self.depth -= 1,
+                    // An item delimiter after an item of defined length: harmless, skipped.
+                    ITEM_DELIMITER => {}
+                    _ => return Err(WalkError::NotAnItem { tag, of, at }),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The data set has ended: `Ok` only if it ended at an element boundary at the top level.
+    pub(crate) fn finish(&self) -> Result<(), WalkError> {
+        let at = self.pos;
+        if self.skip > 0 {
+            let last = self.last.unwrap_or(Last {
+                tag: 0,
+                vr: None,
+                len: 0,
+                at: 0,
+            });
+            return Err(WalkError::EndsInValue {
+                tag: last.tag,
+                vr: last.vr,
+                len: last.len,
+                header_at: last.at,
+                missing: self.skip,
+            });
+        }
+        if self.have > 0 {
+            let tag = (self.have >= 4).then(|| {
+                let syntax = match self.frame() {
+                    Frame::Elements { syntax, .. } | Frame::Items { syntax, .. } => syntax,
+                };
+                self.tag(syntax)
+            });
+            return Err(WalkError::EndsInHeader {
+                tag,
+                have: self.have,
+                at: self.header_at(),
+            });
+        }
+        match self.frame() {
+            Frame::Elements { .. } if self.depth == 1 => Ok(()),
+            Frame::Elements { tag, .. } => Err(WalkError::EndsInItem { tag, at }),
+            Frame::Items { tag, .. } => Err(WalkError::EndsInSequence { tag, at }),
+        }
+    }
+
+    /// Data set bytes consumed so far.
+    #[cfg(test)]
+    pub(crate) fn position(&self) -> u64 {
+        self.pos
+    }
+}
+
+enum VrKind {
+    /// 2-byte length.
+    Short,
+    /// 2 reserved bytes, 4-byte length.
+    Long,
+}
+
+/// The header form of an explicit VR (PS3.5 7.1.2); `None` for bytes that are not a VR.
+fn vr_kind(vr: [u8; 2]) -> Option<VrKind> {
+    match &vr {
+        b"OB" | b"OD" | b"OF" | b"OL" | b"OV" | b"OW" | b"SQ" | b"SV" | b"UC" | b"UN" | b"UR"
+        | b"UT" | b"UV" => Some(VrKind::Long),
+        b"AE" | b"AS" | b"AT" | b"CS" | b"DA" | b"DS" | b"DT" | b"FD" | b"FL" | b"IS" | b"LO"
+        | b"LT" | b"PN" | b"SH" | b"SL" | b"SS" | b"ST" | b"TM" | b"UI" | b"UL" | b"US" => {
+            Some(VrKind::Short)
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // --- encoders for hand-made data sets ---
+
+    fn tag_bytes(s: Syntax, tag: u32) -> Vec<u8> {
+        let (g, e) = ((tag >> 16) as u16, tag as u16);
+        match s {
+            Syntax::ExplicitBig => [g.to_be_bytes(), e.to_be_bytes()].concat(),
+            _ => [g.to_le_bytes(), e.to_le_bytes()].concat(),
+        }
+    }
+
+    fn u32_bytes(s: Syntax, v: u32) -> [u8; 4] {
+        match s {
+            Syntax::ExplicitBig => v.to_be_bytes(),
+            _ => v.to_le_bytes(),
+        }
+    }
+
+    /// An element header with length `len`.
+    fn header(s: Syntax, tag: u32, vr: &[u8; 2], len: u32) -> Vec<u8> {
+        let mut out = tag_bytes(s, tag);
+        if !s.explicit() {
+            out.extend(u32_bytes(s, len));
+        } else if matches!(vr_kind(*vr), Some(VrKind::Long)) {
+            out.extend(vr);
+            out.extend([0, 0]);
+            out.extend(u32_bytes(s, len));
+        } else {
+            out.extend(vr);
+            let len = len as u16;
+            out.extend(match s {
+                Syntax::ExplicitBig => len.to_be_bytes(),
+                _ => len.to_le_bytes(),
+            });
+        }
+        out
+    }
+
+    fn element(s: Syntax, tag: u32, vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
+        [header(s, tag, vr, value.len() as u32), value.to_vec()].concat()
+    }
+
+    /// An item or delimiter header.
+    fn marker(s: Syntax, tag: u32, len: u32) -> Vec<u8> {
+        [tag_bytes(s, tag), u32_bytes(s, len).to_vec()].concat()
+    }
+
+    fn item_undefined(s: Syntax, body: &[u8]) -> Vec<u8> {
+        [
+            marker(s, ITEM, UNDEFINED),
+            body.to_vec(),
+            marker(s, ITEM_DELIMITER, 0),
+        ]
+        .concat()
+    }
+
+    fn item_defined(s: Syntax, body: &[u8]) -> Vec<u8> {
+        [marker(s, ITEM, body.len() as u32), body.to_vec()].concat()
+    }
+
+    fn sequence_undefined(s: Syntax, tag: u32, items: &[Vec<u8>]) -> Vec<u8> {
+        [
+            header(s, tag, b"SQ", UNDEFINED),
+            items.concat(),
+            marker(s, SEQUENCE_DELIMITER, 0),
+        ]
+        .concat()
+    }
+
+    const SYNTAXES: [Syntax; 3] = [
+        Syntax::ImplicitLittle,
+        Syntax::ExplicitLittle,
+        Syntax::ExplicitBig,
+    ];
+
+    /// Top-level elements, each with nested structures, in `s`; returns the elements' bytes.
+    fn elements(s: Syntax) -> Vec<Vec<u8>> {
+        let inner = [
+            element(s, 0x0008_1150, b"UI", b"1.2.840.10008.5.1.4.1.1.2\0"),
+            element(s, 0x0008_1155, b"UI", b"1.2.3.4"), // odd length: skipped all the same
+        ]
+        .concat();
+        let nested = sequence_undefined(
+            s,
+            0x0008_1250,
+            &[item_undefined(
+                s,
+                &[
+                    element(s, 0x0010_0020, b"LO", b"PAT-1 "),
+                    sequence_undefined(s, 0x0040_A730, &[item_undefined(s, &inner)]),
+                ]
+                .concat(),
+            )],
+        );
+        // A defined-length sequence: skipped by its length, like any value.
+        let defined_items = [item_defined(s, &inner), item_defined(s, &inner)].concat();
+        let defined_sq = element(s, 0x0008_1140, b"SQ", &defined_items);
+        let empty_sq = sequence_undefined(s, 0x0008_1111, &[]);
+        let mixed_sq = sequence_undefined(
+            s,
+            0x0008_1115,
+            &[
+                item_defined(s, &inner),
+                item_undefined(s, &[]),
+                item_undefined(s, &nested),
+            ],
+        );
+        let pixels: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+        vec![
+            element(s, 0x0008_0016, b"UI", b"1.2.840.10008.5.1.4.1.1.2\0"),
+            element(s, 0x0008_0018, b"UI", b"1.2.3.4\0"),
+            element(s, 0x0008_0060, b"CS", b"CT"),
+            element(s, 0x0010_0010, b"PN", b""),
+            defined_sq,
+            empty_sq,
+            nested,
+            mixed_sq,
+            element(s, 0x0028_0010, b"US", &[0, 1]),
+            element(s, 0x0009_1001, b"UT", &[b'x'; 300]),
+            element(s, PIXEL_DATA, b"OW", &pixels),
+        ]
+    }
+
+    fn encapsulated_pixel_data() -> Vec<u8> {
+        let s = Syntax::ExplicitLittle;
+        [
+            header(s, PIXEL_DATA, b"OB", UNDEFINED),
+            item_defined(s, &[0, 0, 0, 0]), // basic offset table
+            item_defined(s, &[0xFF; 1000]),
+            item_defined(s, &[]),
+            item_defined(s, &[0xD8; 2001]),
+            marker(s, SEQUENCE_DELIMITER, 0),
+        ]
+        .concat()
+    }
+
+    fn walk(s: Syntax, bytes: &[u8], chunk: usize) -> Result<(), WalkError> {
+        let mut w = Walker::new(s);
+        for c in bytes.chunks(chunk.max(1)) {
+            w.feed(c)?;
+        }
+        assert_eq!(w.position(), bytes.len() as u64);
+        w.finish()
+    }
+
+    /// Every prefix of the data set made of `elements` ends at a boundary iff it ends between two
+    /// top-level elements; a prefix cut anywhere else (inside a header, a value, a sequence, an
+    /// item, a delimiter) is refused. Fed whole and in small chunks.
+    fn every_cut_is_found(s: Syntax, elements: &[Vec<u8>]) {
+        let data = elements.concat();
+        let mut boundaries = vec![0usize];
+        for e in elements {
+            boundaries.push(boundaries.last().copied().unwrap_or(0) + e.len());
+        }
+        for cut in 0..=data.len() {
+            for chunk in [usize::MAX, 7] {
+                let r = walk(s, &data[..cut], chunk);
+                assert_eq!(
+                    r.is_ok(),
+                    boundaries.contains(&cut),
+                    "{s:?} cut at {cut} of {} (chunk {chunk}): {r:?}",
+                    data.len()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn whole_data_sets_end_at_a_boundary_in_every_native_syntax_however_they_are_chunked() {
+        for s in SYNTAXES {
+            let data = elements(s).concat();
+            for chunk in [1, 2, 3, 5, 8, 11, 12, 13, 100, 4096, usize::MAX] {
+                assert_eq!(walk(s, &data, chunk), Ok(()), "{s:?} chunk {chunk}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_cut_anywhere_but_between_top_level_elements_is_refused_in_every_native_syntax() {
+        for s in SYNTAXES {
+            every_cut_is_found(s, &elements(s));
+        }
+    }
+
+    #[test]
+    fn encapsulated_pixel_data_is_followed_fragment_by_fragment_to_its_delimiter() {
+        let s = Syntax::ExplicitLittle;
+        let mut parts = elements(s);
+        parts.pop(); // native pixel data
+        parts.push(encapsulated_pixel_data());
+        parts.push(element(s, 0xFFFC_FFFC, b"OB", &[0; 6])); // trailing padding
+        every_cut_is_found(s, &parts);
+        // In implicit VR, undefined-length pixel data is encapsulated too.
+        let i = Syntax::ImplicitLittle;
+        let implicit = [
+            header(i, PIXEL_DATA, b"OB", UNDEFINED),
+            item_defined(i, &[]),
+            item_defined(i, &[1; 10]),
+            marker(i, SEQUENCE_DELIMITER, 0),
+        ]
+        .concat();
+        every_cut_is_found(i, &[element(i, 0x0028_0010, b"US", &[0, 1]), implicit]);
+    }
+
+    #[test]
+    fn a_un_of_undefined_length_holds_implicit_little_endian_items_in_every_explicit_syntax() {
+        for s in [Syntax::ExplicitLittle, Syntax::ExplicitBig] {
+            let i = Syntax::ImplicitLittle;
+            let body = [
+                element(i, 0x0009_0010, b"LO", b"ACME"),
+                sequence_undefined(i, 0x0009_1010, &[item_undefined(i, &[])]),
+            ]
+            .concat();
+            let un = [
+                header(s, 0x0009_1020, b"UN", UNDEFINED),
+                item_undefined(i, &body),
+                item_defined(i, &body),
+                marker(i, SEQUENCE_DELIMITER, 0),
+            ]
+            .concat();
+            every_cut_is_found(s, &[element(s, 0x0008_0060, b"CS", b"MR"), un]);
+        }
+    }
+
+    #[test]
+    fn a_value_crossing_chunks_is_skipped_by_its_length_and_a_huge_length_is_never_allocated() {
+        let s = Syntax::ExplicitLittle;
+        let pixels = vec![0xA5u8; 200_000];
+        let data = [
+            element(s, 0x0008_0060, b"CS", b"CT"),
+            element(s, PIXEL_DATA, b"OW", &pixels),
+        ]
+        .concat();
+        let mut w = Walker::new(s);
+        for c in data.chunks(16_384) {
+            w.feed(c).unwrap();
+        }
+        assert_eq!(w.finish(), Ok(()));
+        // A value announced at 4 GiB - 2 and cut: the walker only counts what is missing.
+        let mut w = Walker::new(s);
+        w.feed(&header(s, PIXEL_DATA, b"OB", 0xFFFF_FFFE)).unwrap();
+        w.feed(&[0; 1000]).unwrap();
+        match w.finish() {
+            Err(WalkError::EndsInValue { tag, missing, .. }) => {
+                assert_eq!((tag, missing), (PIXEL_DATA, 0xFFFF_FFFE - 1000));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn each_kind_of_cut_names_the_element_it_ends_in() {
+        let s = Syntax::ExplicitLittle;
+        let data = elements(s).concat();
+        let pixel_header = data.len() - 3000 - 12;
+        let end = |cut: usize| walk(s, &data[..cut], usize::MAX).unwrap_err();
+        let e = end(data.len() - 1);
+        assert!(
+            matches!(
+                e,
+                WalkError::EndsInValue {
+                    tag: PIXEL_DATA,
+                    missing: 1,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string().contains("ends inside element (7FE0,0010)"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("last fragment too early"), "{e}");
+        let e = end(pixel_header + 6);
+        assert!(
+            matches!(
+                e,
+                WalkError::EndsInHeader {
+                    tag: Some(PIXEL_DATA),
+                    have: 6,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("(7FE0,0010)"), "{e}");
+        let e = end(pixel_header + 2);
+        assert!(
+            matches!(e, WalkError::EndsInHeader { tag: None, .. }),
+            "{e:?}"
+        );
+        // Just after the opening of the nested sequence's first item.
+        let nested_start = elements(s)[..6].concat().len();
+        let e = end(nested_start + 12 + 8);
+        assert!(
+            matches!(
+                e,
+                WalkError::EndsInItem {
+                    tag: 0x0008_1250,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let e = end(nested_start + 12);
+        assert!(
+            matches!(
+                e,
+                WalkError::EndsInSequence {
+                    tag: 0x0008_1250,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn malformed_structures_are_refused_as_they_arrive() {
+        let s = Syntax::ExplicitLittle;
+        let refused = |bytes: &[u8]| {
+            let mut w = Walker::new(s);
+            w.feed(bytes).unwrap_err()
+        };
+        let garbage = b"Not a DICOM data set at all, just some text sent by mistake.\n";
+        assert!(matches!(refused(garbage), WalkError::UnknownVr { .. }));
+        let mut bad_vr = element(s, 0x0008_0060, b"CS", b"CT");
+        bad_vr[4..6].copy_from_slice(b"\0\x01");
+        let e = refused(&bad_vr);
+        assert!(e.to_string().contains("0x0001"), "{e}");
+        assert!(matches!(
+            refused(&marker(s, ITEM, 0)),
+            WalkError::Misplaced { tag: ITEM, .. }
+        ));
+        assert!(matches!(
+            refused(&marker(s, SEQUENCE_DELIMITER, 0)),
+            WalkError::Misplaced { .. }
+        ));
+        let not_an_item = [
+            header(s, 0x0008_1115, b"SQ", UNDEFINED),
+            element(s, 0x0008_0060, b"CS", b"CT"),
+        ]
+        .concat();
+        assert!(matches!(
+            refused(&not_an_item),
+            WalkError::NotAnItem {
+                of: 0x0008_1115,
+                ..
+            }
+        ));
+        assert!(matches!(
+            refused(&header(s, 0x0008_0100, b"UT", UNDEFINED)),
+            WalkError::UndefinedLength { .. }
+        ));
+        let fragment = [
+            header(s, PIXEL_DATA, b"OB", UNDEFINED),
+            marker(s, ITEM, UNDEFINED),
+        ]
+        .concat();
+        assert!(matches!(
+            refused(&fragment),
+            WalkError::FragmentWithoutLength { .. }
+        ));
+    }
+
+    #[test]
+    fn nesting_is_capped() {
+        let s = Syntax::ExplicitLittle;
+        let level = [
+            header(s, 0x0040_A730, b"SQ", UNDEFINED),
+            marker(s, ITEM, UNDEFINED),
+        ]
+        .concat();
+        let mut w = Walker::new(s);
+        w.feed(&level.repeat(MAX_SEQUENCE_DEPTH)).unwrap();
+        let mut deep = Walker::new(s);
+        let e = deep
+            .feed(&level.repeat(MAX_SEQUENCE_DEPTH + 1))
+            .unwrap_err();
+        assert!(matches!(e, WalkError::TooDeep { .. }), "{e:?}");
+        // The deepest allowed nesting, closed again, ends at a boundary.
+        let close = [
+            marker(s, ITEM_DELIMITER, 0),
+            marker(s, SEQUENCE_DELIMITER, 0),
+        ]
+        .concat();
+        w.feed(&close.repeat(MAX_SEQUENCE_DEPTH)).unwrap();
+        assert_eq!(w.finish(), Ok(()));
+    }
+
+    #[test]
+    fn transfer_syntaxes_map_to_their_data_set_encoding_and_deflated_ones_are_not_walked() {
+        use dicom_dictionary_std::uids;
+        let of = Syntax::of_transfer_syntax;
+        assert_eq!(
+            of(uids::IMPLICIT_VR_LITTLE_ENDIAN),
+            Some(Syntax::ImplicitLittle)
+        );
+        assert_eq!(of("1.2.840.10008.1.2\0"), Some(Syntax::ImplicitLittle));
+        assert_eq!(
+            of(uids::EXPLICIT_VR_LITTLE_ENDIAN),
+            Some(Syntax::ExplicitLittle)
+        );
+        #[allow(deprecated)]
+        let big = uids::EXPLICIT_VR_BIG_ENDIAN;
+        assert_eq!(of(big), Some(Syntax::ExplicitBig));
+        assert_eq!(of(uids::JPEG_BASELINE8_BIT), Some(Syntax::ExplicitLittle));
+        assert_eq!(of(uids::JPEG2000_LOSSLESS), Some(Syntax::ExplicitLittle));
+        assert_eq!(of(uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN), None);
+    }
+
+    /// Data sets written by dicom-object (another encoder than the helpers above) walk to the end,
+    /// and their cuts are found.
+    #[test]
+    fn data_sets_written_by_dicom_object_walk_to_their_end() {
+        use dicom_core::{DataElement, PrimitiveValue, VR};
+        use dicom_dictionary_std::tags;
+        use dicom_encoding::transfer_syntax::TransferSyntaxIndex;
+        use dicom_object::InMemDicomObject;
+        let item = InMemDicomObject::from_element_iter([DataElement::new(
+            tags::REFERENCED_SOP_INSTANCE_UID,
+            VR::UI,
+            PrimitiveValue::from("1.2.3.4\0"),
+        )]);
+        let mut obj = InMemDicomObject::new_empty();
+        obj.put(DataElement::new(
+            tags::SOP_INSTANCE_UID,
+            VR::UI,
+            PrimitiveValue::from("1.2.3\0"),
+        ));
+        obj.put(DataElement::new(
+            tags::REFERENCED_IMAGE_SEQUENCE,
+            VR::SQ,
+            dicom_core::value::DataSetSequence::from(vec![item.clone(), item]),
+        ));
+        obj.put(DataElement::new(
+            tags::PIXEL_DATA,
+            VR::OW,
+            PrimitiveValue::from(vec![7u8; 5000]),
+        ));
+        #[allow(deprecated)]
+        let syntaxes = [
+            dicom_dictionary_std::uids::IMPLICIT_VR_LITTLE_ENDIAN,
+            dicom_dictionary_std::uids::EXPLICIT_VR_LITTLE_ENDIAN,
+            dicom_dictionary_std::uids::EXPLICIT_VR_BIG_ENDIAN,
+        ];
+        for uid in syntaxes {
+            let ts = TransferSyntaxRegistry.get(uid).unwrap();
+            let mut bytes = Vec::new();
+            obj.write_dataset_with_ts(&mut bytes, ts).unwrap();
+            let s = Syntax::of_transfer_syntax(uid).unwrap();
+            assert_eq!(walk(s, &bytes, 5), Ok(()), "{uid}");
+            for cut in [1, 9, bytes.len() / 2, bytes.len() - 1] {
+                assert!(walk(s, &bytes[..cut], 5).is_err(), "{uid} cut at {cut}");
+            }
+        }
+    }
+}
