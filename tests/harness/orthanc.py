@@ -106,6 +106,9 @@ class Orthanc:
     # The front door also speaks HTTP/2 (ALPN), with request-body windows of 1 MiB per stream
     # (HTTP2_WINDOWS); otherwise HTTP/1.1 only.
     http2: bool = False
+    # Orthanc replaces an instance it already has when the same SOP Instance UID is stored again (its
+    # default keeps the first copy).
+    overwrite_instances: bool = False
     # More nginx directives for the front door's server block, e.g. "keepalive_requests 2;".
     front_directives: list[str] = field(default_factory=list)
     orthanc_proc: subprocess.Popen | None = None
@@ -150,7 +153,7 @@ class Orthanc:
             "OrthancExplorerEnabled": False,
             "WebDavEnabled": False,
             "HttpCompressionEnabled": False,
-            "OverwriteInstances": False,
+            "OverwriteInstances": self.overwrite_instances,
             "ConcurrentJobs": 1,
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True},
         }

@@ -3,6 +3,7 @@ answers but cannot store (its disk is full)."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import subprocess
@@ -67,6 +68,49 @@ def test_orthanc_outage_delays_but_loses_nothing(
     assert status["lost"] == 0 and status["failed"] == 0 and status["queued"] == 0, status
     assert_byte_identical(orthanc, {i.sop_instance_uid: storescu_reference[i.sop_instance_uid] for i in study})
     gw.stop_ok()
+
+
+def test_a_correction_sent_during_an_outage_reaches_an_overwriting_pacs_after_its_original(
+    pki, make_gateway, ct_study: Study, tmp_path: Path
+) -> None:
+    """A modality sends an instance while the PACS is down, then a correction of it (same SOP Instance UID,
+    other content). The original waits for its retry, the correction is due at once; a PACS that replaces an
+    instance stored again (Orthanc with OverwriteInstances) keeps whichever it receives last. passerelled
+    sends the versions of one UID in the order they arrived, so the PACS ends with the correction."""
+    import pydicom
+
+    pacs = Orthanc(dir=tmp_path / "pacs", pki=pki, overwrite_instances=True)
+    try:
+        pacs.start()
+        one = ct_study.instances[0]
+        # The original's retry (and the uplink's hold) comes 8 s after its failure: the correction arrives and
+        # the PACS is back before then.
+        gw = make_gateway(pacs, extra_uplink={"retry_base_secs": 8, "retry_max_secs": 16})
+        gw.start()
+        pacs.stop_orthanc()
+        send.storescu(gw.port, [one], tmp_path / "original", called_ae=gw.ae_title)
+        wait_until(lambda: (s := gw.status())["last_error"] and s["queued"] == 1 and s, 30,
+                   "the original to fail against the PACS that is down")  # fmt: skip
+
+        ds = pydicom.dcmread(one.path)
+        ds.SeriesDescription = "CORRECTED"
+        corrected = tmp_path / "corrected.dcm"
+        ds.save_as(corrected, enforce_file_format=True)
+        fixed = dataclasses.replace(one, path=corrected, name="corrected.dcm")
+        send.storescu(gw.port, [fixed], tmp_path / "correction", called_ae=gw.ae_title)
+        pacs.start_orthanc()
+
+        status = wait_until(lambda: (s := gw.status())["sent"] == 2 and s, 90, "both versions to be confirmed")
+        assert status["failed"] == 0 and status["lost"] == 0 and status["queued"] == 0, status
+        with pacs.session() as s:
+            [iid] = pacs.sop_instance_uids().values()
+            tags = s.get(f"{pacs.base_url}/instances/{iid}/simplified-tags", timeout=30).json()
+        assert tags.get("SeriesDescription") == "CORRECTED", (
+            "the PACS ended with the original: it was sent after its correction"
+        )
+        gw.stop_ok()
+    finally:
+        pacs.stop()
 
 
 FILLER = "storage/filler"
