@@ -187,9 +187,15 @@ fn log_refused_contexts(
             "Presentation context refused: {hint}. peer={} calling_ae={calling_ae} context_id={} abstract_syntax={} transfer_syntaxes={}",
             peer.ip(),
             result.id,
-            proposed.map(|p| printable(&p.abstract_syntax)).unwrap_or_default(),
+            proposed.map(|p| peer_text(&p.abstract_syntax)).unwrap_or_default(),
             proposed
-                .map(|p| printable(&p.transfer_syntaxes.join(",")))
+                .map(|p| {
+                    p.transfer_syntaxes
+                        .iter()
+                        .map(|t| peer_text(t))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
                 .unwrap_or_default(),
         );
     }
@@ -499,7 +505,7 @@ impl Association {
             dimse::C_STORE_RQ if !cmd.has_dataset => {
                 warn!(
                     "C-STORE refused: the request announced no data set, so there is nothing to store. sop_instance_uid={} calling_ae={} peer={} status=0xC000 Check the modality's DICOM software; nothing was stored.",
-                    printable(&cmd.sop_instance_uid), self.calling_ae, self.ip()
+                    peer_text(&cmd.sop_instance_uid), self.calling_ae, self.ip()
                 );
                 self.respond(pc_id, dimse::C_STORE_RSP, &cmd, STATUS_CANNOT_UNDERSTAND)
                     .await
@@ -512,7 +518,7 @@ impl Association {
                 // `dicom.private_sop_classes` allows): another class on it is refused unread.
                 warn!(
                     "C-STORE refused: its SOP Class is not the one negotiated for its presentation context. sop_class_uid={} context_id={pc_id} context_abstract_syntax={} sop_instance_uid={} calling_ae={} peer={} status=0x0122 Check the modality's DICOM export (it must propose a presentation context for each SOP class it sends); nothing was stored.",
-                    printable(&cmd.sop_class_uid), ctx.abstract_syntax, printable(&cmd.sop_instance_uid), self.calling_ae, self.ip()
+                    peer_text(&cmd.sop_class_uid), peer_text(&ctx.abstract_syntax), peer_text(&cmd.sop_instance_uid), self.calling_ae, self.ip()
                 );
                 self.current = Some(InFlight::Refuse {
                     cmd,
@@ -527,8 +533,8 @@ impl Association {
                     None => self.start_store(pc_id, cmd, &ctx),
                     Some(why) => {
                         warn!(
-                            "C-STORE refused: the command's Affected SOP Class/Instance UID {why}. sop_class_uid={:?} sop_instance_uid={:?} calling_ae={} peer={} status=0xC000 Check the modality's export; nothing was stored.",
-                            cmd.sop_class_uid, cmd.sop_instance_uid, self.calling_ae, self.ip()
+                            "C-STORE refused: the command's Affected SOP Class/Instance UID {why}. sop_class_uid=\"{}\" sop_instance_uid=\"{}\" calling_ae={} peer={} status=0xC000 Check the modality's export; nothing was stored.",
+                            peer_text(&cmd.sop_class_uid), peer_text(&cmd.sop_instance_uid), self.calling_ae, self.ip()
                         );
                         self.current = Some(InFlight::Refuse {
                             cmd,
@@ -547,7 +553,7 @@ impl Association {
             field => {
                 warn!(
                     "Refused a DIMSE request we do not serve. peer={} calling_ae={} command_field={field:#06x} context_abstract_syntax={} status=0x0211",
-                    self.ip(), self.calling_ae, ctx.abstract_syntax
+                    self.ip(), self.calling_ae, peer_text(&ctx.abstract_syntax)
                 );
                 if cmd.has_dataset {
                     self.current = Some(InFlight::Refuse {
@@ -749,10 +755,25 @@ fn bad_uid(uid: &str) -> Option<&'static str> {
 }
 
 /// A peer-supplied text made safe for a log line (no control characters).
-fn printable(s: &str) -> String {
+pub(crate) fn printable(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_control() { '?' } else { c })
         .collect()
+}
+
+/// The most characters of one peer-supplied field (a UID, an abstract syntax) put in a log line.
+/// Real ones have at most 64; a data set element may hold a megabyte, a PDU field 64 KiB.
+pub(crate) const MAX_LOGGED_FIELD: usize = 128;
+
+/// A peer-supplied field made safe for a log line: [`printable`], and cut after
+/// [`MAX_LOGGED_FIELD`] characters, saying how long it was.
+pub(crate) fn peer_text(s: &str) -> String {
+    let mut chars = s.chars();
+    let mut out = printable(&chars.by_ref().take(MAX_LOGGED_FIELD).collect::<String>());
+    if chars.next().is_some() {
+        out.push_str(&format!("...(cut, {} bytes in all)", s.len()));
+    }
+    out
 }
 
 /// Resolves once the abort flag is set (never, if the flag's sender is gone).
@@ -782,5 +803,28 @@ mod tests {
     fn peer_texts_lose_their_control_characters_before_reaching_a_log_line() {
         assert_eq!(printable("CT1\nfake log line\r"), "CT1?fake log line?");
         assert_eq!(printable("MR_ROOM 2"), "MR_ROOM 2");
+    }
+
+    #[test]
+    fn peer_fields_are_cut_after_128_characters_and_say_how_long_they_were() {
+        assert_eq!(
+            peer_text("1.2.840.10008.5.1.4.1.1.2"),
+            "1.2.840.10008.5.1.4.1.1.2"
+        );
+        assert_eq!(peer_text("1.2\n3"), "1.2?3");
+        let exact = "9".repeat(MAX_LOGGED_FIELD);
+        assert_eq!(peer_text(&exact), exact);
+        let long = format!("1.2.3\nFAKE line {}", "é".repeat(1 << 20));
+        let shown = peer_text(&long);
+        assert!(!shown.contains('\n'), "{shown}");
+        assert!(shown.starts_with("1.2.3?FAKE line é"), "{shown}");
+        assert!(
+            shown.ends_with(&format!("...(cut, {} bytes in all)", long.len())),
+            "{shown}"
+        );
+        assert_eq!(
+            shown.chars().count(),
+            MAX_LOGGED_FIELD + "...(cut, 2097168 bytes in all)".len()
+        );
     }
 }

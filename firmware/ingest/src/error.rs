@@ -2,6 +2,8 @@ use std::net::SocketAddr;
 
 use passerelle_spool::SpoolError;
 
+use crate::association::peer_text;
+
 pub type Result<T, E = IngestError> = std::result::Result<T, E>;
 
 /// DIMSE status: success.
@@ -129,14 +131,21 @@ pub enum IngestError {
     },
 
     #[error(
-        "The data set's SOP Instance UID {dataset_uid} differs from the command's {command_uid}"
+        "The data set's SOP Instance UID {} differs from the command's {}",
+        peer_text(dataset_uid),
+        peer_text(command_uid)
     )]
     MatchSopInstance {
         command_uid: String,
         dataset_uid: String,
     },
 
-    #[error("The data set of SOP Instance {sop_instance_uid} has SOP Class {dataset_class}, but the command says {command_class}")]
+    #[error(
+        "The data set of SOP Instance {} has SOP Class {}, but the command says {}",
+        peer_text(sop_instance_uid),
+        peer_text(dataset_class),
+        peer_text(command_class)
+    )]
     MatchSopClass {
         sop_instance_uid: String,
         command_class: String,
@@ -384,6 +393,31 @@ mod tests {
             e.operator_hint(),
             "Check the modality's export of this image."
         );
+    }
+
+    #[test]
+    fn data_set_uids_reach_the_log_line_without_control_characters_and_cut_to_128_characters() {
+        // The leading-element parser takes values of up to 1 MiB.
+        let huge = format!("1.2.3\r\nINFO forged line {}", "7".repeat(1 << 20));
+        let lines = [
+            IngestError::MatchSopInstance {
+                command_uid: "1.2.3".into(),
+                dataset_uid: huge.clone(),
+            }
+            .to_string(),
+            IngestError::MatchSopClass {
+                sop_instance_uid: "1.2.3".into(),
+                command_class: "1.2.840.10008.5.1.4.1.1.2".into(),
+                dataset_class: huge.clone(),
+            }
+            .to_string(),
+        ];
+        for line in lines {
+            assert!(!line.contains(['\r', '\n']), "{line}");
+            assert!(line.contains("1.2.3??INFO forged line 777"), "{line}");
+            assert!(line.contains("...(cut, 1048600 bytes in all)"), "{line}");
+            assert!(line.len() < 400, "{} bytes", line.len());
+        }
     }
 
     #[test]

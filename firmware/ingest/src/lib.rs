@@ -45,7 +45,8 @@
 //! - A C-STORE whose command UIDs are not 1 to 64 digits and dots is refused (0xC000) without
 //!   touching the spool: those UIDs end up in file metadata, log lines and STOW-RS requests.
 //! - Errors become DIMSE statuses in one exhaustive match ([`IngestError::dimse_status`]).
-//! - Peer-supplied text (AE titles, UIDs) is stripped of control characters before it is logged.
+//! - Peer-supplied text (AE titles, UIDs, abstract syntaxes, data set UIDs) is stripped of control
+//!   characters before it is logged, and a field is cut after 128 characters.
 //! - Shutdown: stop accepting, give in-flight associations `shutdown_grace`, then A-ABORT them.
 //! - `examples/scp.rs` runs the SCP alone against a spool directory, for trying it with dcmtk or
 //!   pynetdicom by hand.

@@ -130,7 +130,7 @@ pub(crate) fn negotiate(rq: &AssociationRQ, cfg: &DicomConfig, have_slot: bool) 
             ),
             format!(
                 "application context {} is not the DICOM one",
-                rq.application_context_name
+                crate::association::peer_text(&rq.application_context_name)
             ),
         );
     }

@@ -1231,3 +1231,72 @@ async fn a_data_set_whose_last_fragment_is_marked_too_early_is_refused_and_not_s
         assert!(split_part10(bytes).1 == &dataset(ts, CT, &uid, 30_000)[..]);
     }
 }
+
+/// Log lines that mention `FORGED`, from every thread of this test binary.
+static FORGED_LINES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+struct CaptureForged;
+
+impl log::Log for CaptureForged {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record) {
+        let line = record.args().to_string();
+        if line.contains("FORGED") {
+            FORGED_LINES.lock().unwrap().push(line);
+        }
+    }
+    fn flush(&self) {}
+}
+
+static CAPTURE_FORGED: CaptureForged = CaptureForged;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_abstract_syntax_reaches_log_lines_without_its_newline_and_cut_short() {
+    // The only logger of this test binary; it keeps only lines that mention FORGED.
+    let _ = log::set_logger(&CAPTURE_FORGED);
+    log::set_max_level(log::LevelFilter::Debug);
+    let scp = start(dicom_cfg(), 1).await;
+    let addr = scp.addr;
+    // A storage abstract syntax as far as negotiation goes (it extends the storage arc).
+    let forged = format!(
+        "1.2.840.10008.5.1.4.1.1.2.9\nERROR FORGED line {}",
+        "x".repeat(1000)
+    );
+    let abs = forged.clone();
+    blocking(move || {
+        let mut a = associate(addr, "CT1", AE, &[(abs.as_str(), &[ELE])]).unwrap();
+        let (pc, _) = pc_for(&a, &abs);
+        // A CT instance on that context: refused (0x0122), its line names the context's syntax.
+        let ds = dataset(ELE, CT, "1.2.3.950", 100);
+        let rsp = store(&mut a, pc, 1, CT, "1.2.3.950", &ds);
+        assert_eq!(u16_of(&rsp, tags::STATUS), 0x0122);
+        // A C-FIND on it: refused (0x0211), its line names the context's syntax too.
+        let cmd = command(0x0020, 2, &abs, None, false);
+        a.send(&Pdu::PData {
+            data: vec![pdv(pc, true, true, cmd)],
+        })
+        .unwrap();
+        assert_eq!(u16_of(&response(&mut a), tags::STATUS), 0x0211);
+        a.release().unwrap();
+    })
+    .await;
+    let lines = FORGED_LINES.lock().unwrap().clone();
+    assert!(
+        lines.iter().any(|l| l.contains("status=0x0122")),
+        "{lines:#?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("status=0x0211")),
+        "{lines:#?}"
+    );
+    for line in &lines {
+        assert!(!line.contains('\n'), "a forged line break: {line}");
+        assert!(
+            line.contains("1.2.840.10008.5.1.4.1.1.2.9?ERROR FORGED line xxx"),
+            "{line}"
+        );
+        assert!(line.len() < 800, "{} bytes: {line}", line.len());
+    }
+}
