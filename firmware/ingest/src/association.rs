@@ -345,8 +345,11 @@ impl Association {
                 }
                 Err(e) => {
                     warn!(
-                        "Aborted association: {e}. peer={} calling_ae={} {} Check the modality's maximum PDU length and network.",
-                        self.ip(), self.calling_ae, self.in_flight_note()
+                        "Aborted association: {e}. peer={} calling_ae={} {} {}",
+                        self.ip(),
+                        self.calling_ae,
+                        self.in_flight_note(),
+                        e.operator_hint()
                     );
                     self.abort(abort_reason(&e)).await;
                     return;
@@ -358,10 +361,11 @@ impl Association {
                 Ok(Flow::Stop) => return,
                 Err(e) => {
                     warn!(
-                        "Aborted association: {e}. peer={} calling_ae={} {}",
+                        "Aborted association: {e}. peer={} calling_ae={} {} {}",
                         self.ip(),
                         self.calling_ae,
-                        self.in_flight_note()
+                        self.in_flight_note(),
+                        e.operator_hint()
                     );
                     let reason = match e {
                         IngestError::UnexpectedPdu { .. } => {

@@ -271,20 +271,84 @@ impl IngestError {
         }
     }
 
-    /// What the operator (or the modality's operator) should do about a failed C-STORE.
+    /// What the operator (or the modality's operator) should do about this error: for a failed
+    /// C-STORE, the end of its log line; for an aborted association, the end of that line. It
+    /// names the side at fault: the spool's disk (full or failing), a defect of ours, the
+    /// modality's export or DICOM software, or the network.
     pub fn operator_hint(&self) -> &'static str {
-        if let IngestError::DecodeDataset { .. } = self {
-            return "Check the modality's export of this image.";
-        }
-        match self.dimse_status() {
-            STATUS_OUT_OF_RESOURCES => {
-                "Free space on the spool partition or check the disk; the modality may resend."
+        match self {
+            IngestError::EnsureSpace { source, .. }
+            | IngestError::WriteSpool { source, .. }
+            | IngestError::CommitInstance { source, .. } => spool_hint(source),
+            IngestError::RunStoreTask { .. } | IngestError::BuildPart10Header { .. } => HINT_DEFECT,
+            IngestError::ReceiveDataset { .. } => {
+                "The association ended before the data set was complete; the modality must send it again."
             }
-            STATUS_DATASET_MISMATCH => {
+            IngestError::MatchSopInstance { .. } | IngestError::MatchSopClass { .. } => {
                 "Check the modality's export: its command and data set disagree; nothing was stored."
             }
-            _ => "Check the modality's export of this instance; nothing was stored.",
+            IngestError::DecodeDataset { .. } => "Check the modality's export of this image.",
+            IngestError::ParseDataset { .. } => {
+                "Check the modality's export of this instance; nothing was stored."
+            }
+            IngestError::FollowProtocol { .. }
+            | IngestError::UnexpectedPdu { .. }
+            | IngestError::ParseCommand { .. }
+            | IngestError::DecodePdu { .. } => HINT_PEER_SOFTWARE,
+            IngestError::PduTooLarge { .. } => {
+                "The modality sent a PDU larger than the maximum length we announced (dicom.max_pdu_length), which its DICOM software must respect: report it to the modality's vendor, or raise dicom.max_pdu_length. The modality must send again what was not acknowledged."
+            }
+            IngestError::ReadPdu { .. } | IngestError::WritePdu { .. } => {
+                "The connection failed: check the network between the modality and this box; the modality must send again what was not acknowledged."
+            }
+            IngestError::WaitForPeer { .. } => {
+                "The modality stopped sending or reading: check the modality and the network between it and this box; it must send again what was not acknowledged."
+            }
+            IngestError::EncodePdu { .. } | IngestError::BuildResponse { .. } => HINT_DEFECT,
+            IngestError::Accept { .. } => {
+                "Check the process's file descriptor limit and the system's memory."
+            }
         }
+    }
+}
+
+/// A defect of passerelled's, not of the data, the disk or the modality.
+const HINT_DEFECT: &str = "This is a defect in passerelled: report it to the vendor with these log lines; nothing was stored and the modality may resend.";
+
+/// The modality's DICOM software broke the protocol.
+const HINT_PEER_SOFTWARE: &str = "The modality's DICOM software broke the DICOM protocol (not the network, not this box): report it to the modality's vendor with this line; the modality must send again what was not acknowledged.";
+
+const HINT_DISK_FULL: &str = "Free space on the spool partition: it is full, and no instance confirmed by the upstream is left to evict (check the uplink's log lines); the modality may resend.";
+
+const HINT_DISK_ERROR: &str = "The spool disk failed: check it (kernel log, SMART, mount state and permissions of the spool directory); the modality may resend.";
+
+/// The hint for a spool failure on the way to storing an instance.
+fn spool_hint(e: &SpoolError) -> &'static str {
+    use std::io::ErrorKind;
+    match e {
+        SpoolError::DiskFull { .. } => HINT_DISK_FULL,
+        SpoolError::Digest { .. } => HINT_DEFECT,
+        SpoolError::Statvfs { .. } => {
+            "Passerelle cannot read the spool partition's free space: check the disk and its mount (kernel log); the modality may resend."
+        }
+        SpoolError::Database { .. } => {
+            "The spool database failed: check the spool partition's free space and the disk (kernel log); if neither explains it, report it to the vendor with these log lines. The modality may resend."
+        }
+        SpoolError::StartThread { .. } => {
+            "The system could not start a thread: check the memory and the process limits; the modality may resend."
+        }
+        SpoolError::Write { source, .. }
+        | SpoolError::Read { source, .. }
+        | SpoolError::Sync { source, .. }
+        | SpoolError::CreateDir { source, .. }
+            if matches!(
+                source.kind(),
+                ErrorKind::StorageFull | ErrorKind::QuotaExceeded
+            ) =>
+        {
+            HINT_DISK_FULL
+        }
+        _ => HINT_DISK_ERROR,
     }
 }
 
@@ -435,5 +499,141 @@ mod tests {
             dataset_uid: "2".into(),
         };
         assert!(mismatch.operator_hint().contains("disagree"));
+    }
+
+    fn io_error(kind: std::io::ErrorKind) -> SpoolError {
+        SpoolError::Write {
+            path: PathBuf::from("/spool/objects/ab/x.dcm.zst"),
+            source: std::io::Error::from(kind),
+        }
+    }
+
+    /// Each 0xA700 (and every other error) names the side at fault: a full disk, a failing disk, a
+    /// defect of ours, the modality's export or DICOM software, or the network.
+    #[test]
+    fn the_hint_names_the_cause_a_disk_full_a_disk_error_a_defect_or_the_modality() {
+        use std::io::ErrorKind;
+        let peer: SocketAddr = "192.0.2.7:104".parse().unwrap();
+        let uid = || "1.2.3".to_string();
+        let write = |source| IngestError::WriteSpool {
+            sop_instance_uid: uid(),
+            source,
+        };
+        let full = "Free space on the spool partition";
+        let disk = "check it (kernel log, SMART";
+        let defect = "defect in passerelled: report it to the vendor";
+        let peer_software = "The modality's DICOM software broke the DICOM protocol";
+        let cases: Vec<(IngestError, &str)> = vec![
+            (
+                IngestError::EnsureSpace {
+                    sop_instance_uid: uid(),
+                    source: SpoolError::DiskFull {
+                        free_mb: 1,
+                        min_free_mb: 2,
+                    },
+                },
+                full,
+            ),
+            (write(io_error(ErrorKind::StorageFull)), full),
+            (
+                IngestError::CommitInstance {
+                    sop_instance_uid: uid(),
+                    source: SpoolError::Sync {
+                        path: PathBuf::from("/spool"),
+                        source: std::io::Error::from_raw_os_error(28), // ENOSPC
+                    },
+                },
+                full,
+            ),
+            (write(io_error(ErrorKind::QuotaExceeded)), full),
+            (write(io()), disk),
+            (write(io_error(ErrorKind::PermissionDenied)), disk),
+            (write(io_error(ErrorKind::ReadOnlyFilesystem)), disk),
+            (
+                IngestError::CommitInstance {
+                    sop_instance_uid: uid(),
+                    source: SpoolError::StartThread {
+                        what: "the compactor",
+                        source: std::io::Error::from(ErrorKind::OutOfMemory),
+                    },
+                },
+                "could not start a thread",
+            ),
+            (
+                IngestError::CommitInstance {
+                    sop_instance_uid: uid(),
+                    source: SpoolError::Digest {
+                        sop_instance_uid: uid(),
+                        detail: "the caller hashed 10 bytes, the spool wrote 12".into(),
+                    },
+                },
+                defect,
+            ),
+            (
+                IngestError::RunStoreTask {
+                    sop_instance_uid: uid(),
+                    detail: "task 7 panicked".into(),
+                },
+                defect,
+            ),
+            (
+                IngestError::BuildResponse {
+                    peer,
+                    detail: "x".into(),
+                },
+                defect,
+            ),
+            (
+                IngestError::FollowProtocol {
+                    peer,
+                    detail: "a PDV used presentation context 3, which was not accepted".into(),
+                },
+                peer_software,
+            ),
+            (
+                IngestError::UnexpectedPdu {
+                    peer,
+                    pdu: "A-ASSOCIATE-RQ".into(),
+                },
+                peer_software,
+            ),
+            (
+                IngestError::ParseCommand {
+                    peer,
+                    detail: "x".into(),
+                },
+                peer_software,
+            ),
+            (
+                IngestError::PduTooLarge {
+                    peer,
+                    pdu_type: 4,
+                    length: 1 << 20,
+                    max: 16384,
+                },
+                "report it to the modality's vendor, or raise dicom.max_pdu_length",
+            ),
+            (
+                IngestError::WritePdu {
+                    peer,
+                    source: std::io::Error::from(ErrorKind::BrokenPipe),
+                },
+                "check the network",
+            ),
+            (
+                IngestError::ParseDataset {
+                    sop_instance_uid: uid(),
+                    detail: "x".into(),
+                },
+                "Check the modality's export",
+            ),
+        ];
+        for (e, expected) in cases {
+            let hint = e.operator_hint();
+            assert!(hint.contains(expected), "{e:?}: {hint}");
+            if expected != full {
+                assert!(!hint.contains("Free space"), "{e:?}: {hint}");
+            }
+        }
     }
 }
