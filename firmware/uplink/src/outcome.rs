@@ -1,6 +1,6 @@
-//! What an exchange with the PACS means for each instance of the batch. Pure functions: the
-//! network code in `lib.rs` produces an [`Exchange`], [`decide`] turns it into a [`Decision`], and
-//! `lib.rs` records that in the spool.
+//! What an exchange with the PACS means for each instance of the batch. Pure functions (apart from
+//! a WARN for a response that contradicts itself): the network code in `lib.rs` produces an
+//! [`Exchange`], [`decide`] turns it into a [`Decision`], and `lib.rs` records that in the spool.
 
 use std::error::Error as StdError;
 use std::time::{Duration, Instant, SystemTime};
@@ -437,8 +437,9 @@ fn per_instance_all(instances: &[QueuedInstance], action: impl Fn() -> Action) -
     Decision::PerInstance(instances.iter().map(|i| (i.id, action())).collect())
 }
 
-/// Per instance, from the parsed response: referenced → sent; failed → by FailureReason; absent
-/// (or an unreadable response) → `leftover`, given the parse error if there was one.
+/// Per instance, from the parsed response: referenced → sent; failed → by FailureReason; both, or
+/// referenced with a FailureReason (a response that contradicts itself) → by FailureReason, never
+/// sent; absent (or an unreadable response) → `leftover`, given the parse error if there was one.
 fn per_instance(
     instances: &[QueuedInstance],
     parsed: &Result<StowResponse, String>,
@@ -452,21 +453,87 @@ fn per_instance(
                 let uid = inst.sop_instance_uid.as_str();
                 let action = match parsed {
                     Err(e) => leftover(Some(e)),
-                    Ok(r) => match (r.referenced_item(uid), r.failed_item(uid)) {
-                        (Some(item), _) => Action::Sent {
-                            redelivery: inst.attempts > 0,
-                            warning_reason: item.warning_reason.or(r.warning_reason),
-                        },
-                        (None, Some(failed)) => {
-                            failure_action(failed.failure_reason, status, inst.attempts)
+                    Ok(r) => {
+                        // A FailureReason in any ReferencedSOPSequence item naming this instance.
+                        let stated_failure = r
+                            .referenced
+                            .iter()
+                            .filter(|item| item.sop_instance_uid == uid)
+                            .find_map(|item| item.failure_reason);
+                        match (r.referenced_item(uid), r.failed_item(uid)) {
+                            (Some(item), None) if stated_failure.is_none() => Action::Sent {
+                                redelivery: inst.attempts > 0,
+                                warning_reason: item.warning_reason.or(r.warning_reason),
+                            },
+                            (Some(_), failed) => {
+                                contradicted(uid, failed, stated_failure, status, inst.attempts)
+                            }
+                            (None, Some(failed)) => {
+                                failure_action(failed.failure_reason, status, inst.attempts)
+                            }
+                            (None, None) => leftover(None),
                         }
-                        (None, None) => leftover(None),
-                    },
+                    }
                 };
                 (inst.id, action)
             })
             .collect(),
     )
+}
+
+/// An instance the PACS listed as stored (in ReferencedSOPSequence) and, in the same response, as not
+/// stored: in FailedSOPSequence too (`failed`), or with a FailureReason in its ReferencedSOPSequence
+/// item (`stated_failure`). Such an answer does not confirm the instance (Invariant 2): it is
+/// decided as a failure, by the failed entry's FailureReason (else the item's), as
+/// [`failure_action`] decides any failure; without a readable reason it is retried. The WARN names
+/// the instance, because the PACS or its front end answers wrongly and its administrator should
+/// know.
+fn contradicted(
+    uid: &str,
+    failed: Option<&response::FailedInstance>,
+    stated_failure: Option<Option<u16>>,
+    status: u16,
+    attempts: u32,
+) -> Action {
+    let reason = failed
+        .and_then(|f| f.failure_reason)
+        .or(stated_failure.flatten());
+    let listed = if failed.is_some() {
+        "in both ReferencedSOPSequence and FailedSOPSequence"
+    } else {
+        "in ReferencedSOPSequence with a FailureReason in its item"
+    };
+    let said = format!(
+        "The PACS answered both stored and failed for the instance (its STOW-RS response lists it {listed}), so it is not confirmed"
+    );
+    let (action, next) = match failure_action(reason, status, attempts) {
+        Action::Retry { error, not_before } => (
+            Action::Retry {
+                error: format!("{said}. {error}"),
+                not_before,
+            },
+            "it will be sent again",
+        ),
+        Action::Failed { reason } => (
+            Action::Failed {
+                reason: format!("{said}. {reason}"),
+            },
+            "it is marked failed for the FailureReason given",
+        ),
+        // failure_action never confirms; should it ever, the instance is still not confirmed.
+        Action::Sent { .. } => (
+            Action::Retry {
+                error: format!("{said}; it will be sent again."),
+                not_before: None,
+            },
+            "it will be sent again",
+        ),
+    };
+    log::warn!(
+        "{said}: {next}. Check on the PACS whether it holds this instance, and tell the PACS's administrator that its STOW-RS response contradicts itself. sop_instance_uid={uid} failure_reason={} http_status={status}",
+        reason.map_or_else(|| "none".into(), |code| format!("{code:#06X}"))
+    );
+    action
 }
 
 /// From this attempt on, a PACS's refusal of an instance as a Duplicate SOP Instance (0x0111) fails

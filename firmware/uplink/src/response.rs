@@ -2,7 +2,9 @@
 //! and `application/dicom+xml` (the Native DICOM Model, PS3.19 A.1). Pure functions.
 //!
 //! Only what the uplink needs is read: the SOP Instance UIDs of ReferencedSOPSequence (0008,1199)
-//! and FailedSOPSequence (0008,1198), FailureReason (0008,1197) and WarningReason (0008,1196).
+//! and FailedSOPSequence (0008,1198), FailureReason (0008,1197) (in the items of both: a PACS that
+//! writes one in a ReferencedSOPSequence item did not store that instance) and WarningReason
+//! (0008,1196).
 
 use crate::error::{Result, UplinkError};
 
@@ -64,6 +66,11 @@ pub struct ReferencedInstance {
     pub sop_instance_uid: String,
     /// WarningReason (0008,1196) of the item, e.g. 0xB000 (coercion of data elements).
     pub warning_reason: Option<u16>,
+    /// FailureReason (0008,1197) in this item, which PS3.18 puts in FailedSOPSequence items only.
+    /// `Some` when the item has one with a value: `Some(code)`, or `None` inside when that value is
+    /// not a US value. A PACS that writes one here says in the same item that it did not store the
+    /// instance, so the item confirms nothing.
+    pub failure_reason: Option<Option<u16>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,9 +178,11 @@ fn parse_json(text: &str) -> std::result::Result<StowResponse, String> {
         for item in json_items(ds, REFERENCED_SOP_SEQUENCE)? {
             if let Some(uid) = json_string(item, REFERENCED_SOP_INSTANCE_UID)? {
                 let warning_reason = lenient_warning(json_u16(item, WARNING_REASON), &uid);
+                let failure_reason = lenient_failure(json_u16(item, FAILURE_REASON), &uid);
                 out.referenced.push(ReferencedInstance {
                     sop_instance_uid: uid,
                     warning_reason,
+                    failure_reason,
                 });
             }
         }
@@ -201,6 +210,25 @@ fn lenient_warning(parsed: std::result::Result<Option<u16>, String>, uid: &str) 
         );
         None
     })
+}
+
+/// A Failure Reason (0008,1197) as read from an item: `None` when the item has none (no attribute,
+/// or one without a value), `Some(code)`, or `Some(None)` when its value is not a US value (a
+/// server writing "A700", 42752.0 or ""). Such a value says the instance was not stored, without
+/// saying why: it is logged, and the instance is retried rather than confirmed or failed for good.
+fn lenient_failure(
+    parsed: std::result::Result<Option<u16>, String>,
+    uid: &str,
+) -> Option<Option<u16>> {
+    match parsed {
+        Ok(reason) => reason.map(Some),
+        Err(detail) => {
+            log::warn!(
+                "The PACS's STOW-RS response has a Failure Reason that is not a DICOM US value ({detail}); the instance is not confirmed and will be sent again, and the rest of the response is read as it is. Tell the PACS's administrator; nothing needs doing on the box. sop_instance_uid={uid}"
+            );
+            Some(None)
+        }
+    }
 }
 
 /// The attribute `tag` (8 hex digits, any case) of a dataset.
@@ -283,9 +311,11 @@ fn parse_xml(text: &str) -> std::result::Result<StowResponse, String> {
     for item in xml_items(root, REFERENCED_SOP_SEQUENCE) {
         if let Some(uid) = xml_value(item, REFERENCED_SOP_INSTANCE_UID).and_then(clean_uid) {
             let warning_reason = lenient_warning(xml_u16(item, WARNING_REASON), &uid);
+            let failure_reason = lenient_failure(xml_u16(item, FAILURE_REASON), &uid);
             out.referenced.push(ReferencedInstance {
                 sop_instance_uid: uid,
                 warning_reason,
+                failure_reason,
             });
         }
     }

@@ -1002,3 +1002,111 @@ fn a_duplicate_sop_instance_refusal_is_retried_then_failed_for_the_operator() {
         }
     }
 }
+
+/// 1.1 listed stored and failed "out of resources", 1.2 stored and failed "SOP class not
+/// supported", 1.3 stored and failed without a reason.
+const STORED_AND_FAILED: &str = r#"{
+  "00081199": {"vr": "SQ", "Value": [
+    {"00081155": {"vr": "UI", "Value": ["1.1"]}},
+    {"00081155": {"vr": "UI", "Value": ["1.2"]}},
+    {"00081155": {"vr": "UI", "Value": ["1.3"]}}]},
+  "00081198": {"vr": "SQ", "Value": [
+    {"00081155": {"vr": "UI", "Value": ["1.1"]}, "00081197": {"vr": "US", "Value": [42752]}},
+    {"00081155": {"vr": "UI", "Value": ["1.2"]}, "00081197": {"vr": "US", "Value": [290]}},
+    {"00081155": {"vr": "UI", "Value": ["1.3"]}}]}}"#;
+
+#[test]
+fn an_instance_listed_both_stored_and_failed_is_not_confirmed() {
+    for status in [200, 202] {
+        check(
+            &batch(),
+            answer(status, STORED_AND_FAILED),
+            Expect::Each(&[(1, Is::Retry), (2, Is::Failed), (3, Is::Retry)]),
+        );
+    }
+    // The order of the two sequences in the body does not matter, nor does the XML form.
+    let xml = r#"<NativeDicomModel>
+  <DicomAttribute tag="00081198" vr="SQ"><Item number="1">
+    <DicomAttribute tag="00081155" vr="UI"><Value number="1">1.1</Value></DicomAttribute>
+    <DicomAttribute tag="00081197" vr="US"><Value number="1">272</Value></DicomAttribute>
+  </Item></DicomAttribute>
+  <DicomAttribute tag="00081199" vr="SQ"><Item number="1">
+    <DicomAttribute tag="00081155" vr="UI"><Value number="1">1.1</Value></DicomAttribute>
+  </Item></DicomAttribute>
+</NativeDicomModel>"#;
+    let exchange = Exchange::Answered(Answer {
+        status: 200,
+        content_type: Some("application/dicom+xml".into()),
+        body: xml.as_bytes().to_vec(),
+        ..Answer::default()
+    });
+    check(&batch()[..1], exchange, Expect::Each(&[(1, Is::Retry)]));
+    // What is recorded for the instance says why it was not confirmed, and keeps the reason.
+    let Decision::PerInstance(actions) = decide(&batch(), &answer(200, STORED_AND_FAILED), true)
+    else {
+        panic!("expected per-instance actions");
+    };
+    for (_, action) in &actions {
+        let text = match action {
+            Action::Retry { error, .. } => error,
+            Action::Failed { reason } => reason,
+            Action::Sent { .. } => panic!("confirmed: {action:?}"),
+        };
+        assert!(text.contains("both stored and failed"), "{text}");
+        assert!(text.contains("FailedSOPSequence"), "{text}");
+    }
+    let Action::Failed { reason } = &actions[1].1 else {
+        panic!("{:?}", actions[1]);
+    };
+    assert!(reason.contains("0x0122"), "{reason}");
+}
+
+#[test]
+fn a_referenced_item_that_carries_a_failure_reason_is_not_confirmed() {
+    let body = |reason: &str| {
+        format!(
+            r#"{{"00081199": {{"vr": "SQ", "Value": [
+                {{"00081155": {{"vr": "UI", "Value": ["1.1"]}}, "00081197": {{"vr": "US", "Value": [{reason}]}}}},
+                {{"00081155": {{"vr": "UI", "Value": ["1.2"]}}}}]}}}}"#
+        )
+    };
+    let two = &batch()[..2];
+    // Out of resources: retried; SOP class not supported: failed; not a US value: retried. The
+    // other instance of the response is confirmed all the same.
+    for (reason, want) in [
+        ("42752", Is::Retry),
+        ("290", Is::Failed),
+        (r#""A700""#, Is::Retry),
+    ] {
+        check(
+            two,
+            answer(200, &body(reason)),
+            Expect::Each(&[(1, want), (2, Is::Sent { redelivery: true })]),
+        );
+    }
+    // An empty FailureReason attribute says nothing: the item confirms its instance.
+    check(
+        two,
+        answer(
+            200,
+            r#"{"00081199": {"vr": "SQ", "Value": [
+                {"00081155": {"vr": "UI", "Value": ["1.1"]}, "00081197": {"vr": "US"}},
+                {"00081155": {"vr": "UI", "Value": ["1.2"]}}]}}"#,
+        ),
+        Expect::Each(&[
+            (1, Is::Sent { redelivery: false }),
+            (2, Is::Sent { redelivery: true }),
+        ]),
+    );
+    let xml = r#"<NativeDicomModel><DicomAttribute tag="00081199" vr="SQ"><Item number="1">
+    <DicomAttribute tag="00081155" vr="UI"><Value number="1">1.1</Value></DicomAttribute>
+    <DicomAttribute tag="00081197" vr="US"><Value number="1">42752</Value></DicomAttribute>
+  </Item></DicomAttribute></NativeDicomModel>"#;
+    let exchange = Exchange::Answered(Answer {
+        status: 200,
+        content_type: Some("application/dicom+xml".into()),
+        body: xml.as_bytes().to_vec(),
+        ..Answer::default()
+    });
+    check(&batch()[..1], exchange, Expect::Each(&[(1, Is::Retry)]));
+}

@@ -363,3 +363,42 @@ fn a_warning_reason_that_is_not_a_us_value_does_not_undo_the_confirmation() {
     assert_eq!(r.referenced.len(), 1);
     assert_eq!(r.referenced[0].warning_reason, None);
 }
+
+#[test]
+fn a_failure_reason_in_a_referenced_item_is_read_in_both_forms() {
+    let json = |reason: &str| {
+        format!(
+            r#"{{"00081199": {{"vr": "SQ", "Value": [{{"00081155": {{"vr": "UI", "Value": ["1.2.3.1"]}}, "00081197": {{"vr": "US", "Value": [{reason}]}}}}, {{"00081155": {{"vr": "UI", "Value": ["1.2.3.2"]}}}}]}}}}"#
+        )
+    };
+    for (reason, want) in [
+        ("42752", Some(Some(0xA700))),
+        (r#""0x0110""#, Some(Some(0x0110))),
+        // Present but not a US value: a failure whose reason is unknown.
+        (r#""A700""#, Some(None)),
+        ("42752.0", Some(None)),
+        (r#""""#, Some(None)),
+        // No value: no failure.
+        ("null", None),
+    ] {
+        let r = parse(200, JSON, json(reason).as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.referenced.len(), 2, "{reason}");
+        assert_eq!(r.referenced[0].failure_reason, want, "{reason}");
+        assert_eq!(r.referenced[1].failure_reason, None, "{reason}");
+    }
+    let xml = |reason: &str| {
+        format!(
+            r#"<NativeDicomModel><DicomAttribute tag="00081199" vr="SQ"><Item number="1"><DicomAttribute tag="00081155" vr="UI"><Value number="1">1.2.3.1</Value></DicomAttribute><DicomAttribute tag="00081197" vr="US"><Value number="1">{reason}</Value></DicomAttribute></Item><Item number="2"><DicomAttribute tag="00081155" vr="UI"><Value number="1">1.2.3.2</Value></DicomAttribute></Item></DicomAttribute></NativeDicomModel>"#
+        )
+    };
+    for (reason, want) in [
+        ("290", Some(Some(0x0122))),
+        ("A700", Some(None)),
+        ("", None),
+    ] {
+        let r = parse(200, XML, xml(reason).as_bytes()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(r.referenced.len(), 2, "{reason}");
+        assert_eq!(r.referenced[0].failure_reason, want, "{reason}");
+        assert_eq!(r.referenced[1].failure_reason, None, "{reason}");
+    }
+}
