@@ -76,7 +76,8 @@ pub struct ReferencedInstance {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FailedInstance {
     pub sop_instance_uid: String,
-    /// FailureReason (0008,1197); `None` when the PACS gave none.
+    /// FailureReason (0008,1197); `None` when the PACS gave none, or one that is not a US value (a
+    /// WARN says so): the instance is then retried, and the rest of the response still counts.
     pub failure_reason: Option<u16>,
 }
 
@@ -188,9 +189,10 @@ fn parse_json(text: &str) -> std::result::Result<StowResponse, String> {
         }
         for item in json_items(ds, FAILED_SOP_SEQUENCE)? {
             if let Some(uid) = json_string(item, REFERENCED_SOP_INSTANCE_UID)? {
+                let failure_reason = lenient_failure(json_u16(item, FAILURE_REASON), &uid);
                 out.failed.push(FailedInstance {
                     sop_instance_uid: uid,
-                    failure_reason: json_u16(item, FAILURE_REASON)?,
+                    failure_reason: failure_reason.flatten(),
                 });
             }
         }
@@ -216,6 +218,8 @@ fn lenient_warning(parsed: std::result::Result<Option<u16>, String>, uid: &str) 
 /// or one without a value), `Some(code)`, or `Some(None)` when its value is not a US value (a
 /// server writing "A700", 42752.0 or ""). Such a value says the instance was not stored, without
 /// saying why: it is logged, and the instance is retried rather than confirmed or failed for good.
+/// It never rejects the whole response, which would leave the other instances unconfirmed (sent
+/// again for ever) or make the uplink take the answer for something other than STOW-RS.
 fn lenient_failure(
     parsed: std::result::Result<Option<u16>, String>,
     uid: &str,
@@ -321,9 +325,10 @@ fn parse_xml(text: &str) -> std::result::Result<StowResponse, String> {
     }
     for item in xml_items(root, FAILED_SOP_SEQUENCE) {
         if let Some(uid) = xml_value(item, REFERENCED_SOP_INSTANCE_UID).and_then(clean_uid) {
+            let failure_reason = lenient_failure(xml_u16(item, FAILURE_REASON), &uid);
             out.failed.push(FailedInstance {
                 sop_instance_uid: uid,
-                failure_reason: xml_u16(item, FAILURE_REASON)?,
+                failure_reason: failure_reason.flatten(),
             });
         }
     }

@@ -1110,3 +1110,43 @@ fn a_referenced_item_that_carries_a_failure_reason_is_not_confirmed() {
     });
     check(&batch()[..1], exchange, Expect::Each(&[(1, Is::Retry)]));
 }
+
+#[test]
+fn a_failure_reason_that_is_not_a_us_value_fails_nothing_else_of_the_response() {
+    // 1.1 failed with an unreadable reason, 1.2 stored, 1.3 failed "SOP class not supported".
+    let body = |bad: &str| {
+        format!(
+            r#"{{"00081199": {{"vr": "SQ", "Value": [{{"00081155": {{"vr": "UI", "Value": ["1.2"]}}}}]}},
+                "00081198": {{"vr": "SQ", "Value": [
+                    {{"00081155": {{"vr": "UI", "Value": ["1.1"]}}, "00081197": {{"vr": "US", "Value": [{bad}]}}}},
+                    {{"00081155": {{"vr": "UI", "Value": ["1.3"]}}, "00081197": {{"vr": "US", "Value": [290]}}}}]}}}}"#
+        )
+    };
+    for bad in [r#""A700""#, "42752.0", r#""""#] {
+        for status in [200, 202, 409] {
+            check(
+                &batch(),
+                answer(status, &body(bad)),
+                Expect::Each(&[
+                    (1, Is::Retry),
+                    (2, Is::Sent { redelivery: true }),
+                    (3, Is::Failed),
+                ]),
+            );
+        }
+        // Before the PACS has stored anything, such an answer is still a STOW-RS response: no
+        // pause naming uplink.stow_url.
+        for status in [200, 400] {
+            check_knowing(
+                &batch(),
+                answer(status, &body(bad)),
+                false,
+                Expect::Each(&[
+                    (1, Is::Retry),
+                    (2, Is::Sent { redelivery: true }),
+                    (3, Is::Failed),
+                ]),
+            );
+        }
+    }
+}

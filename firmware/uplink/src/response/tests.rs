@@ -242,11 +242,6 @@ fn empty_and_garbage_bodies_are_errors_not_confirmations() {
         br#"{"00081199": {"vr": "SQ", "Value": ["1.2.3"]}}"#,
         "not a dataset",
     );
-    check_error(
-        JSON,
-        br#"{"00081198": {"vr": "SQ", "Value": [{"00081155": {"vr":"UI","Value":["1"]}, "00081197": {"vr":"US","Value":[70000]}}]}}"#,
-        "not a US value",
-    );
     check_error(JSON, &[0xff, 0xfe, 0x00], "not UTF-8");
     check_error(
         XML,
@@ -400,5 +395,61 @@ fn a_failure_reason_in_a_referenced_item_is_read_in_both_forms() {
         assert_eq!(r.referenced.len(), 2, "{reason}");
         assert_eq!(r.referenced[0].failure_reason, want, "{reason}");
         assert_eq!(r.referenced[1].failure_reason, None, "{reason}");
+    }
+}
+
+#[test]
+fn a_failure_reason_that_is_not_a_us_value_leaves_the_rest_of_the_response_readable() {
+    // 1.2.3.2's reason is unreadable: it is listed as failed without a reason (retried), and the
+    // response still confirms 1.2.3.1 and keeps 1.2.3.3's reason.
+    for bad in [
+        r#""A700""#,
+        "42752.0",
+        r#""""#,
+        "70000",
+        "-1",
+        "true",
+        r#"["x"]"#,
+    ] {
+        let body = format!(
+            r#"{{"00081199": {{"vr": "SQ", "Value": [{{"00081155": {{"vr": "UI", "Value": ["1.2.3.1"]}}}}]}},
+                "00081198": {{"vr": "SQ", "Value": [
+                    {{"00081155": {{"vr": "UI", "Value": ["1.2.3.2"]}}, "00081197": {{"vr": "US", "Value": [{bad}]}}}},
+                    {{"00081155": {{"vr": "UI", "Value": ["1.2.3.3"]}}, "00081197": {{"vr": "US", "Value": [290]}}}}]}}}}"#
+        );
+        check(
+            JSON,
+            &body,
+            Expect {
+                referenced: &[("1.2.3.1", None)],
+                failed: &[("1.2.3.2", None), ("1.2.3.3", Some(0x0122))],
+                warning: None,
+            },
+        );
+    }
+    for bad in ["A700", "42752.0", "0xZZ", "70000"] {
+        let body = format!(
+            r#"<NativeDicomModel>
+  <DicomAttribute tag="00081199" vr="SQ"><Item number="1">
+    <DicomAttribute tag="00081155" vr="UI"><Value number="1">1.2.3.1</Value></DicomAttribute>
+  </Item></DicomAttribute>
+  <DicomAttribute tag="00081198" vr="SQ"><Item number="1">
+    <DicomAttribute tag="00081155" vr="UI"><Value number="1">1.2.3.2</Value></DicomAttribute>
+    <DicomAttribute tag="00081197" vr="US"><Value number="1">{bad}</Value></DicomAttribute>
+  </Item><Item number="2">
+    <DicomAttribute tag="00081155" vr="UI"><Value number="1">1.2.3.3</Value></DicomAttribute>
+    <DicomAttribute tag="00081197" vr="US"><Value number="1">290</Value></DicomAttribute>
+  </Item></DicomAttribute>
+</NativeDicomModel>"#
+        );
+        check(
+            XML,
+            &body,
+            Expect {
+                referenced: &[("1.2.3.1", None)],
+                failed: &[("1.2.3.2", None), ("1.2.3.3", Some(0x0122))],
+                warning: None,
+            },
+        );
     }
 }
