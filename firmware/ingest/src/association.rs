@@ -20,8 +20,8 @@ use tokio::task::JoinHandle;
 
 use crate::dimse::{self, Command, Event, PdvAssembler};
 use crate::error::{
-    IngestError, Result, STATUS_CANNOT_UNDERSTAND, STATUS_SOP_CLASS_NOT_SUPPORTED, STATUS_SUCCESS,
-    STATUS_UNRECOGNIZED_OPERATION,
+    IngestError, Result, STATUS_CANNOT_UNDERSTAND, STATUS_INVALID_SOP_INSTANCE,
+    STATUS_SOP_CLASS_NOT_SUPPORTED, STATUS_SUCCESS, STATUS_UNRECOGNIZED_OPERATION,
 };
 use crate::negotiate::{self, trim_uid, AcceptedContext, Negotiation, Service};
 use crate::pdu_io::{self, abort_pdu};
@@ -533,18 +533,30 @@ impl Association {
                 Ok(())
             }
             dimse::C_STORE_RQ => {
-                match bad_uid(&cmd.sop_class_uid).or(bad_uid(&cmd.sop_instance_uid)) {
+                // PS3.7 C.5: an invalid SOP Instance UID is 0x0117 Invalid SOP Instance.
+                let refused = match (bad_uid(&cmd.sop_class_uid), bad_uid(&cmd.sop_instance_uid)) {
+                    (Some(why), _) => {
+                        Some(("Affected SOP Class UID", why, STATUS_CANNOT_UNDERSTAND))
+                    }
+                    (None, Some(why)) => Some((
+                        "Affected SOP Instance UID",
+                        why,
+                        STATUS_INVALID_SOP_INSTANCE,
+                    )),
+                    (None, None) => None,
+                };
+                match refused {
                     None => self.start_store(pc_id, cmd, &ctx),
-                    Some(why) => {
+                    Some((which, why, status)) => {
                         warn!(
-                            "C-STORE refused: the command's Affected SOP Class/Instance UID {why}. sop_class_uid=\"{}\" sop_instance_uid=\"{}\" calling_ae={} peer={} status=0xC000 Check the modality's export; nothing was stored.",
+                            "C-STORE refused: the command's {which} {why}. sop_class_uid=\"{}\" sop_instance_uid=\"{}\" calling_ae={} peer={} status={status:#06X} Check the modality's export (its UIDs must follow PS3.5 9.1); nothing was stored.",
                             peer_text(&cmd.sop_class_uid), peer_text(&cmd.sop_instance_uid), self.calling_ae, self.ip()
                         );
                         self.current = Some(InFlight::Refuse {
                             cmd,
                             pc_id,
                             field: dimse::C_STORE_RSP,
-                            status: STATUS_CANNOT_UNDERSTAND,
+                            status,
                         });
                     }
                 }
@@ -745,7 +757,8 @@ impl Association {
 }
 
 /// Why a UID from a command cannot be used (it goes into the Part-10 header, logs and STOW-RS):
-/// `None` when it is 1 to 64 digits and dots.
+/// `None` when it is 1 to 64 characters of digits and dots whose components (PS3.5 9.1) are not
+/// empty and do not start with a zero, unless they are "0".
 fn bad_uid(uid: &str) -> Option<&'static str> {
     if uid.is_empty() {
         Some("is missing")
@@ -753,6 +766,10 @@ fn bad_uid(uid: &str) -> Option<&'static str> {
         Some("is longer than 64 characters")
     } else if !uid.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
         Some("holds characters other than digits and dots")
+    } else if uid.split('.').any(str::is_empty) {
+        Some("has an empty component (a leading, trailing or doubled dot)")
+    } else if uid.split('.').any(|c| c.len() > 1 && c.starts_with('0')) {
+        Some("has a component with a leading zero")
     } else {
         None
     }
@@ -796,11 +813,25 @@ mod tests {
     fn command_uids_must_be_1_to_64_digits_and_dots() {
         let check = |uid: &str, ok: bool| assert_eq!(bad_uid(uid).is_none(), ok, "{uid:?}");
         check("1.2.840.10008.5.1.4.1.1.2", true);
-        check(&"1.".repeat(32)[..64], true);
+        let longest = format!("{}11", "1.".repeat(31));
+        assert_eq!(longest.len(), 64);
+        check(&longest, true);
         check("", false);
         check(&"1".repeat(65), false);
         check("1.2.3\n4", false);
         check("1.2.abc", false);
+        // PS3.5 9.1: no empty component, no leading zero unless the component is "0".
+        check("0", true);
+        check("1.0.2", true);
+        check("1.20.300", true);
+        check("2.25.0", true);
+        check("1..2", false);
+        check(".1.2", false);
+        check("1.2.", false);
+        check(".", false);
+        check("1.02", false);
+        check("1.2.00", false);
+        check("01.2", false);
     }
 
     #[test]

@@ -18,6 +18,8 @@ pub const STATUS_CANNOT_UNDERSTAND: u16 = 0xC000;
 pub const STATUS_UNRECOGNIZED_OPERATION: u16 = 0x0211;
 /// Refused: SOP Class not supported (the command's class is not its presentation context's).
 pub const STATUS_SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
+/// Failure: Invalid SOP Instance (PS3.7 C.5: the command's Affected SOP Instance UID is not a UID).
+pub const STATUS_INVALID_SOP_INSTANCE: u16 = 0x0117;
 
 /// Everything that can go wrong in the Storage SCP. Variants are named after the action that failed.
 #[derive(Debug, thiserror::Error)]

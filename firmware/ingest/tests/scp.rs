@@ -617,7 +617,8 @@ async fn contexts_are_rejected_with_reason_3_for_non_storage_and_4_for_unknown_t
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_uid_mismatch_answers_a900_garbage_answers_c000_and_the_association_stays_usable() {
+async fn a_uid_mismatch_answers_a900_garbage_c000_a_bad_uid_0117_and_the_association_stays_usable()
+{
     let scp = start(dicom_cfg(), 1).await;
     let addr = scp.addr;
     let mismatched = dataset(ELE, CT, "1.2.3.201", 3000);
@@ -642,7 +643,21 @@ async fn a_uid_mismatch_answers_a900_garbage_answers_c000_and_the_association_st
         check(&mut a, 1, "1.2.3.200", &mismatched, 0xA900);
         check(&mut a, 2, "1.2.3.202", &wrong_class, 0xA900);
         check(&mut a, 3, "1.2.3.204", &garbage, 0xC000);
-        check(&mut a, 4, "1.2.3.abc", &bad_uid, 0xC000);
+        check(&mut a, 4, "1.2.3.abc", &bad_uid, 0x0117);
+        check(
+            &mut a,
+            7,
+            "1.2.03",
+            &dataset(ELE, CT, "1.2.03", 300),
+            0x0117,
+        );
+        check(
+            &mut a,
+            8,
+            "1.2..3",
+            &dataset(ELE, CT, "1.2..3", 300),
+            0x0117,
+        );
         check(&mut a, 6, "1.2.3.203", &good, 0x0000);
         assert_eq!(u16_of(&echo(&mut a, 5), tags::STATUS), 0);
         a.release().unwrap();
