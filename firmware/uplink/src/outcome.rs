@@ -159,7 +159,9 @@ pub(crate) fn http_class(status: u16) -> HttpClass {
 /// FailureReason (0008,1197) values as the uplink understands them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FailureClass {
-    /// The PACS may accept the same instance later (out of resources, processing failure).
+    /// The PACS may accept the same instance later (out of resources, processing failure). Processing
+    /// failure, mistyped argument and duplicate are retried a limited number of attempts only
+    /// ([`MAX_PROCESSING_REFUSALS`], [`MAX_DUPLICATE_REFUSALS`]).
     Retryable,
     /// The PACS will refuse it again (SOP class not supported, data set does not match, ...).
     Permanent,
@@ -541,9 +543,29 @@ fn contradicted(
 /// instance (typically a copy delivered earlier whose confirmation was lost).
 pub(crate) const MAX_DUPLICATE_REFUSALS: u32 = 3;
 
+/// From this attempt on, a PACS's refusal of an instance as a Processing failure (0x0110) or a
+/// Mistyped argument (0x0212) fails it for the operator. Both may pass (a PACS's database busy for
+/// a moment), so they are retried first, a little longer than a duplicate; but a PACS that cannot
+/// process that one instance answers so at every attempt, and retried for ever it would come back
+/// alone, as a request the PACS takes nothing of, holding every upload as if the PACS were down.
+/// Like [`MAX_DUPLICATE_REFUSALS`] it counts the instance's attempts, whatever failed them, and
+/// `passerelled requeue` starts them again from 0.
+pub(crate) const MAX_PROCESSING_REFUSALS: u32 = 5;
+
 /// `attempts`: the instance's attempts before this one.
 fn failure_action(reason: Option<u16>, status: u16, attempts: u32) -> Action {
     match reason {
+        Some(code @ (0x0110 | 0x0212))
+            if attempts.saturating_add(1) >= MAX_PROCESSING_REFUSALS =>
+        {
+            Action::Failed {
+                reason: format!(
+                    "The PACS refused the instance with FailureReason {code:#06X} ({}, HTTP {status}) at attempt {} (the limit is {MAX_PROCESSING_REFUSALS}): it fails to process this instance each time it is sent, so it is no longer sent on its own. Look in the PACS's log for this SOP Instance UID to see why, have that fixed, then send it again with `passerelled requeue`.",
+                    describe_status(code),
+                    attempts.saturating_add(1)
+                ),
+            }
+        }
         Some(0x0111) if attempts.saturating_add(1) >= MAX_DUPLICATE_REFUSALS => Action::Failed {
             reason: format!(
                 "The PACS refused the instance as a Duplicate SOP Instance (FailureReason 0x0111, HTTP {status}) at attempt {} (the limit is {MAX_DUPLICATE_REFUSALS}): it already holds an instance with this SOP Instance UID, most likely a copy delivered earlier whose confirmation was lost. Check on the PACS that it holds this study's instance; `passerelled requeue` sends it again if needed.",

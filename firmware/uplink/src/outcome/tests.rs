@@ -1150,3 +1150,42 @@ fn a_failure_reason_that_is_not_a_us_value_fails_nothing_else_of_the_response() 
         }
     }
 }
+
+#[test]
+fn a_processing_failure_or_mistyped_argument_refusal_is_retried_then_failed_for_the_operator() {
+    for code in [0x0110u16, 0x0212] {
+        for (attempts_before, want_failed) in [(0, false), (3, false), (4, true), (9, true)] {
+            let one = [inst(1, "1.1", attempts_before)];
+            for status in [200, 202, 409] {
+                let Decision::PerInstance(actions) =
+                    decide(&one, &answer(status, &failed_with(code)), true)
+                else {
+                    panic!("expected per-instance actions");
+                };
+                match (&actions[0].1, want_failed) {
+                    (Action::Failed { reason }, true) => {
+                        assert!(reason.contains(&format!("{code:#06X}")), "{reason}");
+                        assert!(reason.contains("PACS's log"), "{reason}");
+                        assert!(reason.contains("passerelled requeue"), "{reason}");
+                    }
+                    (Action::Retry { .. }, false) => {}
+                    (other, _) => panic!(
+                        "{code:#06X} after {attempts_before} attempts, HTTP {status}: got {other:?}"
+                    ),
+                }
+            }
+        }
+    }
+    // "Out of resources" stays retried however often it comes: the PACS will take the instance
+    // once it has room.
+    let one = [inst(1, "1.1", 50)];
+    let Decision::PerInstance(actions) = decide(&one, &answer(200, &failed_with(0xA700)), true)
+    else {
+        panic!("expected per-instance actions");
+    };
+    assert!(
+        matches!(actions[0].1, Action::Retry { .. }),
+        "{:?}",
+        actions[0]
+    );
+}
