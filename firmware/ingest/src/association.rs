@@ -757,8 +757,9 @@ impl Association {
 }
 
 /// Why a UID from a command cannot be used (it goes into the Part-10 header, logs and STOW-RS):
-/// `None` when it is 1 to 64 characters of digits and dots whose components (PS3.5 9.1) are not
-/// empty and do not start with a zero, unless they are "0".
+/// `None` when it is 1 to 64 characters of digits and dots. Components that PS3.5 9.1 forbids but
+/// that older modalities still write (a leading zero, as in a time "…0930", or an empty one) are
+/// taken: refusing them would make such a modality fail every image, while the PACS takes them.
 fn bad_uid(uid: &str) -> Option<&'static str> {
     if uid.is_empty() {
         Some("is missing")
@@ -766,10 +767,6 @@ fn bad_uid(uid: &str) -> Option<&'static str> {
         Some("is longer than 64 characters")
     } else if !uid.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
         Some("holds characters other than digits and dots")
-    } else if uid.split('.').any(str::is_empty) {
-        Some("has an empty component (a leading, trailing or doubled dot)")
-    } else if uid.split('.').any(|c| c.len() > 1 && c.starts_with('0')) {
-        Some("has a component with a leading zero")
     } else {
         None
     }
@@ -820,18 +817,9 @@ mod tests {
         check(&"1".repeat(65), false);
         check("1.2.3\n4", false);
         check("1.2.abc", false);
-        // PS3.5 9.1: no empty component, no leading zero unless the component is "0".
-        check("0", true);
-        check("1.0.2", true);
-        check("1.20.300", true);
-        check("2.25.0", true);
-        check("1..2", false);
-        check(".1.2", false);
-        check("1.2.", false);
-        check(".", false);
-        check("1.02", false);
-        check("1.2.00", false);
-        check("01.2", false);
+        // Not PS3.5 9.1, but written by older modalities: taken, as the PACS takes them.
+        check("1.2.840.113619.2.55.3.0930", true);
+        check("1..2", true);
     }
 
     #[test]

@@ -42,10 +42,10 @@
 //!   inflate them). The response goes out
 //!   after the commit. If the task fails early, the rest of the data set is read and discarded and
 //!   the association stays usable.
-//! - A C-STORE whose command UIDs are not 1 to 64 digits and dots in non-empty components without
-//!   leading zeros (PS3.5 9.1) is refused without touching the spool: 0x0117 (Invalid SOP
-//!   Instance) for the SOP Instance UID, 0xC000 for the SOP Class UID. Those UIDs end up in file
-//!   metadata, log lines and STOW-RS requests.
+//! - A C-STORE whose command UIDs are not 1 to 64 digits and dots is refused without touching the
+//!   spool: 0x0117 (Invalid SOP Instance) for the SOP Instance UID, 0xC000 for the SOP Class UID.
+//!   Those UIDs end up in file metadata, log lines and STOW-RS requests. A leading zero or an empty
+//!   component (not PS3.5 9.1, but written by older modalities) is taken, as a PACS takes it.
 //! - Errors become DIMSE statuses in one exhaustive match ([`IngestError::dimse_status`]).
 //! - Peer-supplied text (AE titles, UIDs, abstract syntaxes, data set UIDs) is stripped of control
 //!   characters before it is logged, and a field is cut after 128 characters.
