@@ -2,6 +2,8 @@
 //! set up to (0020,000E) for the index), and the scan that runs it on the bytes as they stream in:
 //! cut into PDV-like chunks, the streamed scan must say what a parse of the whole data set says. The
 //! first byte picks the transfer syntax (low bits) and the chunk size (high bits).
+//! The same bytes go through ingest's element-boundary walker (`boundary`, which refuses a data set
+//! cut short): fed in chunks, it must say what it says fed whole, and never panic.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -31,6 +33,13 @@ fuzz_target!(|data: &[u8]| {
         // Only leading elements longer than the kept prefix are left to a re-read of the file.
         None => assert!(dataset.len() > fuzzing::PREFIX_CAP, "no answer for {} bytes", dataset.len()),
     }
+    let walked_whole = fuzzing::walk_dataset(dataset, ts, dataset.len().max(1));
+    let walked = fuzzing::walk_dataset(dataset, ts, chunk);
+    assert_eq!(
+        walked.as_ref().ok(),
+        walked_whole.as_ref().ok(),
+        "the walker in chunks of {chunk}: {walked:?}, whole: {walked_whole:?}"
+    );
     if let Ok(leading) = whole {
         for uid in [&leading.sop_class_uid, &leading.sop_instance_uid]
             .into_iter()
