@@ -101,16 +101,45 @@ impl<T> DbContext<T> for rusqlite::Result<T> {
 /// Runs `f` on `conn` with `synchronous=NORMAL` and restores `FULL` afterwards: the commits `f`
 /// makes reach the WAL file but are not fsynced. They become durable with the next fsync of the WAL
 /// (a later `FULL` commit, a checkpoint, or [`sync_wal`]); until then a power cut may lose them.
+/// `FULL` is restored even if `f` panics (the connection outlives a panic, see `Spool::conn`): left
+/// at `NORMAL`, every later commit that must be durable before it returns would not be.
 pub(crate) fn with_normal_sync<T>(
     conn: &mut Connection,
     f: impl FnOnce(&mut Connection) -> Result<T>,
 ) -> Result<T> {
+    /// Sets `FULL` back when dropped, also while unwinding.
+    struct FullAgain<'c> {
+        conn: &'c mut Connection,
+        restored: bool,
+    }
+    impl FullAgain<'_> {
+        fn restore(&mut self) -> Result<()> {
+            self.restored = true;
+            self.conn
+                .pragma_update(None, "synchronous", "FULL")
+                .ctx("set synchronous=FULL")
+        }
+    }
+    impl Drop for FullAgain<'_> {
+        fn drop(&mut self) {
+            if !self.restored {
+                if let Err(e) = self.restore() {
+                    log::error!(
+                        "Could not make the spool database's commits durable again after an internal error; restart passerelled. error={}",
+                        crate::error_chain(&e)
+                    );
+                }
+            }
+        }
+    }
     conn.pragma_update(None, "synchronous", "NORMAL")
         .ctx("set synchronous=NORMAL")?;
-    let result = f(conn);
-    let restored = conn
-        .pragma_update(None, "synchronous", "FULL")
-        .ctx("set synchronous=FULL");
+    let mut guard = FullAgain {
+        conn,
+        restored: false,
+    };
+    let result = f(guard.conn);
+    let restored = guard.restore();
     let value = result?;
     restored?;
     Ok(value)

@@ -164,6 +164,27 @@ fn claim_one(spool: &Spool) -> QueuedInstance {
 }
 
 #[test]
+fn a_panic_under_normal_sync_leaves_the_connection_at_full_sync() {
+    let mut conn = Connection::open_in_memory().unwrap();
+    conn.pragma_update(None, "synchronous", "FULL").unwrap();
+    let sync = |c: &Connection| {
+        c.query_row("PRAGMA synchronous", [], |r| r.get::<_, i64>(0))
+            .unwrap()
+    };
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = crate::db::with_normal_sync(&mut conn, |c| -> Result<()> {
+            assert_eq!(sync(c), 1, "NORMAL inside");
+            panic!("a defect inside the commit");
+        });
+    }));
+    assert!(panicked.is_err());
+    // 2 = FULL: later commits that must be durable on return still are.
+    assert_eq!(sync(&conn), 2);
+    let value = crate::db::with_normal_sync(&mut conn, |_| Ok(7)).unwrap();
+    assert_eq!((value, sync(&conn)), (7, 2));
+}
+
+#[test]
 fn an_error_chain_reads_as_one_line_without_repeats() {
     #[derive(Debug)]
     struct Outer(std::io::Error);
