@@ -25,7 +25,7 @@ use clap::{Parser, Subcommand};
 use error::{DaemonError, Result};
 use log::{error, info, warn};
 use passerelle_config::Config;
-use passerelle_spool::{Spool, StatusReport};
+use passerelle_spool::{Requeued, Spool, StatusReport};
 use passerelle_uplink::CertNotice;
 use tokio::sync::{watch, Notify};
 
@@ -130,8 +130,8 @@ fn run(cli: Cli) -> Result<i32> {
             let cfg = Config::load(&cli.config)?;
             unprivileged_for_spool(&cfg, false)?;
             let spool = Spool::attach(&cfg.spool)?;
-            let n = spool.requeue_failed(sop_instance_uid.as_deref())?;
-            let (text, code) = requeue_outcome(sop_instance_uid.as_deref(), n);
+            let r = spool.requeue_failed(sop_instance_uid.as_deref())?;
+            let (text, code) = requeue_outcome(sop_instance_uid.as_deref(), r);
             println!("{text}");
             Ok(code)
         }
@@ -163,22 +163,36 @@ fn run(cli: Cli) -> Result<i32> {
     }
 }
 
-/// What `requeue` prints and its exit code, given the UID asked for (if any) and how many
-/// instances it re-queued.
+/// What `requeue` prints and its exit code, given the UID asked for (if any) and what was done.
 /// A UID that matched no failed instance (a typo, or already queued, sent or quarantined) is
-/// reported as such with a non-zero exit, so that a script does not take it for a re-queue.
-fn requeue_outcome(sop_instance_uid: Option<&str>, n: u64) -> (String, i32) {
-    match (sop_instance_uid, n) {
-        (Some(uid), 0) => (
+/// reported as such with a non-zero exit, so that a script does not take it for a re-queue; so is
+/// a UID whose only failed versions were superseded by a newer version confirmed since.
+fn requeue_outcome(sop_instance_uid: Option<&str>, r: Requeued) -> (String, i32) {
+    let superseded = if r.superseded > 0 {
+        format!(
+            " {} failed instance(s) stay failed: a newer version of each (a correction from the modality) was confirmed since, and sending the older one now would make a PACS that overwrites go back to it. `passerelled status` lists them.",
+            r.superseded
+        )
+    } else {
+        String::new()
+    };
+    match (sop_instance_uid, r.requeued) {
+        (Some(uid), 0) if r.superseded == 0 => (
             format!(
                 "Nothing re-queued: no failed instance has SOP Instance UID {uid}. Check the UID; `passerelled status` shows how many instances are failed, and one that is queued or sent needs no re-queue."
             ),
             1,
         ),
-        (None, 0) => ("Nothing re-queued: no instance is failed.".to_string(), 0),
-        _ => (
+        (Some(uid), 0) => (
+            format!("Nothing re-queued for SOP Instance UID {uid}.{superseded}"),
+            1,
+        ),
+        (None, 0) if r.superseded == 0 => {
+            ("Nothing re-queued: no instance is failed.".to_string(), 0)
+        }
+        (_, n) => (
             format!(
-                "Re-queued {n} failed instance(s); the running daemon will send them shortly."
+                "Re-queued {n} failed instance(s); the running daemon will send them shortly.{superseded}"
             ),
             0,
         ),
@@ -549,22 +563,42 @@ mod tests {
 
     #[test]
     fn requeue_of_a_uid_that_is_not_failed_says_so_and_exits_non_zero() {
-        let (text, code) = requeue_outcome(Some("1.2.3.4"), 0);
+        let (text, code) = requeue_outcome(Some("1.2.3.4"), done(0, 0));
         assert_eq!(code, 1, "{text}");
         assert!(text.contains("1.2.3.4"), "{text}");
         assert!(text.contains("status"), "{text}");
         assert!(!text.contains("will send"), "{text}");
 
-        let (text, code) = requeue_outcome(Some("1.2.3.4"), 1);
+        let (text, code) = requeue_outcome(Some("1.2.3.4"), done(1, 0));
         assert_eq!(code, 0, "{text}");
         assert!(text.contains("Re-queued 1"), "{text}");
         // Everything failed, when nothing is: nothing to do, not an error (scripts run it blindly).
-        let (text, code) = requeue_outcome(None, 0);
+        let (text, code) = requeue_outcome(None, done(0, 0));
         assert_eq!(code, 0, "{text}");
         assert!(!text.contains("will send"), "{text}");
-        let (text, code) = requeue_outcome(None, 3);
+        let (text, code) = requeue_outcome(None, done(3, 0));
         assert_eq!(code, 0, "{text}");
         assert!(text.contains("Re-queued 3"), "{text}");
+        // Versions whose correction was confirmed since stay failed, and the operator is told why.
+        let (text, code) = requeue_outcome(Some("1.2.3.4"), done(0, 1));
+        assert_eq!(code, 1, "{text}");
+        assert!(text.contains("newer version"), "{text}");
+        let (text, code) = requeue_outcome(None, done(0, 2));
+        assert_eq!(code, 0, "{text}");
+        assert!(text.contains("2 failed instance(s) stay failed"), "{text}");
+        let (text, code) = requeue_outcome(None, done(1, 2));
+        assert_eq!(code, 0, "{text}");
+        assert!(
+            text.contains("Re-queued 1") && text.contains("stay failed"),
+            "{text}"
+        );
+    }
+
+    fn done(requeued: u64, superseded: u64) -> Requeued {
+        Requeued {
+            requeued,
+            superseded,
+        }
     }
 
     #[test]

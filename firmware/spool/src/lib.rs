@@ -212,6 +212,15 @@ pub enum StoreOutcome {
     },
 }
 
+/// What [`Spool::requeue_failed`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Requeued {
+    /// Failed instances put back in the queue.
+    pub requeued: u64,
+    /// Failed instances left failed because a newer version of their UID was confirmed since.
+    pub superseded: u64,
+}
+
 /// Claims take the versions of one SOP Instance UID (a modality's corrections, each its own row) one
 /// at a time and in the order they arrived: a row is not claimable while another row of its UID is
 /// being uploaded, or while an older one is still queued (waiting for a retry, say). A PACS that
@@ -1634,24 +1643,44 @@ impl Spool {
         Ok(gone)
     }
 
-    /// Operator action: `failed` rows (all, or the one with this SOP Instance UID) go back to `queued`,
-    /// due now. Returns how many were re-queued.
-    pub fn requeue_failed(&self, sop_instance_uid: Option<&str>) -> Result<u64> {
+    /// Operator action: `failed` rows (all, or those with this SOP Instance UID) go back to `queued`,
+    /// due now. A failed version whose UID has a newer version confirmed since stays failed
+    /// (`superseded`): sent now, it would reach the PACS after its correction, and a PACS that
+    /// overwrites on a second store would go back to the uncorrected image.
+    pub fn requeue_failed(&self, sop_instance_uid: Option<&str>) -> Result<Requeued> {
+        const SUPERSEDED: &str = "EXISTS (SELECT 1 FROM instances AS newer WHERE newer.sop_instance_uid = instances.sop_instance_uid AND newer.id > instances.id AND newer.state = 'sent')";
         let now = to_ms(SystemTime::now());
-        let conn = self.conn();
-        let n = conn
+        let mut conn = self.conn();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .ctx("re-queue failed instances")?;
+        let requeued = tx
             .execute(
-                "UPDATE instances SET state = 'queued', attempts = 0, next_attempt_at = ?1 WHERE state = 'failed' AND (?2 IS NULL OR sop_instance_uid = ?2)",
+                &format!("UPDATE instances SET state = 'queued', attempts = 0, next_attempt_at = ?1 WHERE state = 'failed' AND (?2 IS NULL OR sop_instance_uid = ?2) AND NOT {SUPERSEDED}"),
                 params![now, sop_instance_uid],
             )
             .ctx("re-queue failed instances")?;
-        if n > 0 {
+        let superseded: i64 = tx
+            .query_row(
+                &format!("SELECT COUNT(*) FROM instances WHERE state = 'failed' AND (?1 IS NULL OR sop_instance_uid = ?1) AND {SUPERSEDED}"),
+                params![sop_instance_uid],
+                |r| r.get(0),
+            )
+            .ctx("re-queue failed instances")?;
+        tx.commit().ctx("re-queue failed instances")?;
+        let report = Requeued {
+            requeued: requeued as u64,
+            superseded: to_u64(superseded),
+        };
+        if report.requeued > 0 || report.superseded > 0 {
             log::info!(
-                "Re-queued failed instances at the operator's request. count={n} sop_instance_uid={}",
+                "Re-queued failed instances at the operator's request. count={} superseded_left_failed={} sop_instance_uid={}",
+                report.requeued,
+                report.superseded,
                 sop_instance_uid.unwrap_or("all")
             );
         }
-        Ok(n as u64)
+        Ok(report)
     }
 
     /// The upstream is back: queued instances waiting on a retry schedule become due now, so that a

@@ -1076,6 +1076,39 @@ fn release_requeues_without_counting_an_attempt() {
 }
 
 #[test]
+fn requeue_leaves_a_failed_version_whose_correction_was_confirmed_since() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    let v1 = Inst::new("1.8.5", "1.8", 100, 401).stored_id(&spool);
+    assert_eq!(
+        ids(&spool.claim_batch(10, u64::MAX, far_future()).unwrap()),
+        vec![v1]
+    );
+    spool.mark_failed(v1, "0xC000 refused").unwrap();
+    let StoreOutcome::NewVersion { id: v2, .. } = Inst::new("1.8.5", "1.8", 100, 402).store(&spool)
+    else {
+        panic!("expected a new version");
+    };
+    // A failed version does not hold its correction back; the correction is confirmed.
+    assert_eq!(
+        ids(&spool.claim_batch(10, u64::MAX, far_future()).unwrap()),
+        vec![v2]
+    );
+    spool.mark_sent(v2, false).unwrap();
+    // Re-queued now, the original would reach the PACS after its correction.
+    let other = Inst::new("1.9.1", "1.9", 100, 403).stored_id(&spool);
+    claim_one(&spool);
+    spool.mark_failed(other, "0xC000 refused").unwrap();
+    let r = spool.requeue_failed(None).unwrap();
+    assert_eq!((r.requeued, r.superseded), (1, 1));
+    assert_eq!(state(&spool, v1), "failed");
+    assert_eq!(state(&spool, other), "queued");
+    let r = spool.requeue_failed(Some("1.8.5")).unwrap();
+    assert_eq!((r.requeued, r.superseded), (0, 1));
+    assert_eq!(state(&spool, v1), "failed");
+}
+
+#[test]
 fn requeue_failed_brings_back_all_or_one_failed_instance() {
     let fx = Fixture::new();
     let spool = fx.spool();
@@ -1084,12 +1117,12 @@ fn requeue_failed_brings_back_all_or_one_failed_instance() {
         spool.mark_failed(q.id, "409 Conflict").unwrap();
     }
     assert_eq!(spool.status(SystemTime::now()).unwrap().failed, 3);
-    assert_eq!(spool.requeue_failed(Some("1.8.1")).unwrap(), 1);
+    assert_eq!(spool.requeue_failed(Some("1.8.1")).unwrap().requeued, 1);
     assert_eq!(state(&spool, ids[1]), "queued");
     assert_eq!(state(&spool, ids[0]), "failed");
-    assert_eq!(spool.requeue_failed(Some("9.9.9")).unwrap(), 0);
-    assert_eq!(spool.requeue_failed(None).unwrap(), 2);
-    assert_eq!(spool.requeue_failed(None).unwrap(), 0);
+    assert_eq!(spool.requeue_failed(Some("9.9.9")).unwrap().requeued, 0);
+    assert_eq!(spool.requeue_failed(None).unwrap().requeued, 2);
+    assert_eq!(spool.requeue_failed(None).unwrap().requeued, 0);
     let batch = spool.claim_batch(10, u64::MAX, SystemTime::now()).unwrap();
     assert_eq!(batch.len(), 3, "re-queued rows are due now");
 }
@@ -1300,7 +1333,7 @@ fn attach_shares_a_running_spool_without_recovery_and_refuses_a_missing_one() {
     assert!(!tool.is_owner());
     let status = tool.status(SystemTime::now()).unwrap();
     assert_eq!((status.failed, status.uploading), (1, 1));
-    assert_eq!(tool.requeue_failed(None).unwrap(), 1);
+    assert_eq!(tool.requeue_failed(None).unwrap().requeued, 1);
     assert_eq!(state(&daemon, ids[0]), "queued");
     assert_eq!(state(&daemon, ids[1]), "uploading");
     assert_eq!(tmp_entries(&fx), 1);

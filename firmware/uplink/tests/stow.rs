@@ -921,7 +921,7 @@ async fn a_conflict_keeps_what_was_stored_and_fails_the_rest_for_the_operator() 
         assert!(reason.contains("409"), "{reason}");
     }
     // The operator re-queues them once the cause is fixed.
-    assert_eq!(spool.requeue_failed(None).unwrap(), 2);
+    assert_eq!(spool.requeue_failed(None).unwrap().requeued, 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
