@@ -271,6 +271,9 @@ impl Spool {
             }
             Err(source) => return Ok(unreadable(p, &source_path, &source)),
         };
+        // The file's modification time is when it was received: rebuild-index orders the versions
+        // of one SOP Instance UID by it, so the copy keeps it (best effort).
+        let received = source.metadata().and_then(|m| m.modified()).ok();
         let (out, tmp) = files::create_temp(&self.inner.tmp_dir, "compact")?;
         let write_err = |source| SpoolError::Write {
             path: tmp.path.clone(),
@@ -298,6 +301,14 @@ impl Spool {
             .map_err(|e| write_err(e.into_error()))?
             .finish();
         let stored = file.metadata().map_err(write_err)?.len();
+        if let Some(at) = received {
+            if let Err(e) = file.set_modified(at) {
+                log::debug!(
+                    "Could not keep a compacted spool file's time of receipt; a rebuilt index may order its versions by file name. path={} error={e}",
+                    tmp.path.display()
+                );
+            }
+        }
         file.sync_data().map_err(|source| SpoolError::Sync {
             path: tmp.path.clone(),
             source,

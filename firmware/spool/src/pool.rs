@@ -324,6 +324,9 @@ impl Spool {
                 }
             }
         }
+        // In the order they were received (their modification time), so that two versions of one
+        // SOP Instance UID get their rows, and go out, in that order.
+        taken_in.sort_by_cached_key(|(rel, path, _)| (rebuild::modified(path), rel.clone()));
         let mut recovered = 0;
         {
             let mut conn = self.conn();

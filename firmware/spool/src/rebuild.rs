@@ -127,7 +127,10 @@ fn scan_stream(file: impl Read) -> Result<Scanned, ScanError> {
     Ok(scanned)
 }
 
-/// Every `objects/<xx>/<sha256>.dcm.zst` file, sorted by path (deterministic rebuilds).
+/// Every `objects/<xx>/<sha256>.dcm.zst` file, in the order they were received: by modification
+/// time (ingest writes a file once, the compactor keeps its time), then path (deterministic
+/// rebuilds). Rows are inserted in this order, and claims send the versions of one SOP Instance UID
+/// in row order, so that a PACS that overwrites ends with the latest.
 pub(crate) fn object_files(objects_dir: &Path) -> io::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for fan in fs::read_dir(objects_dir)? {
@@ -139,12 +142,12 @@ pub(crate) fn object_files(objects_dir: &Path) -> io::Result<Vec<PathBuf>> {
             let entry = entry?;
             let name = entry.file_name();
             if entry.file_type()?.is_file() && name.to_string_lossy().ends_with(".dcm.zst") {
-                out.push(entry.path());
+                out.push((entry.metadata()?.modified()?, entry.path()));
             }
         }
     }
     out.sort();
-    Ok(out)
+    Ok(out.into_iter().map(|(_, path)| path).collect())
 }
 
 /// Every `quarantine/*.dcm.zst` file, sorted by path.
@@ -278,7 +281,18 @@ pub(crate) mod tests {
 
     /// Stores a real DICOM instance (the same bytes for the same UID and study).
     pub(crate) fn store_outcome(spool: &Spool, uid: &str, study: &str) -> StoreOutcome {
-        let (meta, header, dataset) = instance(uid, study, 200_000);
+        store_version(spool, uid, study, 200_000)
+    }
+
+    /// Stores a real DICOM instance whose pixel data has `pixels` bytes (another length, another
+    /// version of the same UID).
+    pub(crate) fn store_version(
+        spool: &Spool,
+        uid: &str,
+        study: &str,
+        pixels: usize,
+    ) -> StoreOutcome {
+        let (meta, header, dataset) = instance(uid, study, pixels);
         let mut incoming = spool.begin(meta, &header).unwrap();
         incoming.write_all(&dataset).unwrap();
         let written = incoming.finish().unwrap();

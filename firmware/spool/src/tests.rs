@@ -1704,6 +1704,51 @@ fn rebuild_index_after_a_replaced_database_opens_with_every_instance_queued_unde
 }
 
 #[test]
+fn a_rebuilt_index_sends_the_versions_of_one_uid_in_the_order_they_were_received() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    let store =
+        |pixels| match crate::rebuild::tests::store_version(&spool, "1.2.3.9", "1.2.3", pixels) {
+            StoreOutcome::Stored { id } | StoreOutcome::NewVersion { id, .. } => id,
+            other => panic!("expected a stored version, got {other:?}"),
+        };
+    let (first, second) = (store(200_000), store(200_002));
+    let (first_file, second_file) = (file_of(&fx, &spool, first), file_of(&fx, &spool, second));
+    drop(spool);
+    // File names do not follow the order of receipt (they are hashes or random): make the first
+    // version's name the later one, and its time the earlier one.
+    let (early, late) = (SystemTime::now() - 2 * HOUR, SystemTime::now() - HOUR);
+    let (named_first, named_last) = if first_file < second_file {
+        (&first_file, &second_file)
+    } else {
+        (&second_file, &first_file)
+    };
+    let mtime = |path: &Path, at| {
+        fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(at)
+            .unwrap();
+    };
+    mtime(named_last, early);
+    mtime(named_first, late);
+    let received_first = named_last.clone();
+
+    replace_database(&fx, &empty_database(fx.dir.path()));
+    let report = Spool::rebuild_index(&fx.cfg).unwrap();
+    assert_eq!(report.queued, 2, "{report:?}");
+    let (spool, _) = fx.open();
+    let batch = spool.claim_batch(10, u64::MAX, SystemTime::now()).unwrap();
+    assert_eq!(batch.len(), 1, "one version at a time");
+    assert_eq!(
+        file_of(&fx, &spool, batch[0].id),
+        received_first,
+        "the version received first goes first"
+    );
+}
+
+#[test]
 fn a_rebuild_cut_short_before_the_id_is_recorded_is_refused_at_the_next_start() {
     let fx = Fixture::new();
     let files = spool_with_real_instances(&fx);
@@ -1838,6 +1883,19 @@ fn an_instance_is_stored_as_received_then_compacted_in_place_with_the_same_conte
     let early = claim_one(&spool);
     let mut early_reader = spool.open_verified(&early).unwrap();
     let paths: Vec<_> = ids.iter().map(|id| row_str(&spool, *id, "path")).collect();
+    // Each file's time of receipt (set well apart from now) survives the compaction: rebuild-index
+    // orders versions by it.
+    let received: Vec<SystemTime> = (0..ids.len() as u32)
+        .map(|i| SystemTime::now() - HOUR * (i + 2))
+        .collect();
+    for (id, at) in ids.iter().zip(&received) {
+        fs::File::options()
+            .write(true)
+            .open(file_of(&fx, &spool, *id))
+            .unwrap()
+            .set_modified(*at)
+            .unwrap();
+    }
 
     let report = spool.compact_batch(10).unwrap();
     assert_eq!((report.compacted, report.skipped), (3, 0));
@@ -1862,6 +1920,11 @@ fn an_instance_is_stored_as_received_then_compacted_in_place_with_the_same_conte
             stored.len().to_string()
         );
         assert_eq!(zstd::decode_all(stored.as_slice()).unwrap(), inst.raw());
+        let mtime = fs::metadata(file_of(&fx, &spool, *id))
+            .unwrap()
+            .modified()
+            .unwrap();
+        assert_eq!(mtime, received[i], "the time of receipt is kept");
     }
     let mut early_bytes = Vec::new();
     early_reader.read_to_end(&mut early_bytes).unwrap();
