@@ -2469,19 +2469,27 @@ impl Spool {
         let uid = meta.sop_instance_uid.as_str();
         let fan = sha256.get(..2).unwrap_or("00");
         let subdir = self.inner.objects_dir.join(fan);
-        let rel = format!("objects/{fan}/{sha256}.dcm.zst");
-        let target = self.inner.dir.join(&rel);
+        let mut rel = format!("objects/{fan}/{sha256}.dcm.zst");
+        let mut own_name = false;
 
         // An identical re-send: answer success, keep nothing (the guard removes the temp file)...
         let duplicate = {
             let conn = self.conn();
-            match find_duplicate(&conn, uid, sha256)? {
+            let held = find_duplicate(&conn, uid, sha256)?;
+            // An older version holds these bytes at their content-addressed name (a copy of it
+            // received after a newer version): this row gets a file of its own, so that evicting
+            // the older row never takes this one's file.
+            if held.is_none() && path_has_row(&conn, uid, &rel)? {
+                rel = format!("objects/{fan}/{:032x}.dcm.zst", rand::random::<u128>());
+                own_name = true;
+            }
+            match held {
                 // ...unless the held copy is unconfirmed and its file has gone: then this copy
                 // takes its place (below) instead of the instance turning up lost later.
                 Some((id, true)) if !self.row_file_exists(&conn, id)? => {
                     log::warn!(
                         "The spool file of a queued instance was missing; an identical copy just received replaces it. sop_instance_uid={uid} id={id} path={}",
-                        target.display()
+                        self.inner.dir.join(&rel).display()
                     );
                     None
                 }
@@ -2497,6 +2505,7 @@ impl Spool {
             log_duplicate(meta, id);
             return Ok(Committed::Duplicate(InstanceId(id)));
         }
+        let target = self.inner.dir.join(&rel);
 
         // Into place: content-addressed, durable before the row exists.
         if files::create_dir(&subdir)? {
@@ -2532,6 +2541,14 @@ impl Spool {
                 .ctx("read an instance row")?;
             if held_path == rel {
                 new.record_digest(&tx, id)?;
+            } else if own_name {
+                // A name of its own that no row will name: not left behind.
+                if let Err(e) = fs::remove_file(&target) {
+                    log::warn!(
+                        "Could not remove the spool file of a copy found to be a duplicate; it stays unused until rebuild-index. path={} error={e}",
+                        target.display()
+                    );
+                }
             }
             db::bump_counter(&tx, DUPLICATES_RECEIVED)?;
             tx.prepare_cached("INSERT OR IGNORE INTO intake (id) VALUES (?1)")
@@ -2547,8 +2564,12 @@ impl Spool {
     }
 }
 
-/// The row already holding these exact bytes under this UID (lost and quarantined rows do not count).
-/// Also says whether that row is still unconfirmed (so its file must exist).
+/// The row already holding these exact bytes under this UID, if it is the newest version held of
+/// that UID (lost and quarantined rows do not count). Also says whether that row is still
+/// unconfirmed (so its file must exist). A copy of an older version's bytes, received after a newer
+/// version (a modality sending its original again after a correction), is not a duplicate: it is
+/// kept as the newest version and sent last, so that a PACS that overwrites ends with what the
+/// modality sent last.
 /// The state and SOP Instance UID of row `id`, if the row exists.
 fn state_and_uid(conn: &Connection, id: InstanceId) -> rusqlite::Result<Option<(String, String)>> {
     conn.prepare_cached("SELECT state, sop_instance_uid FROM instances WHERE id = ?1")
@@ -2559,11 +2580,25 @@ fn state_and_uid(conn: &Connection, id: InstanceId) -> rusqlite::Result<Option<(
 }
 
 fn find_duplicate(conn: &Connection, uid: &str, sha256: &str) -> Result<Option<(i64, bool)>> {
-    conn.prepare_cached(
-        "SELECT id, state IN ('queued', 'uploading', 'failed') FROM instances WHERE sop_instance_uid = ?1 AND sha256 = ?2 AND state NOT IN ('lost', 'quarantined') ORDER BY id LIMIT 1",
-    )
-    .and_then(|mut s| s.query_row([uid, sha256], |r| Ok((r.get(0)?, r.get(1)?))).optional())
-    .ctx("look up duplicates")
+    let newest: Option<(i64, bool, bool)> = conn
+        .prepare_cached(
+            "SELECT id, sha256 = ?2, state IN ('queued', 'uploading', 'failed') FROM instances WHERE sop_instance_uid = ?1 AND state NOT IN ('lost', 'quarantined') ORDER BY id DESC LIMIT 1",
+        )
+        .and_then(|mut s| {
+            s.query_row([uid, sha256], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .optional()
+        })
+        .ctx("look up duplicates")?;
+    Ok(newest.and_then(|(id, same, unconfirmed)| same.then_some((id, unconfirmed))))
+}
+
+/// Whether a row of `uid` names `rel` as its file (a content-addressed name holds bytes that carry
+/// their UID, so only that UID's rows can name it).
+fn path_has_row(conn: &Connection, uid: &str, rel: &str) -> Result<bool> {
+    conn.prepare_cached("SELECT 1 FROM instances WHERE sop_instance_uid = ?1 AND path = ?2 LIMIT 1")
+        .and_then(|mut s| s.query_row([uid, rel], |_| Ok(())).optional())
+        .map(|found| found.is_some())
+        .ctx("look up a file's row")
 }
 
 fn log_duplicate(meta: &IncomingMeta, id: i64) {

@@ -497,6 +497,47 @@ fn identical_resend_is_a_duplicate_counted_and_not_queued_twice() {
 }
 
 #[test]
+fn a_copy_of_an_older_version_received_after_a_newer_one_is_kept_and_sent_last() {
+    let fx = Fixture::with(|c| c.retention_hours = 1);
+    let spool = fx.spool();
+    let original = Inst::new("1.2.3.7", "1.2.3", 50_000, 11);
+    let correction = Inst::new("1.2.3.7", "1.2.3", 50_000, 12);
+    let v1 = original.stored_id(&spool);
+    let StoreOutcome::NewVersion { id: v2, .. } = correction.store(&spool) else {
+        panic!("expected a new version");
+    };
+    for id in [v1, v2] {
+        assert_eq!(claim_one(&spool).id, id);
+        spool.mark_sent(id, false).unwrap();
+    }
+    // The modality sends its original again: what it sent last is the original, and a PACS that
+    // overwrites must end with it. Not a duplicate of v1: a new version, after v2.
+    let outcome = original.store(&spool);
+    let StoreOutcome::NewVersion { id: v3, previous } = outcome else {
+        panic!("expected a new version, got {outcome:?}");
+    };
+    assert_eq!(previous, v2);
+    assert_ne!(
+        file_of(&fx, &spool, v3),
+        file_of(&fx, &spool, v1),
+        "a file of its own"
+    );
+    // The same bytes once more are a duplicate of that newest version.
+    assert_eq!(original.store(&spool), StoreOutcome::Duplicate { id: v3 });
+    // Evicting v1's cached file leaves v3's.
+    let report = spool.evict(SystemTime::now() + 2 * HOUR).unwrap();
+    assert_eq!(report.files, 2);
+    let claimed = claim_one(&spool);
+    assert_eq!(claimed.id, v3);
+    assert_eq!(read_all(&spool, &claimed).unwrap(), original.raw());
+    assert_eq!(tmp_entries(&fx), 0);
+    assert_eq!(
+        spool.status(SystemTime::now()).unwrap().duplicates_received,
+        1
+    );
+}
+
+#[test]
 fn different_content_under_a_known_uid_is_kept_as_a_new_version() {
     let fx = Fixture::new();
     let spool = fx.spool();
