@@ -17,9 +17,17 @@ fn batch() -> Vec<QueuedInstance> {
 }
 
 fn answer(status: u16, body: &str) -> Exchange {
+    answer_as(status, "application/dicom+json", body)
+}
+
+fn xml_answer(status: u16, body: &str) -> Exchange {
+    answer_as(status, "application/dicom+xml", body)
+}
+
+fn answer_as(status: u16, content_type: &str, body: &str) -> Exchange {
     Exchange::Answered(Answer {
         status,
-        content_type: Some("application/dicom+json".into()),
+        content_type: Some(content_type.into()),
         body: body.as_bytes().to_vec(),
         ..Answer::default()
     })
@@ -1034,13 +1042,11 @@ fn an_instance_listed_both_stored_and_failed_is_not_confirmed() {
     <DicomAttribute tag="00081155" vr="UI"><Value number="1">1.1</Value></DicomAttribute>
   </Item></DicomAttribute>
 </NativeDicomModel>"#;
-    let exchange = Exchange::Answered(Answer {
-        status: 200,
-        content_type: Some("application/dicom+xml".into()),
-        body: xml.as_bytes().to_vec(),
-        ..Answer::default()
-    });
-    check(&batch()[..1], exchange, Expect::Each(&[(1, Is::Retry)]));
+    check(
+        &batch()[..1],
+        xml_answer(200, xml),
+        Expect::Each(&[(1, Is::Retry)]),
+    );
     // What is recorded for the instance says why it was not confirmed, and keeps the reason.
     let Decision::PerInstance(actions) = decide(&batch(), &answer(200, STORED_AND_FAILED), true)
     else {
@@ -1102,13 +1108,11 @@ fn a_referenced_item_that_carries_a_failure_reason_is_not_confirmed() {
     <DicomAttribute tag="00081155" vr="UI"><Value number="1">1.1</Value></DicomAttribute>
     <DicomAttribute tag="00081197" vr="US"><Value number="1">42752</Value></DicomAttribute>
   </Item></DicomAttribute></NativeDicomModel>"#;
-    let exchange = Exchange::Answered(Answer {
-        status: 200,
-        content_type: Some("application/dicom+xml".into()),
-        body: xml.as_bytes().to_vec(),
-        ..Answer::default()
-    });
-    check(&batch()[..1], exchange, Expect::Each(&[(1, Is::Retry)]));
+    check(
+        &batch()[..1],
+        xml_answer(200, xml),
+        Expect::Each(&[(1, Is::Retry)]),
+    );
 }
 
 #[test]
