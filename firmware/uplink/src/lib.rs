@@ -152,7 +152,7 @@ mod tls;
 pub use error::{Result, UplinkError};
 pub use tls::{client_cert_not_after, client_cert_notice, CertNotice, CLIENT_CERT_WARNING};
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -253,9 +253,6 @@ struct Health {
     /// did, only the first worker sends: a wrong password, a wrong certificate or a PACS that is
     /// down sees one request, not one per connection.
     proven: bool,
-    /// The SOP Instance UIDs in a request right now: another version of one of them waits for the
-    /// request to finish, so that two requests never carry the same UID at once.
-    in_flight: HashSet<String>,
 }
 
 /// One upload loop; `uplink.connections` of them run side by side.
@@ -345,7 +342,6 @@ impl Uplink {
                     failure_counted_at: None,
                     retries_may_wait: true,
                     proven: false,
-                    in_flight: HashSet::new(),
                 }),
                 changed,
                 saving: tokio::sync::Mutex::new(()),
@@ -751,35 +747,9 @@ impl Worker {
                 wake.notify_one();
             }
 
-            let (batch, busy): (Vec<_>, Vec<_>) = {
-                let mut h = link.health();
-                let (batch, busy): (Vec<_>, Vec<_>) = batch
-                    .into_iter()
-                    .partition(|i| !h.in_flight.contains(&i.sop_instance_uid));
-                h.in_flight
-                    .extend(batch.iter().map(|i| i.sop_instance_uid.clone()));
-                (batch, busy)
-            };
-            if !busy.is_empty() {
-                info!(
-                    "Left instances for a later request: another request in flight carries the same SOP Instance UID. instances={}",
-                    busy.len()
-                );
-                self.record(released(busy).collect()).await;
-            }
-            if batch.is_empty() {
-                // Everything due is in another request: wait for one to finish.
-                wait_for_change(&mut changed, POLL_INTERVAL, &mut shutdown).await;
-                continue;
-            }
-            let uids: Vec<String> = batch.iter().map(|i| i.sop_instance_uid.clone()).collect();
+            // No two requests carry the same SOP Instance UID, and no batch carries two versions of
+            // one: the spool claims the versions of a UID one at a time, oldest first.
             self.process(batch, &mut shutdown).await;
-            {
-                let mut h = link.health();
-                for uid in &uids {
-                    h.in_flight.remove(uid);
-                }
-            }
             link.bump();
         }
         if !self.stranded.is_empty() {
@@ -791,11 +761,7 @@ impl Worker {
     /// Uploads one claimed batch (in halves after a 413) and records every outcome.
     async fn process(&mut self, batch: Vec<QueuedInstance>, shutdown: &mut watch::Receiver<bool>) {
         let link = self.link.clone();
-        let mut seen = HashSet::new();
-        let (batch, later): (Vec<_>, Vec<_>) = batch
-            .into_iter()
-            .partition(|i| seen.insert(i.sop_instance_uid.clone()));
-        let mut marks: Vec<Mark> = released(later).collect();
+        let mut marks: Vec<Mark> = Vec::new();
 
         let mut work = vec![batch];
         while let Some(part) = work.pop() {
