@@ -549,7 +549,7 @@ impl Association {
                     None => self.start_store(pc_id, cmd, &ctx),
                     Some((which, why, status)) => {
                         warn!(
-                            "C-STORE refused: the command's {which} {why}. sop_class_uid=\"{}\" sop_instance_uid=\"{}\" calling_ae={} peer={} status={status:#06X} Check the modality's export (its UIDs must follow PS3.5 9.1); nothing was stored.",
+                            "C-STORE refused: the command's {which} {why}. sop_class_uid=\"{}\" sop_instance_uid=\"{}\" calling_ae={} peer={} status={status:#06X} Check the modality's export (a UID is 1 to 64 digits and dots); nothing was stored.",
                             peer_text(&cmd.sop_class_uid), peer_text(&cmd.sop_instance_uid), self.calling_ae, self.ip()
                         );
                         self.current = Some(InFlight::Refuse {

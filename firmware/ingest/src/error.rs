@@ -209,19 +209,6 @@ pub enum WalkError {
 
 const TRUNCATED: &str = "the modality marked its last fragment too early or sent a truncated file";
 
-impl WalkError {
-    /// The data set ended too early (as opposed to bytes that do not decode).
-    pub fn is_truncation(&self) -> bool {
-        matches!(
-            self,
-            WalkError::EndsInValue { .. }
-                | WalkError::EndsInHeader { .. }
-                | WalkError::EndsInItem { .. }
-                | WalkError::EndsInSequence { .. }
-        )
-    }
-}
-
 /// `(gggg,eeee)`.
 fn tag_text(tag: u32) -> String {
     format!("({:04X},{:04X})", tag >> 16, tag & 0xFFFF)
