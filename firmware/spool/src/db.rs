@@ -87,6 +87,14 @@ const POOL_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS pool (path TEXT PRIMARY KE
 const FILE_DIGEST_SCHEMA: &str =
     "CREATE TABLE IF NOT EXISTS file_digest (id INTEGER PRIMARY KEY, xxh3 BLOB NOT NULL);";
 
+/// How many times the upstream refused each queued instance by name (a FailureReason in its STOW-RS
+/// answer), as opposed to attempts that failed with the whole request (an outage, a timeout): the
+/// uplink gives up on an instance the PACS keeps refusing after a few refusals, however long an
+/// outage before them lasted. A row exists only while the count is not zero. Not behind the schema
+/// version: an older passerelled ignores it (and counts attempts, as it did).
+const REFUSALS_SCHEMA: &str =
+    "CREATE TABLE IF NOT EXISTS refusals (id INTEGER PRIMARY KEY, count INTEGER NOT NULL);";
+
 /// Attaches an action to a rusqlite error.
 pub(crate) trait DbContext<T> {
     fn ctx(self, action: &'static str) -> Result<T>;
@@ -210,6 +218,7 @@ fn migrate(conn: &Connection, path: &Path) -> Result<()> {
         ("intake", INTAKE_SCHEMA),
         ("pool", POOL_SCHEMA),
         ("file_digest", FILE_DIGEST_SCHEMA),
+        ("refusals", REFUSALS_SCHEMA),
     ] {
         let exists: bool = conn
             .query_row(

@@ -234,10 +234,13 @@ const NOT_BEHIND_ANOTHER_VERSION: &str = "NOT EXISTS (SELECT 1 FROM instances AS
 pub enum Outcome {
     /// The upstream confirmed it (as [`Spool::mark_sent`]).
     Sent { redelivery: bool },
-    /// A retryable failure (as [`Spool::mark_retry`]).
+    /// A retryable failure (as [`Spool::mark_retry`]). `refused`: the upstream named this instance
+    /// as not stored (a FailureReason), rather than failing the whole request; such refusals are
+    /// counted apart from attempts ([`QueuedInstance::refusals`]).
     Retry {
         error: String,
         next_attempt_at: SystemTime,
+        refused: bool,
     },
     /// A permanent failure (as [`Spool::mark_failed`]).
     Failed { reason: String },
@@ -257,6 +260,9 @@ pub struct QueuedInstance {
     pub raw_size: u64,
     /// Upload attempts made before this one.
     pub attempts: u32,
+    /// Of those attempts, the ones the upstream answered by refusing this instance by name
+    /// ([`Outcome::Retry`] with `refused`), since it was queued or last re-queued.
+    pub refusals: u32,
 }
 
 /// What [`Spool::claim_batch_lingering`] found.
@@ -1151,7 +1157,7 @@ impl Spool {
         now: SystemTime,
         linger: Option<Linger>,
     ) -> Result<Claim> {
-        const COLUMNS: &str = "id, sop_class_uid, sop_instance_uid, study_instance_uid, transfer_syntax_uid, raw_size, attempts, received_at";
+        const COLUMNS: &str = "id, sop_class_uid, sop_instance_uid, study_instance_uid, transfer_syntax_uid, raw_size, attempts, received_at, (SELECT count FROM refusals WHERE refusals.id = instances.id)";
         fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(QueuedInstance, i64)> {
             Ok((
                 QueuedInstance {
@@ -1162,6 +1168,8 @@ impl Spool {
                     transfer_syntax_uid: r.get(4)?,
                     raw_size: to_u64(r.get(5)?),
                     attempts: u32::try_from(r.get::<_, i64>(6)?).unwrap_or(u32::MAX),
+                    refusals: u32::try_from(r.get::<_, Option<i64>>(8)?.unwrap_or(0))
+                        .unwrap_or(u32::MAX),
                 },
                 r.get(7)?,
             ))
@@ -1488,6 +1496,7 @@ impl Spool {
             Outcome::Retry {
                 error: error.to_string(),
                 next_attempt_at,
+                refused: false,
             },
         )
     }
@@ -1584,7 +1593,7 @@ impl Spool {
                         )
                         .and_then(|mut s| s.execute(params![id.0, now_ms])),
                     ),
-                    Outcome::Retry { error, next_attempt_at } => (
+                    Outcome::Retry { error, next_attempt_at, .. } => (
                         "schedule a retry",
                         &[],
                         tx.prepare_cached(
@@ -1610,11 +1619,23 @@ impl Spool {
                     ),
                 };
                 if changed.ctx(action)? > 0 {
-                    if let Outcome::Sent { redelivery } = outcome {
-                        any_sent = true;
-                        if *redelivery {
-                            db::bump_counter(&tx, DUPLICATES_UPSTREAM)?;
+                    match outcome {
+                        Outcome::Sent { redelivery } => {
+                            any_sent = true;
+                            if *redelivery {
+                                db::bump_counter(&tx, DUPLICATES_UPSTREAM)?;
+                            }
+                            forget_refusals(&tx, *id)?;
                         }
+                        Outcome::Failed { .. } => forget_refusals(&tx, *id)?,
+                        Outcome::Retry { refused: true, .. } => {
+                            tx.prepare_cached(
+                                "INSERT INTO refusals (id, count) VALUES (?1, 1) ON CONFLICT (id) DO UPDATE SET count = count + 1",
+                            )
+                            .and_then(|mut s| s.execute([id.0]))
+                            .ctx("count a refusal")?;
+                        }
+                        Outcome::Retry { .. } | Outcome::Release => {}
                     }
                     continue;
                 }
@@ -1654,6 +1675,13 @@ impl Spool {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .ctx("re-queue failed instances")?;
+        // Failed rows hold no refusals (a failure forgets them); rows failed by an older passerelled
+        // may, and a re-queued instance starts again from none.
+        tx.execute(
+            &format!("DELETE FROM refusals WHERE id IN (SELECT id FROM instances WHERE state = 'failed' AND (?1 IS NULL OR sop_instance_uid = ?1) AND NOT {SUPERSEDED})"),
+            params![sop_instance_uid],
+        )
+        .ctx("re-queue failed instances")?;
         let requeued = tx
             .execute(
                 &format!("UPDATE instances SET state = 'queued', attempts = 0, next_attempt_at = ?1 WHERE state = 'failed' AND (?2 IS NULL OR sop_instance_uid = ?2) AND NOT {SUPERSEDED}"),
@@ -2571,6 +2599,14 @@ impl Spool {
 /// kept as the newest version and sent last, so that a PACS that overwrites ends with what the
 /// modality sent last.
 /// The state and SOP Instance UID of row `id`, if the row exists.
+/// An instance confirmed or failed no longer needs its count of refusals.
+fn forget_refusals(conn: &Connection, id: InstanceId) -> Result<()> {
+    conn.prepare_cached("DELETE FROM refusals WHERE id = ?1")
+        .and_then(|mut s| s.execute([id.0]))
+        .ctx("forget an instance's refusals")?;
+    Ok(())
+}
+
 fn state_and_uid(conn: &Connection, id: InstanceId) -> rusqlite::Result<Option<(String, String)>> {
     conn.prepare_cached("SELECT state, sop_instance_uid FROM instances WHERE id = ?1")
         .and_then(|mut s| {

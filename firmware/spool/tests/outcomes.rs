@@ -70,6 +70,7 @@ fn each_outcome_changes_its_row_as_the_single_call_would_in_one_transaction() {
             Outcome::Retry {
                 error: "HTTP 503".into(),
                 next_attempt_at: later,
+                refused: false,
             },
         ),
         (
@@ -100,4 +101,59 @@ fn each_outcome_changes_its_row_as_the_single_call_would_in_one_transaction() {
         .unwrap();
     let s = spool.status(SystemTime::now()).unwrap();
     assert_eq!((s.sent, s.failed, s.queued, s.uploading), (2, 1, 1, 1));
+}
+
+#[test]
+fn refusals_by_name_are_counted_apart_from_attempts_and_forgotten_once_decided() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = spool_in(dir.path());
+    for i in 1..=3 {
+        store(&spool, &format!("1.2.3.1.{i}"));
+    }
+    let retry = |refused: bool| Outcome::Retry {
+        error: "x".into(),
+        next_attempt_at: SystemTime::now(),
+        refused,
+    };
+    let due = || SystemTime::now() + Duration::from_secs(1);
+    let ids: Vec<InstanceId> = claim_all(&spool, due()).iter().map(|i| i.id).collect();
+    // Round 1: an outage for all three. Round 2: 1 and 2 refused by name, 3 left out of the answer.
+    // Round 3: 1 refused again, 2 confirmed, 3 failed.
+    spool
+        .record_outcomes(&ids.iter().map(|id| (*id, retry(false))).collect::<Vec<_>>())
+        .unwrap();
+    let claimed = claim_all(&spool, due());
+    assert!(claimed.iter().all(|i| i.attempts == 1 && i.refusals == 0));
+    spool
+        .record_outcomes(&[
+            (ids[0], retry(true)),
+            (ids[1], retry(true)),
+            (ids[2], retry(false)),
+        ])
+        .unwrap();
+    let claimed = claim_all(&spool, due());
+    let counts: Vec<(u32, u32)> = claimed.iter().map(|i| (i.attempts, i.refusals)).collect();
+    assert_eq!(counts, vec![(2, 1), (2, 1), (2, 0)]);
+    spool
+        .record_outcomes(&[
+            (ids[0], retry(true)),
+            (ids[1], Outcome::Sent { redelivery: true }),
+            (ids[2], Outcome::Failed { reason: "y".into() }),
+        ])
+        .unwrap();
+    let claimed = claim_all(&spool, due());
+    assert_eq!(claimed.len(), 1);
+    assert_eq!((claimed[0].attempts, claimed[0].refusals), (3, 2));
+    spool.mark_failed(ids[0], "z").unwrap();
+    // Decided rows keep no count: re-queued, both start again from none.
+    assert_eq!(spool.requeue_failed(None).unwrap().requeued, 2);
+    let claimed = claim_all(&spool, due());
+    assert_eq!(claimed.len(), 2);
+    assert!(claimed.iter().all(|i| i.attempts == 0 && i.refusals == 0));
+    drop(spool);
+    let conn = rusqlite::Connection::open(dir.path().join("spool").join("spool.db")).unwrap();
+    let left: i64 = conn
+        .query_row("SELECT COUNT(*) FROM refusals", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(left, 0);
 }

@@ -790,6 +790,7 @@ impl Worker {
                         Outcome::Retry {
                             error,
                             next_attempt_at: at,
+                            refused: false,
                         },
                     ));
                 }
@@ -807,6 +808,7 @@ impl Worker {
                             Outcome::Retry {
                                 error: "The upload was stopped by a shutdown after its body was sent; the PACS may hold these instances already.".into(),
                                 next_attempt_at: now,
+                                refused: false,
                             }
                         } else {
                             Outcome::Release
@@ -873,6 +875,7 @@ impl Worker {
                                         failure.detail
                                     ),
                                     not_before: None,
+                                    refused: false,
                                 },
                             )
                         })
@@ -987,7 +990,11 @@ impl Worker {
                     }
                     marks.push((id, uid, Outcome::Sent { redelivery }));
                 }
-                Action::Retry { error, not_before } => {
+                Action::Retry {
+                    error,
+                    not_before,
+                    refused,
+                } => {
                     let at = outcome::time_after(now, self.retry_delay(inst.attempts, not_before));
                     match retries.iter_mut().find(|(e, _, _)| *e == error) {
                         Some((_, n, first_at)) => {
@@ -1003,6 +1010,7 @@ impl Worker {
                         Outcome::Retry {
                             error,
                             next_attempt_at: at,
+                            refused,
                         },
                     ));
                 }

@@ -77,10 +77,14 @@ pub(crate) enum Action {
         redelivery: bool,
         warning_reason: Option<u16>,
     },
-    /// Not confirmed; try again after the backoff, and no earlier than `not_before`.
+    /// Not confirmed; try again after the backoff, and no earlier than `not_before`. `refused`: the
+    /// PACS named this instance as not stored (FailedSOPSequence, or a FailureReason), as opposed to
+    /// an instance left out of an answer or a request that failed as a whole; the spool counts such
+    /// refusals apart from attempts, for the caps of [`failure_action`].
     Retry {
         error: String,
         not_before: Option<Duration>,
+        refused: bool,
     },
     /// Refused for good; the operator has to look at it.
     Failed { reason: String },
@@ -167,9 +171,14 @@ pub(crate) enum FailureClass {
     Permanent,
 }
 
+/// Microsoft's DICOM service (Azure Health Data Services) answers a STOW-RS of an instance it already
+/// holds with this FailureReason (45070, "a DICOM instance with the same Study, Series and SOP
+/// Instance UIDs has already been stored"): its Duplicate SOP Instance, outside the standard's codes.
+pub(crate) const ALREADY_STORED: u16 = 0xB00E;
+
 pub(crate) fn failure_class(code: u16) -> FailureClass {
     match code {
-        0xA700..=0xA7FF | 0x0110 | 0x0111 | 0x0212 => FailureClass::Retryable,
+        0xA700..=0xA7FF | 0x0110 | 0x0111 | ALREADY_STORED | 0x0212 => FailureClass::Retryable,
         _ => FailureClass::Permanent,
     }
 }
@@ -190,7 +199,8 @@ pub(crate) fn describe_status(code: u16) -> &'static str {
         0xB000 => "Warning: coercion of data elements",
         0xB006 => "Warning: elements discarded",
         0xB007 => "Warning: data set does not match SOP class",
-        0xB001..=0xB005 | 0xB008..=0xBFFF => "Warning",
+        ALREADY_STORED => "Already stored (Microsoft's DICOM service)",
+        0xB001..=0xB005 | 0xB008..=0xB00D | 0xB00F..=0xBFFF => "Warning",
         _ => "unknown status",
     }
 }
@@ -304,6 +314,7 @@ fn decide_answer(instances: &[QueuedInstance], a: &Answer, stored_before: bool) 
                 ),
             },
             not_before: None,
+            refused: false,
         }),
         HttpClass::BadRequest => match front_end_certificate_refusal(a) {
             Some(refusal) => decide_transport(
@@ -407,6 +418,7 @@ fn retry_all(
     per_instance_all(instances, || Action::Retry {
         error: error.clone(),
         not_before,
+        refused: false,
     })
 }
 
@@ -468,10 +480,10 @@ fn per_instance(
                                 warning_reason: item.warning_reason.or(r.warning_reason),
                             },
                             (Some(_), failed) => {
-                                contradicted(uid, failed, stated_failure, status, inst.attempts)
+                                contradicted(uid, failed, stated_failure, status, inst.refusals)
                             }
                             (None, Some(failed)) => {
-                                failure_action(failed.failure_reason, status, inst.attempts)
+                                failure_action(failed.failure_reason, status, inst.refusals)
                             }
                             (None, None) => leftover(None),
                         }
@@ -495,7 +507,7 @@ fn contradicted(
     failed: Option<&response::FailedInstance>,
     stated_failure: Option<Option<u16>>,
     status: u16,
-    attempts: u32,
+    refusals: u32,
 ) -> Action {
     let reason = failed
         .and_then(|f| f.failure_reason)
@@ -508,11 +520,16 @@ fn contradicted(
     let said = format!(
         "The PACS answered both stored and failed for the instance (its STOW-RS response lists it {listed}), so it is not confirmed"
     );
-    let (action, next) = match failure_action(reason, status, attempts) {
-        Action::Retry { error, not_before } => (
+    let (action, next) = match failure_action(reason, status, refusals) {
+        Action::Retry {
+            error,
+            not_before,
+            refused,
+        } => (
             Action::Retry {
                 error: format!("{said}. {error}"),
                 not_before,
+                refused,
             },
             "it will be sent again",
         ),
@@ -527,6 +544,7 @@ fn contradicted(
             Action::Retry {
                 error: format!("{said}; it will be sent again."),
                 not_before: None,
+                refused: true,
             },
             "it will be sent again",
         ),
@@ -538,45 +556,50 @@ fn contradicted(
     action
 }
 
-/// From this attempt on, a PACS's refusal of an instance as a Duplicate SOP Instance (0x0111) fails
-/// it for the operator: a PACS that rejects duplicates answers so for ever once it holds the
-/// instance (typically a copy delivered earlier whose confirmation was lost).
+/// At this many refusals as a Duplicate SOP Instance (0x0111, or Microsoft's DICOM service's
+/// 0xB00E, "already stored"), an instance is failed for the operator: a PACS that rejects duplicates
+/// answers so for ever once it holds the instance (typically a copy delivered earlier whose
+/// confirmation was lost).
 pub(crate) const MAX_DUPLICATE_REFUSALS: u32 = 3;
 
-/// From this attempt on, a PACS's refusal of an instance as a Processing failure (0x0110) or a
-/// Mistyped argument (0x0212) fails it for the operator. Both may pass (a PACS's database busy for
-/// a moment), so they are retried first, a little longer than a duplicate; but a PACS that cannot
-/// process that one instance answers so at every attempt, and retried for ever it would come back
-/// alone, as a request the PACS takes nothing of, holding every upload as if the PACS were down.
-/// Like [`MAX_DUPLICATE_REFUSALS`] it counts the instance's attempts, whatever failed them, and
-/// `passerelled requeue` starts them again from 0.
+/// At this many refusals as a Processing failure (0x0110) or a Mistyped argument (0x0212), an
+/// instance is failed for the operator. Both may pass (a PACS's database busy for a moment), so they
+/// are retried first, a little longer than a duplicate; but a PACS that cannot process that one
+/// instance answers so at every attempt, and retried for ever it would come back alone, as a request
+/// the PACS takes nothing of, holding every upload as if the PACS were down.
+///
+/// Both caps count the PACS's refusals of that instance by name (the spool's
+/// [`QueuedInstance::refusals`]), not its attempts: attempts lost to an outage (no answer, a 5xx)
+/// say nothing about the instance, and after a long outage they would fail it at its first refusal.
+/// `passerelled requeue` starts the count again from 0.
 pub(crate) const MAX_PROCESSING_REFUSALS: u32 = 5;
 
-/// `attempts`: the instance's attempts before this one.
-fn failure_action(reason: Option<u16>, status: u16, attempts: u32) -> Action {
+/// `refusals`: how many times the PACS refused the instance by name before this answer.
+fn failure_action(reason: Option<u16>, status: u16, refusals: u32) -> Action {
+    let refusal = refusals.saturating_add(1);
     match reason {
-        Some(code @ (0x0110 | 0x0212))
-            if attempts.saturating_add(1) >= MAX_PROCESSING_REFUSALS =>
-        {
+        Some(code @ (0x0110 | 0x0212)) if refusal >= MAX_PROCESSING_REFUSALS => Action::Failed {
+            reason: format!(
+                "The PACS refused the instance with FailureReason {code:#06X} ({}, HTTP {status}) {} times now (the limit is {MAX_PROCESSING_REFUSALS}): it fails to process this instance each time it is sent, so it is no longer sent on its own. Look in the PACS's log for this SOP Instance UID to see why, have that fixed, then send it again with `passerelled requeue`.",
+                describe_status(code),
+                refusal
+            ),
+        },
+        Some(code @ (0x0111 | ALREADY_STORED)) if refusal >= MAX_DUPLICATE_REFUSALS => {
             Action::Failed {
                 reason: format!(
-                    "The PACS refused the instance with FailureReason {code:#06X} ({}, HTTP {status}) at attempt {} (the limit is {MAX_PROCESSING_REFUSALS}): it fails to process this instance each time it is sent, so it is no longer sent on its own. Look in the PACS's log for this SOP Instance UID to see why, have that fixed, then send it again with `passerelled requeue`.",
+                    "The PACS refused the instance as a duplicate (FailureReason {code:#06X}, {}, HTTP {status}) {} times now (the limit is {MAX_DUPLICATE_REFUSALS}): it already holds an instance with this SOP Instance UID, most likely a copy delivered earlier whose confirmation was lost. Check on the PACS that it holds this study's instance; `passerelled requeue` sends it again if needed.",
                     describe_status(code),
-                    attempts.saturating_add(1)
+                    refusal
                 ),
             }
         }
-        Some(0x0111) if attempts.saturating_add(1) >= MAX_DUPLICATE_REFUSALS => Action::Failed {
-            reason: format!(
-                "The PACS refused the instance as a Duplicate SOP Instance (FailureReason 0x0111, HTTP {status}) at attempt {} (the limit is {MAX_DUPLICATE_REFUSALS}): it already holds an instance with this SOP Instance UID, most likely a copy delivered earlier whose confirmation was lost. Check on the PACS that it holds this study's instance; `passerelled requeue` sends it again if needed.",
-                attempts.saturating_add(1)
-            ),
-        },
         None => Action::Retry {
             error: format!(
                 "The PACS listed the instance in FailedSOPSequence without a FailureReason (HTTP {status}); it will be sent again."
             ),
             not_before: None,
+            refused: true,
         },
         Some(code) => match failure_class(code) {
             FailureClass::Retryable => Action::Retry {
@@ -585,6 +608,7 @@ fn failure_action(reason: Option<u16>, status: u16, attempts: u32) -> Action {
                     describe_status(code)
                 ),
                 not_before: None,
+                refused: true,
             },
             FailureClass::Permanent => Action::Failed {
                 reason: format!(

@@ -699,6 +699,7 @@ async fn a_file_failing_mid_upload_holds_nothing_else_and_is_checked_in_full_nex
         transfer_syntax_uid: String::new(),
         raw_size: 50_000,
         attempts,
+        refusals: 0,
     };
     match spool.open_verified(&inst) {
         Err(passerelle_spool::SpoolError::Corrupt { .. }) => {}
@@ -1061,4 +1062,43 @@ async fn retry_schedules_left_by_a_previous_run_are_brought_forward_once_the_pac
     .await;
     running.stop().await;
     assert_eq!(stub.seen().len(), 2, "the new study, then the waiting one");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_outage_a_processing_failure_is_retried_until_the_pacs_refused_it_five_times() {
+    const OUTAGE: usize = 6;
+    let env = Env::new();
+    let spool = spool_in(env.dir.path());
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = calls.clone();
+    let stub = env
+        .stub(move |seen| {
+            if counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < OUTAGE {
+                Reply::status(503)
+            } else {
+                Reply::json(409, stow_json(&[], &[(seen.uids[0].as_str(), 0x0110)]))
+            }
+        })
+        .await;
+    store_study(&spool, &stub, 1, 100);
+    let mut cfg = uplink_config(&stub.url(), &env.ca);
+    cfg.retry_base_secs = 1;
+    cfg.retry_max_secs = 1;
+    let running = start(cfg, &spool);
+    wait_for("the instance failed", Duration::from_secs(60), || {
+        status(&spool).failed == 1
+    })
+    .await;
+    running.stop().await;
+    // The outage's attempts did not count: the PACS refused the instance five times first.
+    assert_eq!(stub.seen().len(), OUTAGE + 5);
+    let reason = spool.problems(1).unwrap()[0]
+        .last_error
+        .clone()
+        .unwrap_or_default();
+    assert!(reason.contains("0x0110"), "{reason}");
+    assert!(reason.contains("5 times"), "{reason}");
+    // Re-queued by the operator, it starts again from no refusal.
+    assert_eq!(spool.requeue_failed(None).unwrap().requeued, 1);
+    assert_eq!(queued_rows(&spool)[0].refusals, 0);
 }

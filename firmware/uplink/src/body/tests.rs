@@ -81,6 +81,7 @@ fn inst(id: i64) -> QueuedInstance {
         transfer_syntax_uid: "1.2.840.10008.1.2.1".into(),
         raw_size: 0,
         attempts: 0,
+        refusals: 0,
     }
 }
 

@@ -1,6 +1,11 @@
 use super::*;
 
 fn inst(id: i64, uid: &str, attempts: u32) -> QueuedInstance {
+    refused_inst(id, uid, attempts, 0)
+}
+
+/// An instance the PACS refused by name `refusals` times in its `attempts`.
+fn refused_inst(id: i64, uid: &str, attempts: u32, refusals: u32) -> QueuedInstance {
     QueuedInstance {
         id: InstanceId(id),
         sop_class_uid: "1.2.840.10008.5.1.4.1.1.2".into(),
@@ -9,6 +14,7 @@ fn inst(id: i64, uid: &str, attempts: u32) -> QueuedInstance {
         transfer_syntax_uid: "1.2.840.10008.1.2.1".into(),
         raw_size: 1000,
         attempts,
+        refusals,
     }
 }
 
@@ -992,21 +998,36 @@ fn a_spool_read_error_retries_only_the_instance_being_read_and_holds_nothing() {
     }
 }
 
+/// The decision for one instance refused by name `refusals` times in `attempts`, answered `code`.
+fn refusal_decided(attempts: u32, refusals: u32, status: u16, code: u16) -> Action {
+    let one = [refused_inst(1, "1.1", attempts, refusals)];
+    let Decision::PerInstance(mut actions) =
+        decide(&one, &answer(status, &failed_with(code)), true)
+    else {
+        panic!("expected per-instance actions");
+    };
+    actions.remove(0).1
+}
+
 #[test]
 fn a_duplicate_sop_instance_refusal_is_retried_then_failed_for_the_operator() {
-    for (attempts_before, want_failed) in [(0, false), (1, false), (2, true), (7, true)] {
-        let one = [inst(1, "1.1", attempts_before)];
-        let Decision::PerInstance(actions) = decide(&one, &answer(409, &failed_with(0x0111)), true)
-        else {
-            panic!("expected per-instance actions");
-        };
-        match (&actions[0].1, want_failed) {
-            (Action::Failed { reason }, true) => {
-                assert!(reason.contains("Duplicate SOP Instance"), "{reason}");
-                assert!(reason.contains("passerelled requeue"), "{reason}");
+    // 0xB00E: Microsoft's DICOM service's "already stored".
+    for code in [0x0111u16, 0xB00E] {
+        for (refusals_before, want_failed) in [(0, false), (1, false), (2, true), (7, true)] {
+            // However many attempts an outage took before, only the refusals count.
+            for attempts_before in [refusals_before, refusals_before + 40] {
+                match (refusal_decided(attempts_before, refusals_before, 409, code), want_failed) {
+                    (Action::Failed { reason }, true) => {
+                        assert!(reason.contains(&format!("{code:#06X}")), "{reason}");
+                        assert!(reason.contains("already holds an instance"), "{reason}");
+                        assert!(reason.contains("passerelled requeue"), "{reason}");
+                    }
+                    (Action::Retry { refused, .. }, false) => assert!(refused, "{code:#06X}"),
+                    (other, _) => panic!(
+                        "{code:#06X} after {refusals_before} refusals in {attempts_before} attempts: got {other:?}"
+                    ),
+                }
             }
-            (Action::Retry { .. }, false) => {}
-            (other, _) => panic!("after {attempts_before} attempts: got {other:?}"),
         }
     }
 }
@@ -1158,38 +1179,30 @@ fn a_failure_reason_that_is_not_a_us_value_fails_nothing_else_of_the_response() 
 #[test]
 fn a_processing_failure_or_mistyped_argument_refusal_is_retried_then_failed_for_the_operator() {
     for code in [0x0110u16, 0x0212] {
-        for (attempts_before, want_failed) in [(0, false), (3, false), (4, true), (9, true)] {
-            let one = [inst(1, "1.1", attempts_before)];
-            for status in [200, 202, 409] {
-                let Decision::PerInstance(actions) =
-                    decide(&one, &answer(status, &failed_with(code)), true)
-                else {
-                    panic!("expected per-instance actions");
-                };
-                match (&actions[0].1, want_failed) {
-                    (Action::Failed { reason }, true) => {
-                        assert!(reason.contains(&format!("{code:#06X}")), "{reason}");
-                        assert!(reason.contains("PACS's log"), "{reason}");
-                        assert!(reason.contains("passerelled requeue"), "{reason}");
+        for (refusals_before, want_failed) in [(0, false), (3, false), (4, true), (9, true)] {
+            // After a long outage (attempts that got no answer) a first refusal is still retried.
+            for attempts_before in [refusals_before, refusals_before + 40] {
+                for status in [200, 202, 409] {
+                    match (
+                        refusal_decided(attempts_before, refusals_before, status, code),
+                        want_failed,
+                    ) {
+                        (Action::Failed { reason }, true) => {
+                            assert!(reason.contains(&format!("{code:#06X}")), "{reason}");
+                            assert!(reason.contains("PACS's log"), "{reason}");
+                            assert!(reason.contains("passerelled requeue"), "{reason}");
+                        }
+                        (Action::Retry { refused, .. }, false) => assert!(refused, "{code:#06X}"),
+                        (other, _) => panic!(
+                            "{code:#06X} after {refusals_before} refusals in {attempts_before} attempts, HTTP {status}: got {other:?}"
+                        ),
                     }
-                    (Action::Retry { .. }, false) => {}
-                    (other, _) => panic!(
-                        "{code:#06X} after {attempts_before} attempts, HTTP {status}: got {other:?}"
-                    ),
                 }
             }
         }
     }
     // "Out of resources" stays retried however often it comes: the PACS will take the instance
     // once it has room.
-    let one = [inst(1, "1.1", 50)];
-    let Decision::PerInstance(actions) = decide(&one, &answer(200, &failed_with(0xA700)), true)
-    else {
-        panic!("expected per-instance actions");
-    };
-    assert!(
-        matches!(actions[0].1, Action::Retry { .. }),
-        "{:?}",
-        actions[0]
-    );
+    let action = refusal_decided(50, 50, 200, 0xA700);
+    assert!(matches!(action, Action::Retry { .. }), "{action:?}");
 }
