@@ -476,7 +476,9 @@ fn per_instance(
                             .find_map(|item| item.failure_reason);
                         match (r.referenced_item(uid), r.failed_item(uid)) {
                             (Some(item), None) if stated_failure.is_none() => Action::Sent {
-                                redelivery: inst.attempts > 0,
+                                // An attempt the PACS answered by refusing this instance
+                                // did not deliver it; any other may have.
+                                redelivery: inst.attempts > inst.refusals,
                                 warning_reason: item.warning_reason.or(r.warning_reason),
                             },
                             (Some(_), failed) => {

@@ -136,6 +136,21 @@ fn referenced_instances_are_sent_and_redelivery_follows_earlier_attempts() {
             (3, Is::Sent { redelivery: false }),
         ]),
     );
+    // Attempts the PACS answered by refusing the instance did not deliver it: not a duplicate.
+    let refused_before = [
+        refused_inst(1, "1.1", 2, 2),
+        refused_inst(2, "1.2", 3, 2),
+        refused_inst(3, "1.3", 0, 0),
+    ];
+    check(
+        &refused_before,
+        answer(200, ALL_REFERENCED),
+        Expect::Each(&[
+            (1, Is::Sent { redelivery: false }),
+            (2, Is::Sent { redelivery: true }),
+            (3, Is::Sent { redelivery: false }),
+        ]),
+    );
 }
 
 #[test]
