@@ -3,6 +3,7 @@ rejection (and the daemon keeps serving); a bad configuration is refused key by 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pydicom
@@ -67,6 +68,40 @@ def test_dataset_that_does_not_match_its_command_is_refused(
     status = wait_until(lambda: (s := gw.status())["sent"] == 2 and s, 60, "the next instances to be sent")
     assert status["queued"] + status["uploading"] + status["failed"] == 0, status
     assert orthanc.count_instances() == 2
+    gw.stop_ok()
+
+
+def test_a_dataset_cut_short_is_refused_and_nothing_of_it_is_forwarded(
+    orthanc, make_gateway, ct_study: Study, tmp_path: Path
+) -> None:
+    """A modality that marks its last fragment too early, or sends a file cut short, must not get a
+    success: pynetdicom sends a CT file cut inside its Pixel Data straight from the file (it does not
+    parse the pixels), and the gateway answers 0xC000 (cannot understand), queues nothing and logs
+    what to tell the modality's vendor."""
+    whole = ct_study.instances[0]
+    data = whole.path.read_bytes()
+    pixel_data = data.rfind(b"\xe0\x7f\x10\x00")
+    assert pixel_data > 0, "the CT file has a Pixel Data element"
+    cut = tmp_path / "cut.dcm"
+    # Even, and well inside the pixel values: every element header before the cut is whole.
+    cut_at = pixel_data + 12 + (len(data) - pixel_data - 12) // 2 // 2 * 2
+    cut.write_bytes(data[:cut_at])
+    truncated = dataclasses.replace(whole, path=cut, name="cut.dcm")
+    gw = make_gateway(orthanc)
+    gw.start()
+
+    statuses = send.pynetdicom_send(gw.port, [truncated], called_ae=gw.ae_title, check=False)
+    assert statuses == [0xC000], [hex(s) for s in statuses]
+    log = gw.log_path.read_text(errors="replace")
+    assert whole.sop_instance_uid in log, gw.log_excerpt()
+    assert "cut short" in log or "truncated" in log, gw.log_excerpt()
+
+    # The whole file, sent next on a new association, is stored and forwarded: nothing of the cut
+    # copy was queued, and it did not count as a duplicate of the whole one.
+    assert send.pynetdicom_send(gw.port, [whole], called_ae=gw.ae_title) == [0x0000]
+    status = wait_until(lambda: (s := gw.status())["sent"] == 1 and s, 60, "the whole instance to be sent")
+    assert status["queued"] + status["uploading"] + status["failed"] == 0, status
+    assert orthanc.count_instances() == 1
     gw.stop_ok()
 
 
