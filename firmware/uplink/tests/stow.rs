@@ -18,6 +18,23 @@ impl Env {
     async fn stub(&self, handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> Stub {
         Stub::start(&self.server_leaf(), StubOptions::default(), handler).await
     }
+
+    /// A PACS that is down (HTTP 503) for its first `outage` requests, then answers as `handler`.
+    async fn stub_after_outage(
+        &self,
+        outage: usize,
+        handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static,
+    ) -> Stub {
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        self.stub(move |seen| {
+            if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < outage {
+                Reply::status(503)
+            } else {
+                handler(seen)
+            }
+        })
+        .await
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -929,16 +946,10 @@ async fn a_conflict_keeps_what_was_stored_and_fails_the_rest_for_the_operator() 
 async fn a_retried_batch_becomes_due_together_and_is_sent_together_again() {
     let env = Env::new();
     let spool = spool_in(env.dir.path());
-    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = calls.clone();
     let stub = env
-        .stub(move |seen| {
-            if counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
-                Reply::status(503)
-            } else {
-                let uids: Vec<&str> = seen.uids.iter().map(String::as_str).collect();
-                Reply::json(200, stow_json(&uids, &[]))
-            }
+        .stub_after_outage(1, |seen| {
+            let uids: Vec<&str> = seen.uids.iter().map(String::as_str).collect();
+            Reply::json(200, stow_json(&uids, &[]))
         })
         .await;
     store_study(&spool, &stub, 6, 100);
@@ -1069,15 +1080,9 @@ async fn after_an_outage_a_processing_failure_is_retried_until_the_pacs_refused_
     const OUTAGE: usize = 6;
     let env = Env::new();
     let spool = spool_in(env.dir.path());
-    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = calls.clone();
     let stub = env
-        .stub(move |seen| {
-            if counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < OUTAGE {
-                Reply::status(503)
-            } else {
-                Reply::json(409, stow_json(&[], &[(seen.uids[0].as_str(), 0x0110)]))
-            }
+        .stub_after_outage(OUTAGE, |seen| {
+            Reply::json(409, stow_json(&[], &[(seen.uids[0].as_str(), 0x0110)]))
         })
         .await;
     store_study(&spool, &stub, 1, 100);
