@@ -997,20 +997,8 @@ impl Spool {
 
         // A schedule far in the future means the clock was wrong when it was set (a box without a
         // battery-backed clock booting in the past, then reaching NTP): make those rows due now
-        // rather than stalled for years.
-        let now = to_ms(SystemTime::now());
-        let rescheduled = tx
-            .execute(
-                "UPDATE instances SET next_attempt_at = ?1 WHERE state = 'queued' AND next_attempt_at > ?2",
-                params![now, now.saturating_add(to_i64(MAX_SCHEDULE.as_millis() as u64))],
-            )
-            .ctx("reschedule instances due implausibly late")?;
-        if rescheduled > 0 {
-            log::warn!(
-                "Found queued instances scheduled more than {} days ahead, probably set while the clock was wrong; they are due now. Check the system clock (NTP). count={rescheduled}",
-                MAX_SCHEDULE.as_secs() / 86_400
-            );
-        }
+        // rather than stalled for years. Claims do the same while the daemon runs.
+        reschedule_implausible(&tx, to_ms(SystemTime::now()))?;
 
         // Only the missing ones are collected: the queue may be long after an outage.
         let mut missing: Vec<(i64, String, String)> = Vec::new();
@@ -1183,6 +1171,7 @@ impl Spool {
         let mut batch = Vec::new();
         let mut full = false;
         {
+            reschedule_implausible(&tx, now)?;
             let first = tx
                 .prepare_cached(&format!(
                     "SELECT {COLUMNS} FROM instances WHERE state = 'queued' AND next_attempt_at <= ?1 AND {NOT_BEHIND_ANOTHER_VERSION} ORDER BY next_attempt_at, id LIMIT 1"
@@ -1223,7 +1212,10 @@ impl Spool {
                 let quiet_until = newest.saturating_add(duration_ms(linger.quiet));
                 let wait_until = oldest.saturating_add(duration_ms(linger.max_wait));
                 let fresh = batch.iter().all(|i| i.attempts == 0);
-                if !full && fresh && quiet_until > now && wait_until > now {
+                // Received later than `now` by more than a batch ever waits: the clock went back
+                // since. Waiting for it to catch up could take months; the batch goes now.
+                let clock_went_back = newest > now.saturating_add(duration_ms(linger.max_wait));
+                if !full && fresh && !clock_went_back && quiet_until > now && wait_until > now {
                     // Nothing was updated: dropping the transaction rolls it back.
                     return Ok(Claim::Wait(from_ms(quiet_until.min(wait_until))));
                 }
@@ -2599,6 +2591,32 @@ impl Spool {
 /// kept as the newest version and sent last, so that a PACS that overwrites ends with what the
 /// modality sent last.
 /// The state and SOP Instance UID of row `id`, if the row exists.
+/// Makes queued rows scheduled more than [`MAX_SCHEDULE`] after `now` due at `now`, with a WARN:
+/// no retry is ever scheduled that far ahead, so the clock was wrong when they were set, or went
+/// back since (NTP correcting a clock that ran ahead). Without this they would wait for the clock to
+/// catch up, months perhaps. Costs one indexed lookup when there is nothing to do.
+fn reschedule_implausible(conn: &Connection, now: i64) -> Result<usize> {
+    let limit = now.saturating_add(to_i64(MAX_SCHEDULE.as_millis() as u64));
+    let latest: Option<i64> = conn
+        .prepare_cached("SELECT MAX(next_attempt_at) FROM instances WHERE state = 'queued'")
+        .and_then(|mut s| s.query_row([], |r| r.get(0)))
+        .ctx("look for retries scheduled implausibly late")?;
+    if latest.is_none_or(|latest| latest <= limit) {
+        return Ok(0);
+    }
+    let rescheduled = conn
+        .prepare_cached(
+            "UPDATE instances SET next_attempt_at = ?1 WHERE state = 'queued' AND next_attempt_at > ?2",
+        )
+        .and_then(|mut s| s.execute(params![now, limit]))
+        .ctx("reschedule instances due implausibly late")?;
+    log::warn!(
+        "Found queued instances scheduled more than {} days ahead, set while the system clock was wrong or before it went back; they are due now. Check the system clock (NTP). count={rescheduled}",
+        MAX_SCHEDULE.as_secs() / 86_400
+    );
+    Ok(rescheduled)
+}
+
 /// An instance confirmed or failed no longer needs its count of refusals.
 fn forget_refusals(conn: &Connection, id: InstanceId) -> Result<()> {
     conn.prepare_cached("DELETE FROM refusals WHERE id = ?1")

@@ -1025,8 +1025,8 @@ fn claim_batch_groups_one_study_oldest_first_within_count_and_bytes() {
             ("1.5.1", 1000),
         ],
     );
-    let size = spool.claim_batch(0, 0, SystemTime::UNIX_EPOCH).unwrap();
-    assert!(size.is_empty(), "nothing is due at the epoch");
+    let size = spool.claim_batch(0, 0, SystemTime::now() - HOUR).unwrap();
+    assert!(size.is_empty(), "nothing is due before it was received");
     let raw = Inst::new("1.5.1.0", "1.5.1", 1000, 200).raw().len() as u64;
     check_claim(&spool, &ids, 2, u64::MAX, &[0, 2]);
     check_claim(&spool, &ids, 10, 2 * raw, &[1, 4]);
@@ -2544,4 +2544,53 @@ fn compaction_never_takes_the_free_space_reserve() {
     let spool = fx.spool();
     assert_eq!(spool.compact_batch(10).unwrap().compacted, 1);
     assert_eq!(read_all(&spool, &claim_one(&spool)).unwrap(), inst.raw());
+}
+
+#[test]
+fn a_clock_that_went_back_while_running_neither_stalls_retries_nor_holds_a_batch() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    // Received and scheduled while the clock ran a month ahead; `back` is the corrected clock.
+    let ids = store_studies(&spool, &[("1.14", 100), ("1.15", 100), ("1.15", 100)]);
+    let back = SystemTime::now() - 30 * 24 * HOUR;
+    spool.claim_batch(1, u64::MAX, far_future()).unwrap();
+    spool
+        .mark_retry(ids[0], "503", SystemTime::now() + 2 * HOUR)
+        .unwrap();
+    let linger = Linger {
+        quiet: Duration::from_secs(2),
+        max_wait: Duration::from_secs(10),
+    };
+    // The retry, due "a month and two hours" from the corrected clock, is due now...
+    let first = match spool
+        .claim_batch_lingering(10, u64::MAX, back, Some(linger))
+        .unwrap()
+    {
+        Claim::Batch(batch) => batch.iter().map(|q| q.id).collect::<Vec<_>>(),
+        other => panic!("expected the rescheduled retry, got {other:?}"),
+    };
+    assert_eq!(first, vec![ids[0]]);
+    let next: i64 = row_str(&spool, ids[0], "next_attempt_at")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        next,
+        to_ms(back),
+        "rescheduled to the corrected clock's now"
+    );
+    // ...and the short batch of a study "received in a month" does not wait for its quiet time.
+    spool
+        .mark_retry(ids[0], "503", back + Duration::from_secs(60))
+        .unwrap();
+    let second = match spool
+        .claim_batch_lingering(10, u64::MAX, back, Some(linger))
+        .unwrap()
+    {
+        Claim::Batch(batch) => batch.iter().map(|q| q.id).collect::<Vec<_>>(),
+        other => panic!("expected the study's batch at once, got {other:?}"),
+    };
+    assert_eq!(second, vec![ids[1], ids[2]]);
+    // A plausible schedule is kept: the retry a minute ahead is not due yet.
+    assert!(spool.claim_batch(10, u64::MAX, back).unwrap().is_empty());
 }

@@ -651,11 +651,18 @@ impl Worker {
                 (h.state.paused_until, h.hold_until, h.proven)
             };
             if let Some(until) = paused_until {
-                if let Ok(left) = until.duration_since(SystemTime::now()) {
-                    if !left.is_zero() {
-                        wait_or_shutdown(left, &mut shutdown).await;
-                        continue;
-                    }
+                let now = SystemTime::now();
+                let longest = outcome::pause_length(link.cfg.auth_pause_secs);
+                if let Some(left) = outcome::pause_left(until, now, longest) {
+                    wait_or_shutdown(left, &mut shutdown).await;
+                    continue;
+                }
+                if until > now {
+                    warn!(
+                        "The uplink pause had longer to run than uplink.auth_pause_secs ({} s): the system clock went back since it began, so it ends now. Check the system clock (NTP). paused_until=\"{}\"",
+                        longest.as_secs(),
+                        httpdate::fmt_http_date(until)
+                    );
                 }
                 let over = {
                     let mut h = link.health();

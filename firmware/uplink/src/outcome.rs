@@ -692,6 +692,21 @@ pub(crate) fn pause_length(auth_pause_secs: u64) -> Duration {
     ))
 }
 
+/// What is left at `now` of a pause that ends at `until` and was set for at most `longest`:
+/// `None` once it is over. A pause with more than `longest` left was set before the clock went
+/// back (NTP correcting a clock that ran ahead): it is over too, rather than held until the clock
+/// catches up, months perhaps.
+pub(crate) fn pause_left(
+    until: SystemTime,
+    now: SystemTime,
+    longest: Duration,
+) -> Option<Duration> {
+    match until.duration_since(now) {
+        Ok(left) if !left.is_zero() && left <= longest => Some(left),
+        _ => None,
+    }
+}
+
 /// `now + wait`, `wait` cut to [`LONGEST_WAIT`], with checked arithmetic: a clock too close to the
 /// end of `SystemTime` for even that (never seen) gives `now` rather than a panic.
 pub(crate) fn time_after(now: SystemTime, wait: Duration) -> SystemTime {

@@ -1221,3 +1221,26 @@ fn a_processing_failure_or_mistyped_argument_refusal_is_retried_then_failed_for_
     let action = refusal_decided(50, 50, 200, 0xA700);
     assert!(matches!(action, Action::Retry { .. }), "{action:?}");
 }
+
+#[test]
+fn a_pause_ends_at_its_time_or_at_once_if_the_clock_went_back_since_it_began() {
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let longest = Duration::from_secs(600);
+    let at = |secs: i64| {
+        if secs >= 0 {
+            now + Duration::from_secs(secs.unsigned_abs())
+        } else {
+            now - Duration::from_secs(secs.unsigned_abs())
+        }
+    };
+    assert_eq!(pause_left(at(600), now, longest), Some(longest));
+    assert_eq!(
+        pause_left(at(30), now, longest),
+        Some(Duration::from_secs(30))
+    );
+    assert_eq!(pause_left(now, now, longest), None);
+    assert_eq!(pause_left(at(-5), now, longest), None);
+    // Set at most 600 s ahead, yet 601 s or a month left: the clock went back; it is over.
+    assert_eq!(pause_left(at(601), now, longest), None);
+    assert_eq!(pause_left(at(30 * 86_400), now, longest), None);
+}
