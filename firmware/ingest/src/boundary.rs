@@ -121,6 +121,8 @@ pub(crate) struct Walker {
     header: [u8; 12],
     /// Header bytes gathered so far.
     have: usize,
+    /// Bytes of the header being read: 8 until its tag and VR are known, then 8 or 12.
+    need: usize,
     /// Value bytes still to skip.
     skip: u64,
     /// Data set bytes consumed.
@@ -137,6 +139,7 @@ impl Walker {
             depth: 1,
             header: [0; 12],
             have: 0,
+            need: 8,
             skip: 0,
             pos: 0,
             last: None,
@@ -159,26 +162,28 @@ impl Walker {
                 bytes = &bytes[n..];
                 continue;
             }
-            let need = self.header_len()?;
-            let take = (need - self.have).min(bytes.len());
+            let take = (self.need - self.have).min(bytes.len());
             self.header[self.have..self.have + take].copy_from_slice(&bytes[..take]);
             self.have += take;
             self.pos += take as u64;
             bytes = &bytes[take..];
-            // A header is complete once it has the bytes `header_len` asks for with all of them.
-            if self.have == need && self.header_len()? == need {
-                self.on_header()?;
-                self.have = 0;
+            if self.have == self.need {
+                // The first 8 bytes say how long the header is (the VR is looked up once).
+                if self.need == 8 {
+                    self.need = self.header_len()?;
+                }
+                if self.have == self.need {
+                    self.on_header()?;
+                    self.have = 0;
+                    self.need = 8;
+                }
             }
         }
         Ok(())
     }
 
-    /// How many bytes the header being read has: 8 until its tag and VR are known, then 8 or 12.
+    /// How many bytes the header being read has (8 or 12), once its first 8 bytes are in.
     fn header_len(&self) -> Result<usize, WalkError> {
-        if self.have < 8 {
-            return Ok(8);
-        }
         let Frame::Elements { syntax, .. } = self.frame() else {
             return Ok(8);
         };
