@@ -16,11 +16,17 @@
 //!
 //! The native syntaxes are walked as such (implicit VR little endian, explicit VR little and big
 //! endian); every encapsulated (compressed) syntax has an explicit VR little endian data set. A
-//! deflated data set is not walked: it would have to be inflated here, and ingest does not
-//! inflate (the spool's leading-element scan inflates only what it needs of it).
+//! deflated data set (PS3.5 A.5: explicit VR little endian, then raw DEFLATE) is inflated as it
+//! arrives, into a buffer of [`INFLATE_BUFFER`] bytes allocated once per instance (beside the
+//! inflater's own 32 KiB window), and the inflated bytes are walked; they are only looked at,
+//! never kept (the bytes stored are the deflated ones, as received). It is whole only if its
+//! deflate stream ends (at most one NULL byte may follow, the padding to even length A.5 asks for)
+//! and the walker is then at a top-level element boundary. A stream that inflates to more than
+//! [`inflation_limit`] allows for its size is refused as a decompression bomb.
 
 use dicom_encoding::transfer_syntax::{Codec, TransferSyntaxIndex};
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
+use flate2::{Decompress, FlushDecompress, Status};
 
 use crate::error::WalkError;
 use crate::negotiate::trim_uid;
@@ -39,6 +45,35 @@ const SEQUENCE_DELIMITER: u32 = 0xFFFE_E0DD;
 const PIXEL_DATA: u32 = 0x7FE0_0010;
 const UNDEFINED: u32 = 0xFFFF_FFFF;
 
+/// How a data set is sent: its elements as they are, or deflated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Encoding {
+    Plain(Syntax),
+    /// Explicit VR little endian, deflated (PS3.5 A.5).
+    Deflated,
+}
+
+impl Encoding {
+    /// The encoding of a data set sent in transfer syntax `uid` (padding allowed).
+    pub(crate) fn of_transfer_syntax(uid: &str) -> Encoding {
+        let uid = trim_uid(uid);
+        match uid {
+            "1.2.840.10008.1.2" => Encoding::Plain(Syntax::ImplicitLittle),
+            "1.2.840.10008.1.2.2" => Encoding::Plain(Syntax::ExplicitBig),
+            // Deflated explicit VR little endian and the JPIP referenced deflate syntaxes.
+            _ if TransferSyntaxRegistry
+                .get(uid)
+                .is_some_and(|ts| matches!(ts.codec(), Codec::Dataset(_))) =>
+            {
+                Encoding::Deflated
+            }
+            // Explicit VR little endian, and every encapsulated syntax: negotiation accepts only
+            // syntaxes the registry knows, and those are all of these.
+            _ => Encoding::Plain(Syntax::ExplicitLittle),
+        }
+    }
+}
+
 /// How a data set's element headers are encoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Syntax {
@@ -48,25 +83,6 @@ pub(crate) enum Syntax {
 }
 
 impl Syntax {
-    /// The syntax of a data set sent in transfer syntax `uid` (padding allowed); `None` for a
-    /// deflated one (not walked, see the module's documentation).
-    pub(crate) fn of_transfer_syntax(uid: &str) -> Option<Syntax> {
-        let uid = trim_uid(uid);
-        match uid {
-            "1.2.840.10008.1.2" => Some(Syntax::ImplicitLittle),
-            "1.2.840.10008.1.2.2" => Some(Syntax::ExplicitBig),
-            _ if TransferSyntaxRegistry
-                .get(uid)
-                .is_some_and(|ts| matches!(ts.codec(), Codec::Dataset(_))) =>
-            {
-                None
-            }
-            // Explicit VR little endian, and every encapsulated syntax: negotiation accepts only
-            // syntaxes the registry knows, and those are all of these.
-            _ => Some(Syntax::ExplicitLittle),
-        }
-    }
-
     fn explicit(self) -> bool {
         self != Syntax::ImplicitLittle
     }
@@ -379,6 +395,183 @@ impl Walker {
     pub(crate) fn position(&self) -> u64 {
         self.pos
     }
+}
+
+/// Follows a data set in the encoding it is sent in: [`Walker`] alone, or behind an inflater.
+#[derive(Debug)]
+pub(crate) enum Walk {
+    Plain(Walker),
+    Deflated(Inflating),
+}
+
+impl Walk {
+    /// A walk at the start of a data set sent in `encoding`. A deflated one allocates its inflater
+    /// and [`INFLATE_BUFFER`] here, once.
+    pub(crate) fn new(encoding: Encoding) -> Walk {
+        match encoding {
+            Encoding::Plain(syntax) => Walk::Plain(Walker::new(syntax)),
+            Encoding::Deflated => Walk::Deflated(Inflating::new()),
+        }
+    }
+
+    /// The next bytes of the data set, as received. An `Err` means the data set does not decode;
+    /// the walk must not be fed again.
+    pub(crate) fn feed(&mut self, bytes: &[u8]) -> Result<(), WalkError> {
+        match self {
+            Walk::Plain(walker) => walker.feed(bytes),
+            Walk::Deflated(inflating) => inflating.feed(bytes),
+        }
+    }
+
+    /// The data set has ended: `Ok` only if it is whole.
+    pub(crate) fn finish(&mut self) -> Result<(), WalkError> {
+        match self {
+            Walk::Plain(walker) => walker.finish(),
+            Walk::Deflated(inflating) => inflating.finish(),
+        }
+    }
+}
+
+/// Inflated bytes go to the walker through a buffer of this size, whatever the instance's size.
+const INFLATE_BUFFER: usize = 32 * 1024;
+
+/// A deflate stream may always inflate to this many bytes, whatever its own size: a blank image
+/// (every pixel alike) deflates about 1000 to 1 (a 0.5 MB CT slice to 525 bytes), and so may a
+/// sparse object (a segmentation's bit planes, mostly zero); such instances pass up to 256 MiB.
+/// Walking 256 MiB costs at most about 0.8 s of CPU (8-byte elements, the densest headers).
+const INFLATION_FLOOR: u64 = 256 << 20;
+
+/// Beyond [`INFLATION_FLOOR`], a deflate stream may inflate to at most this many times its own
+/// size. Raw DEFLATE reaches at most about 1032 to 1 (a 258-byte match coded in 2 bits), so a
+/// bound near 1000 would stop nothing: zlib deflates 64 MiB of 8-byte elements 687 to 1, and
+/// walking them costs about 2 s of CPU per MB received (a run of zeros: 0.15 s). Real data sets
+/// stay far below 250: pydicom's sample files deflate at most 61 to 1 (`image_dfl.dcm`, a real
+/// deflated file), most 3 to 20. Refused by it is only an instance over 256 MiB that is nearly all
+/// one value. It bounds one instance's work; many small bombs still cost what the floor allows.
+const INFLATION_RATIO: u64 = 250;
+
+/// The most a deflate stream of `deflated` bytes may inflate to.
+fn inflation_limit(deflated: u64) -> u64 {
+    INFLATION_FLOOR.saturating_add(INFLATION_RATIO.saturating_mul(deflated))
+}
+
+/// A deflated data set's walk: the received bytes are inflated (raw DEFLATE, no zlib header)
+/// through a fixed buffer, and the inflated bytes fed to a [`Walker`] as explicit VR little
+/// endian.
+pub(crate) struct Inflating {
+    inflater: Decompress,
+    /// Inflated bytes on their way to the walker ([`INFLATE_BUFFER`] bytes, reused).
+    out: Box<[u8]>,
+    walker: Walker,
+    /// Deflated bytes received.
+    received: u64,
+    /// Where the deflate stream ended (in deflated bytes), once it has.
+    end: Option<u64>,
+}
+
+impl std::fmt::Debug for Inflating {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inflating")
+            .field("walker", &self.walker)
+            .field("received", &self.received)
+            .field("inflated", &self.inflater.total_out())
+            .field("end", &self.end)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inflating {
+    fn new() -> Inflating {
+        Inflating {
+            inflater: Decompress::new(false),
+            out: vec![0; INFLATE_BUFFER].into_boxed_slice(),
+            walker: Walker::new(Syntax::ExplicitLittle),
+            received: 0,
+            end: None,
+        }
+    }
+
+    fn feed(&mut self, mut bytes: &[u8]) -> Result<(), WalkError> {
+        let first = self.received;
+        self.received += bytes.len() as u64;
+        if let Some(end) = self.end {
+            return after_end(end, first, bytes);
+        }
+        while !bytes.is_empty() {
+            let (status, used, made) = self.inflate(bytes, FlushDecompress::None)?;
+            bytes = bytes.get(used..).unwrap_or_default();
+            if status == Status::StreamEnd {
+                let end = self.inflater.total_in();
+                self.end = Some(end);
+                return after_end(end, end, bytes);
+            }
+            if used == 0 && made == 0 {
+                // Unreachable with a buffer to fill: the inflater always moves or fails.
+                return Err(WalkError::DoesNotInflate {
+                    at: self.inflater.total_in(),
+                    detail: "the inflater stopped taking bytes".into(),
+                });
+            }
+        }
+        // What the inflater holds back (output beyond a full buffer, its last bits) comes out
+        // with the next bytes or in `finish`.
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(), WalkError> {
+        // No more input: the inflater is told so, and decodes its last bits (it may keep them
+        // back while more input could follow).
+        while self.end.is_none() {
+            let (status, _, made) = self.inflate(&[], FlushDecompress::Finish)?;
+            if status == Status::StreamEnd {
+                self.end = Some(self.inflater.total_in());
+            } else if made == 0 {
+                return Err(WalkError::EndsInDeflateStream {
+                    received: self.received,
+                    inflated: self.inflater.total_out(),
+                });
+            }
+        }
+        self.walker.finish()
+    }
+
+    /// Inflates what it can of `input` into the buffer and walks it; returns the inflater's
+    /// status and how many bytes it took and made.
+    fn inflate(
+        &mut self,
+        input: &[u8],
+        flush: FlushDecompress,
+    ) -> Result<(Status, usize, usize), WalkError> {
+        let (before_in, before_out) = (self.inflater.total_in(), self.inflater.total_out());
+        let status = self
+            .inflater
+            .decompress(input, &mut self.out, flush)
+            .map_err(|e| WalkError::DoesNotInflate {
+                at: before_in,
+                detail: e.to_string(),
+            })?;
+        let (deflated, inflated) = (self.inflater.total_in(), self.inflater.total_out());
+        let made = (inflated - before_out) as usize;
+        self.walker.feed(self.out.get(..made).unwrap_or_default())?;
+        if inflated > inflation_limit(deflated) {
+            return Err(WalkError::InflatesTooFar {
+                deflated,
+                limit: inflation_limit(deflated),
+            });
+        }
+        Ok((status, (deflated - before_in) as usize, made))
+    }
+}
+
+/// Bytes at deflated offset `at` and on, after a deflate stream that ended at `end`: only one
+/// NULL padding byte may stand there (PS3.5 A.5).
+fn after_end(end: u64, at: u64, bytes: &[u8]) -> Result<(), WalkError> {
+    for (pos, &byte) in (at..).zip(bytes) {
+        if pos > end || byte != 0 {
+            return Err(WalkError::AfterDeflateStream { end, at: pos, byte });
+        }
+    }
+    Ok(())
 }
 
 enum VrKind {
@@ -801,24 +994,32 @@ mod tests {
     }
 
     #[test]
-    fn transfer_syntaxes_map_to_their_data_set_encoding_and_deflated_ones_are_not_walked() {
+    fn transfer_syntaxes_map_to_their_data_set_encoding_and_deflated_ones_are_inflated() {
         use dicom_dictionary_std::uids;
-        let of = Syntax::of_transfer_syntax;
+        use Encoding::{Deflated, Plain};
+        let of = Encoding::of_transfer_syntax;
         assert_eq!(
             of(uids::IMPLICIT_VR_LITTLE_ENDIAN),
-            Some(Syntax::ImplicitLittle)
+            Plain(Syntax::ImplicitLittle)
         );
-        assert_eq!(of("1.2.840.10008.1.2\0"), Some(Syntax::ImplicitLittle));
+        assert_eq!(of("1.2.840.10008.1.2\0"), Plain(Syntax::ImplicitLittle));
         assert_eq!(
             of(uids::EXPLICIT_VR_LITTLE_ENDIAN),
-            Some(Syntax::ExplicitLittle)
+            Plain(Syntax::ExplicitLittle)
         );
         #[allow(deprecated)]
         let big = uids::EXPLICIT_VR_BIG_ENDIAN;
-        assert_eq!(of(big), Some(Syntax::ExplicitBig));
-        assert_eq!(of(uids::JPEG_BASELINE8_BIT), Some(Syntax::ExplicitLittle));
-        assert_eq!(of(uids::JPEG2000_LOSSLESS), Some(Syntax::ExplicitLittle));
-        assert_eq!(of(uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN), None);
+        assert_eq!(of(big), Plain(Syntax::ExplicitBig));
+        assert_eq!(of(uids::JPEG_BASELINE8_BIT), Plain(Syntax::ExplicitLittle));
+        assert_eq!(of(uids::JPEG2000_LOSSLESS), Plain(Syntax::ExplicitLittle));
+        assert_eq!(of(uids::DEFLATED_EXPLICIT_VR_LITTLE_ENDIAN), Deflated);
+        assert_eq!(of("1.2.840.10008.1.2.1.99\0"), Deflated);
+        assert_eq!(of(uids::JPIP_REFERENCED_DEFLATE), Deflated);
+        // Deflated image frames are encapsulated pixel data in a plain data set.
+        assert_eq!(
+            of(uids::DEFLATED_IMAGE_FRAME_COMPRESSION),
+            Plain(Syntax::ExplicitLittle)
+        );
     }
 
     /// The VR table says what dicom-rs says: the same 34 VRs as `dicom_core::VR` (a VR added there
@@ -894,11 +1095,250 @@ mod tests {
             let ts = TransferSyntaxRegistry.get(uid).unwrap();
             let mut bytes = Vec::new();
             obj.write_dataset_with_ts(&mut bytes, ts).unwrap();
-            let s = Syntax::of_transfer_syntax(uid).unwrap();
+            let Encoding::Plain(s) = Encoding::of_transfer_syntax(uid) else {
+                panic!("{uid} is not deflated");
+            };
             assert_eq!(walk(s, &bytes, 5), Ok(()), "{uid}");
             for cut in [1, 9, bytes.len() / 2, bytes.len() - 1] {
                 assert!(walk(s, &bytes[..cut], 5).is_err(), "{uid} cut at {cut}");
             }
         }
+    }
+
+    // --- deflated data sets ---
+
+    /// `data` deflated as PS3.5 A.5 says (raw DEFLATE), as dicom-rs and dcmtk write it: no padding.
+    fn deflate(data: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut enc =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(data).unwrap();
+        enc.finish().unwrap()
+    }
+
+    /// `deflate`, then the NULL byte that makes an odd stream even, as pydicom and dcm4che write it.
+    fn deflate_padded(data: &[u8]) -> Vec<u8> {
+        let mut out = deflate(data);
+        if out.len() % 2 == 1 {
+            out.push(0);
+        }
+        out
+    }
+
+    fn walk_deflated(bytes: &[u8], chunk: usize) -> Result<(), WalkError> {
+        let mut w = Walk::new(Encoding::Deflated);
+        for c in bytes.chunks(chunk.max(1)) {
+            w.feed(c)?;
+        }
+        w.finish()
+    }
+
+    /// Explicit VR little endian data sets, as deflated ones hold: nested sequences, a native
+    /// pixel data set, and one with encapsulated pixel data.
+    fn inflated_data_sets() -> Vec<Vec<u8>> {
+        let s = Syntax::ExplicitLittle;
+        let mut encapsulated = elements(s);
+        encapsulated.pop();
+        encapsulated.push(encapsulated_pixel_data());
+        vec![elements(s).concat(), encapsulated.concat()]
+    }
+
+    #[test]
+    fn whole_deflated_data_sets_walk_to_their_end_however_they_are_chunked_padded_or_not() {
+        for data in inflated_data_sets() {
+            for stream in [deflate(&data), deflate_padded(&data), {
+                let mut even = deflate(&data);
+                even.push(0); // a NULL byte after an even stream too: harmless, taken
+                even
+            }] {
+                for chunk in [1, 2, 3, 7, 13, 100, 4096, usize::MAX] {
+                    assert_eq!(walk_deflated(&stream, chunk), Ok(()), "chunk {chunk}");
+                }
+            }
+        }
+        // Large enough to go through the inflate buffer many times, in PDV-like chunks.
+        let s = Syntax::ExplicitLittle;
+        let pixels: Vec<u8> = (0..3 * INFLATE_BUFFER as u32 + 5)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let big = [
+            element(s, 0x0008_0060, b"CS", b"CT"),
+            element(s, PIXEL_DATA, b"OW", &pixels),
+        ]
+        .concat();
+        for chunk in [1, 16_384, usize::MAX] {
+            assert_eq!(
+                walk_deflated(&deflate(&big), chunk),
+                Ok(()),
+                "chunk {chunk}"
+            );
+        }
+        // Inflating to about a multiple of the buffer: the inflater holds output back once the
+        // buffer is full, even with all the input taken, and must be drained.
+        for n in [INFLATE_BUFFER, 2 * INFLATE_BUFFER] {
+            for len in n - 2..n + 3 {
+                let run = element(s, PIXEL_DATA, b"OB", &vec![0; len - 12]);
+                for chunk in [1, usize::MAX] {
+                    assert_eq!(
+                        walk_deflated(&deflate(&run), chunk),
+                        Ok(()),
+                        "{len} {chunk}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A deflated data set cut anywhere is refused: its deflate stream has not ended.
+    #[test]
+    fn a_deflated_data_set_cut_at_any_byte_is_refused() {
+        for data in inflated_data_sets() {
+            let stream = deflate(&data);
+            for cut in 0..stream.len() {
+                for chunk in [usize::MAX, 7, 1] {
+                    let r = walk_deflated(&stream[..cut], chunk);
+                    assert!(
+                        matches!(r, Err(WalkError::EndsInDeflateStream { .. })),
+                        "cut at {cut} of {} (chunk {chunk}): {r:?}",
+                        stream.len()
+                    );
+                }
+            }
+        }
+        let e = walk_deflated(&deflate(&inflated_data_sets()[0])[..20], usize::MAX).unwrap_err();
+        assert!(e
+            .to_string()
+            .starts_with("ends inside its deflate stream, after 20 deflated bytes"));
+        assert!(e.to_string().contains("last fragment too early"), "{e}");
+        assert!(walk_deflated(&[], 1).is_err(), "no bytes at all");
+    }
+
+    /// A data set cut, then deflated whole (a modality that deflates what it managed to read): the
+    /// stream ends, the walk of what it inflates to finds the cut as in a plain data set.
+    #[test]
+    fn a_data_set_cut_before_it_was_deflated_is_refused_where_it_is_cut() {
+        let s = Syntax::ExplicitLittle;
+        let parts = elements(s);
+        let data = parts.concat();
+        let mut boundaries = vec![0usize];
+        for e in &parts {
+            boundaries.push(boundaries.last().copied().unwrap_or(0) + e.len());
+        }
+        for cut in (0..=data.len())
+            .step_by(5)
+            .chain(boundaries.iter().copied())
+        {
+            let r = walk_deflated(&deflate(&data[..cut]), 7);
+            assert_eq!(r.is_ok(), boundaries.contains(&cut), "cut at {cut}: {r:?}");
+        }
+        let e = walk_deflated(&deflate(&data[..data.len() - 1]), usize::MAX).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                WalkError::EndsInValue {
+                    tag: PIXEL_DATA,
+                    missing: 1,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_corrupt_deflate_stream_or_bytes_after_its_end_are_refused() {
+        let data = &inflated_data_sets()[0];
+        let stream = deflate(data);
+        // Block type 3 is reserved (RFC 1951 3.2.3).
+        let mut reserved = stream.clone();
+        reserved[0] |= 0b110;
+        for chunk in [1, usize::MAX] {
+            let e = walk_deflated(&reserved, chunk).unwrap_err();
+            assert!(
+                matches!(e, WalkError::DoesNotInflate { at: 0, .. }),
+                "{e:?}"
+            );
+            assert!(e.to_string().contains("sent a corrupt file"), "{e}");
+        }
+        // A zlib stream (RFC 1950 header and checksum), which A.5 does not allow.
+        let mut zlib = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut zlib, data).unwrap();
+        assert!(walk_deflated(&zlib.finish().unwrap(), 100).is_err());
+        // After the end: one NULL byte of padding, nothing else.
+        for (extra, at) in [
+            (&[0u8, 0][..], 1),
+            (&[1], 0),
+            (&[0x20], 0),
+            (&[0, 0, 0, 0], 1),
+        ] {
+            let bytes = [stream.as_slice(), extra].concat();
+            for chunk in [1, 7, usize::MAX] {
+                let e = walk_deflated(&bytes, chunk).unwrap_err();
+                assert!(
+                    matches!(e, WalkError::AfterDeflateStream { end, at: a, .. }
+                        if end == stream.len() as u64 && a == end + at),
+                    "{extra:?} chunk {chunk}: {e:?}"
+                );
+            }
+        }
+        // Another data set after the first: garbage too.
+        let twice = [stream.clone(), stream].concat();
+        assert!(matches!(
+            walk_deflated(&twice, 4096),
+            Err(WalkError::AfterDeflateStream { .. })
+        ));
+    }
+
+    /// A deflate stream of `n` MiB of zeros behind an OB header: a blank image, or a bomb. Made of
+    /// one flushed 1 MiB segment repeated (a debug build would take long to deflate it all).
+    fn zeros_deflated(n: usize) -> Vec<u8> {
+        use flate2::{Compress, Compression, FlushCompress};
+        let s = Syntax::ExplicitLittle;
+        let header = header(s, PIXEL_DATA, b"OB", (n << 20) as u32);
+        let mut z = Compress::new(Compression::best(), false);
+        let mut segment = |input: &[u8], flush| {
+            let mut out = Vec::with_capacity(64 << 10);
+            let start = z.total_in();
+            while z.total_in() - start < input.len() as u64 || out.is_empty() {
+                let done = (z.total_in() - start) as usize;
+                z.compress_vec(&input[done..], &mut out, flush).unwrap();
+                out.reserve(64 << 10);
+                if flush == FlushCompress::Finish && out.len() < out.capacity() {
+                    break;
+                }
+            }
+            out
+        };
+        let zeros = vec![0u8; 1 << 20];
+        let first = segment(&[header, zeros.clone()].concat(), FlushCompress::Sync);
+        let next = segment(&zeros, FlushCompress::Sync);
+        let last = segment(&[], FlushCompress::Finish);
+        [first, next.repeat(n - 1), last].concat()
+    }
+
+    #[test]
+    fn a_blank_image_passes_but_a_decompression_bomb_is_refused() {
+        // 8 MiB of zeros from about 8 KB: more than 1000 to 1, within the floor.
+        let blank = zeros_deflated(8);
+        assert!(blank.len() < 10_000, "{}", blank.len());
+        assert_eq!(walk_deflated(&blank, 16_384), Ok(()));
+        // 400 MiB from about 400 KB: over 256 MiB + 250 times the deflated bytes.
+        let bomb = zeros_deflated(400);
+        for chunk in [16_384, usize::MAX] {
+            let mut w = Walk::new(Encoding::Deflated);
+            let e = bomb.chunks(chunk).try_for_each(|c| w.feed(c)).unwrap_err();
+            let WalkError::InflatesTooFar { deflated, limit } = e else {
+                panic!("{e:?}");
+            };
+            assert_eq!(limit, inflation_limit(deflated));
+            assert!(deflated < bomb.len() as u64, "refused before the end");
+            let Walk::Deflated(inflating) = &w else {
+                panic!("not inflating");
+            };
+            // Refused within one buffer of the limit.
+            assert!(inflating.inflater.total_out() <= limit + INFLATE_BUFFER as u64);
+        }
+        let e = walk_deflated(&bomb, 16_384).unwrap_err();
+        assert!(e.to_string().contains("decompression bomb"), "{e}");
     }
 }

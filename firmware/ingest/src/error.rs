@@ -162,8 +162,9 @@ pub enum IngestError {
 }
 
 /// Why a data set's element structure ([`crate::boundary::Walker`]) does not hold: it ends
-/// elsewhere than at an element boundary at the top level, or it does not decode. Tags are
-/// `gggg_eeee`, offsets count data set bytes.
+/// elsewhere than at an element boundary at the top level, or it does not decode; for a deflated
+/// data set, also why its deflate stream does not hold. Tags are `gggg_eeee`; offsets count data
+/// set bytes (inflated ones in a deflated data set), except where they say deflated bytes.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WalkError {
     #[error("ends inside element {} ({}{len} bytes announced by its header at byte {header_at}, the last {missing} of them missing): {TRUNCATED}", tag_text(*tag), vr_prefix(*vr))]
@@ -205,9 +206,23 @@ pub enum WalkError {
 
     #[error("does not decode: element {} at byte {at} opens a sequence nested more than {max} deep", tag_text(*tag))]
     TooDeep { tag: u32, at: u64, max: usize },
+
+    #[error("ends inside its deflate stream, after {received} deflated bytes (inflated to {inflated}), before the stream's end: {TRUNCATED}")]
+    EndsInDeflateStream { received: u64, inflated: u64 },
+
+    #[error("does not inflate: its deflate stream is corrupt in the deflated bytes from byte {at} on ({detail}): {CORRUPT}")]
+    DoesNotInflate { at: u64, detail: String },
+
+    #[error("does not decode: deflated byte {at} (0x{byte:02X}) comes after the end of its deflate stream at byte {end}, where only one NULL byte of padding may be: {CORRUPT}")]
+    AfterDeflateStream { end: u64, at: u64, byte: u8 },
+
+    #[error("inflates to more than {limit} bytes from its first {deflated} deflated bytes, as only a decompression bomb or a very large data set of nearly one value does; it is refused so that checking it stays cheap, and the modality should send it uncompressed or in another transfer syntax")]
+    InflatesTooFar { deflated: u64, limit: u64 },
 }
 
 const TRUNCATED: &str = "the modality marked its last fragment too early or sent a truncated file";
+
+const CORRUPT: &str = "the modality sent a corrupt file";
 
 /// `(gggg,eeee)`.
 fn tag_text(tag: u32) -> String {
@@ -445,6 +460,25 @@ mod tests {
         assert_eq!(
             e.operator_hint(),
             "Check the modality's export of this image."
+        );
+    }
+
+    #[test]
+    fn a_deflated_data_set_cut_short_answers_c000_with_a_sentence_saying_so() {
+        let e = IngestError::DecodeDataset {
+            sop_instance_uid: "1.2.3".into(),
+            problem: WalkError::EndsInDeflateStream {
+                received: 8000,
+                inflated: 40_000,
+            },
+        };
+        assert_eq!(e.dimse_status(), STATUS_CANNOT_UNDERSTAND);
+        assert_eq!(
+            e.to_string(),
+            "The data set of SOP Instance 1.2.3 ends inside its deflate stream, after 8000 \
+             deflated bytes (inflated to 40000), before the stream's end: the modality marked its \
+             last fragment too early or sent a truncated file; nothing was stored and the \
+             modality is told it failed"
         );
     }
 

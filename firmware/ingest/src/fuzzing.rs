@@ -137,16 +137,13 @@ impl PdvReceiver {
 /// and the scan that runs it on the data set's first bytes as they stream in.
 pub use passerelle_spool::leading::{parse_leading, Leading, StreamScan, PREFIX_CAP};
 
-/// Follows a data set's element structure as the store task does, fed in `chunk`-byte pieces, and
-/// says whether it ends at an element boundary. `Ok(false)`: a deflated syntax, not followed.
-pub fn walk_dataset(bytes: &[u8], ts_uid: &str, chunk: usize) -> Result<bool, String> {
-    let Some(syntax) = crate::boundary::Syntax::of_transfer_syntax(ts_uid) else {
-        return Ok(false);
-    };
-    let mut walker = crate::boundary::Walker::new(syntax);
+/// Follows a data set's element structure as the store task does (inflating a deflated one), fed
+/// in `chunk`-byte pieces, and says whether it is whole: `Ok` if it ends at an element boundary.
+pub fn walk_dataset(bytes: &[u8], ts_uid: &str, chunk: usize) -> Result<(), String> {
+    use crate::boundary::{Encoding, Walk};
+    let mut walk = Walk::new(Encoding::of_transfer_syntax(ts_uid));
     for piece in bytes.chunks(chunk.max(1)) {
-        walker.feed(piece).map_err(|e| e.to_string())?;
+        walk.feed(piece).map_err(|e| e.to_string())?;
     }
-    walker.finish().map_err(|e| e.to_string())?;
-    Ok(true)
+    walk.finish().map_err(|e| e.to_string())
 }

@@ -38,10 +38,12 @@
 //!   element structure (`boundary`: headers only, values skipped by their length, nothing
 //!   allocated) and refuses (0xC000, nothing stored) a data set that does not end at an element
 //!   boundary at the top level: a modality that marked its last fragment too early or sent a
-//!   truncated file must not hear success. Deflated data sets are not followed (ingest does not
-//!   inflate them). The response goes out
-//!   after the commit. If the task fails early, the rest of the data set is read and discarded and
-//!   the association stays usable.
+//!   truncated file must not hear success. A deflated data set is inflated for this walk as it
+//!   arrives, through a 32 KiB buffer allocated once (what is stored is the deflated bytes, as
+//!   received); its deflate stream must end too (one NULL padding byte may follow), and one that
+//!   inflates to more than 250 times its size beyond 256 MiB is refused as a decompression bomb.
+//!   The response goes out after the commit. If the task fails early, the rest of the data set is
+//!   read and discarded and the association stays usable.
 //! - A C-STORE whose command UIDs are not 1 to 64 digits and dots is refused without touching the
 //!   spool: 0x0117 (Invalid SOP Instance) for the SOP Instance UID, 0xC000 for the SOP Class UID.
 //!   Those UIDs end up in file metadata, log lines and STOW-RS requests. A leading zero or an empty
@@ -59,8 +61,9 @@
 //!   modality does).
 //! - C-ECHO and C-STORE only; other DIMSE requests get 0x0211 (unrecognized operation).
 //! - A data set cut exactly between two top-level elements (a modality that leaves out the pixel
-//!   data altogether) still has a valid structure and is stored; a deflated data set's structure is
-//!   not followed at all, so one cut short is caught only if its leading elements are cut.
+//!   data altogether) still has a valid structure and is stored, deflated or not.
+//! - Checking a deflated data set costs its inflation on the store thread: about 2 ms of CPU for a
+//!   0.5 MB CT slice (native syntaxes: a few microseconds).
 //! - Leading-element parsing stops early when a leading element announces more than 1 MiB (its
 //!   value would be allocated in full); the index fields after it stay empty.
 //! - More than 512 connections waiting for their association request (a flood that reopens them

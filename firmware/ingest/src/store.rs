@@ -6,7 +6,7 @@ use passerelle_spool::leading::Leading;
 use passerelle_spool::{IncomingMeta, InstanceIndex, RawDigest, Spool, StoreOutcome};
 use tokio::sync::mpsc;
 
-use crate::boundary::{Syntax, Walker};
+use crate::boundary::{Encoding, Walk};
 use crate::error::{IngestError, Result};
 use crate::negotiate::trim_uid;
 use crate::{IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME};
@@ -107,17 +107,15 @@ pub(crate) fn receive(
         sop_instance_uid: uid.clone(),
         problem,
     };
-    // `None` for a deflated data set, which ingest does not inflate.
-    let mut walker = Syntax::of_transfer_syntax(&meta.transfer_syntax_uid).map(Walker::new);
+    // A deflated data set is inflated here for the walk only; the bytes stored are as received.
+    let mut walk = Walk::new(Encoding::of_transfer_syntax(&meta.transfer_syntax_uid));
     let mut incoming = spool
         .begin_hashed_by_caller(meta.clone(), &header)
         .map_err(write_err)?;
     let digest = loop {
         match rx.blocking_recv() {
             Some(Chunk::Data(bytes)) => {
-                if let Some(walker) = walker.as_mut() {
-                    walker.feed(&bytes).map_err(decode_err)?;
-                }
+                walk.feed(&bytes).map_err(decode_err)?;
                 incoming.write_all(&bytes).map_err(write_err)?;
                 // Part of the data set is in the spool's temporary file, more PDVs are to come.
                 passerelle_spool::crash_point!("ingest::receive::mid_dataset");
@@ -133,9 +131,7 @@ pub(crate) fn receive(
     drop(rx);
     // A data set cut short is refused before anything else is checked: dropping `incoming` removes
     // the file.
-    if let Some(walker) = &walker {
-        walker.finish().map_err(decode_err)?;
-    }
+    walk.finish().map_err(decode_err)?;
     let mut written = incoming.finish_with(digest).map_err(write_err)?;
     // Found as the bytes streamed in (the file is read back only for leading elements over 1 MiB).
     let leading =
