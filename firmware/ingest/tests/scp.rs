@@ -1245,6 +1245,72 @@ async fn a_data_set_whose_last_fragment_is_marked_too_early_is_refused_and_not_s
     }
 }
 
+/// The same for a deflated data set: cut anywhere, its deflate stream has not ended; bytes after
+/// its end other than one NULL pad are garbage. The whole one, padded as PS3.5 A.5 asks, is stored
+/// as sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deflated_data_set_cut_short_is_refused_and_a_whole_one_is_stored_as_sent() {
+    let scp = start(dicom_cfg(), 1).await;
+    let addr = scp.addr;
+    let uid = "1.2.3.950";
+    // The CT data set with pixel values that do not repeat, so that the stream spans several PDVs
+    // (its empty pixel data element, the last 12 bytes, is replaced), and as many of them as make
+    // the stream's length odd, so that it takes a pad.
+    let deflated = |n: usize| {
+        let mut plain = dataset(ELE, CT, uid, 0);
+        plain.truncate(plain.len() - 12);
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        let pixels: Vec<u8> = (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8 & 0x3F // six bits of noise: Huffman-coded, any length
+            })
+            .collect();
+        plain.extend([0xE0, 0x7F, 0x10, 0x00, b'O', b'B', 0, 0]);
+        plain.extend((pixels.len() as u32).to_le_bytes());
+        plain.extend(pixels);
+        let mut enc =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(&plain).unwrap();
+        enc.finish().unwrap()
+    };
+    let full = (20_000..20_100)
+        .map(|n| deflated(2 * n))
+        .find(|d| d.len() % 2 == 1)
+        .unwrap();
+    assert!(full.len() > 16_000, "{} bytes", full.len());
+    let mut padded = full.clone();
+    if padded.len() % 2 == 1 {
+        padded.push(0);
+    }
+    let (f, p) = (full.clone(), padded.clone());
+    blocking(move || {
+        let mut a = associate(addr, "CT1", AE, &[(CT, &[DEFLATED])]).unwrap();
+        let (pc, ts) = pc_for(&a, CT);
+        assert_eq!(ts, DEFLATED);
+        let garbage = [f.as_slice(), b"\0\0trailing garbage"].concat();
+        let refused: [&[u8]; 4] = [&f[..f.len() / 2], &f[..f.len() - 1], &f[..9000], &garbage];
+        for (i, bytes) in refused.into_iter().enumerate() {
+            let id = i as u16 + 1;
+            let rsp = store_marked_last(&mut a, pc, id, uid, bytes);
+            assert_eq!(u16_of(&rsp, tags::STATUS), 0xC000, "{} bytes", bytes.len());
+            assert_eq!(u16_of(&rsp, tags::MESSAGE_ID_BEING_RESPONDED_TO), id);
+        }
+        // The association stays usable, and the whole data set is stored.
+        let rsp = store_marked_last(&mut a, pc, 99, uid, &p);
+        assert_eq!(u16_of(&rsp, tags::STATUS), 0x0000, "whole data set");
+        a.release().unwrap();
+    })
+    .await;
+    let got = spooled(&scp.spool);
+    assert_eq!(got.len(), 1, "only the whole data set is queued");
+    assert_eq!(got[0].0.sop_instance_uid, uid);
+    assert_eq!(got[0].0.transfer_syntax_uid, DEFLATED);
+    assert!(split_part10(&got[0].1).1 == &padded[..], "stored as sent");
+}
+
 /// Log lines that mention `FORGED`, from every thread of this test binary.
 static FORGED_LINES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
