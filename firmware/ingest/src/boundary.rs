@@ -20,9 +20,10 @@
 //! arrives, into a buffer of [`INFLATE_BUFFER`] bytes allocated once per instance (beside the
 //! inflater's own 32 KiB window), and the inflated bytes are walked; they are only looked at,
 //! never kept (the bytes stored are the deflated ones, as received). It is whole only if its
-//! deflate stream ends (at most one NULL byte may follow, the padding to even length A.5 asks for)
-//! and the walker is then at a top-level element boundary. A stream that inflates to more than
-//! [`inflation_limit`] allows for its size is refused as a decompression bomb.
+//! deflate stream ends and the walker is then at a top-level element boundary. After the stream
+//! may come the NULL byte A.5 pads an odd stream with, and a gzip trailer (the CRC-32 and length
+//! of the inflated bytes), which a real-world file carries; nothing else. A stream that inflates
+//! to more than [`inflation_limit`] allows for its size is refused as a decompression bomb.
 
 use dicom_encoding::transfer_syntax::{Codec, TransferSyntaxIndex};
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;
@@ -455,6 +456,12 @@ fn inflation_limit(deflated: u64) -> u64 {
     INFLATION_FLOOR.saturating_add(INFLATION_RATIO.saturating_mul(deflated))
 }
 
+/// What may follow a deflate stream: a gzip trailer (CRC-32 and length of the inflated bytes, as
+/// in pydicom's real-world `image_dfl.dcm`, deflated by some gzip writer with its header cut off),
+/// then the NULL byte that makes the whole even. The trailer is recognised by its length; its
+/// CRC-32 is not checked (the walk reads no values, and would have to hash every inflated byte).
+const MAX_TAIL: usize = 8 + 1;
+
 /// A deflated data set's walk: the received bytes are inflated (raw DEFLATE, no zlib header)
 /// through a fixed buffer, and the inflated bytes fed to a [`Walker`] as explicit VR little
 /// endian.
@@ -467,6 +474,9 @@ pub(crate) struct Inflating {
     received: u64,
     /// Where the deflate stream ended (in deflated bytes), once it has.
     end: Option<u64>,
+    /// The bytes after the end, checked in `finish`.
+    tail: [u8; MAX_TAIL],
+    tail_len: usize,
 }
 
 impl std::fmt::Debug for Inflating {
@@ -488,14 +498,15 @@ impl Inflating {
             walker: Walker::new(Syntax::ExplicitLittle),
             received: 0,
             end: None,
+            tail: [0; MAX_TAIL],
+            tail_len: 0,
         }
     }
 
     fn feed(&mut self, mut bytes: &[u8]) -> Result<(), WalkError> {
-        let first = self.received;
         self.received += bytes.len() as u64;
         if let Some(end) = self.end {
-            return after_end(end, first, bytes);
+            return self.after_end(end, bytes);
         }
         while !bytes.is_empty() {
             let (status, used, made) = self.inflate(bytes, FlushDecompress::None)?;
@@ -503,7 +514,7 @@ impl Inflating {
             if status == Status::StreamEnd {
                 let end = self.inflater.total_in();
                 self.end = Some(end);
-                return after_end(end, end, bytes);
+                return self.after_end(end, bytes);
             }
             if used == 0 && made == 0 {
                 // Unreachable with a buffer to fill: the inflater always moves or fails.
@@ -532,7 +543,40 @@ impl Inflating {
                 });
             }
         }
+        let end = self.inflater.total_in();
+        let tail = self.tail.get(..self.tail_len).unwrap_or_default();
+        // gzip's ISIZE: the inflated length modulo 2^32.
+        let length = (self.inflater.total_out() as u32).to_le_bytes();
+        let trailer = |t: &[u8]| t.len() == 8 && t.get(4..) == Some(&length[..]);
+        let whole = match tail {
+            [] | [0] => true,
+            [t @ .., 0] if trailer(t) => true,
+            t => trailer(t),
+        };
+        if !whole {
+            return Err(WalkError::AfterDeflateStream {
+                end,
+                extra: tail.len() as u64,
+            });
+        }
         self.walker.finish()
+    }
+
+    /// Bytes after the end of the deflate stream (at deflated byte `end`): kept for `finish`, at
+    /// most [`MAX_TAIL`] of them.
+    fn after_end(&mut self, end: u64, bytes: &[u8]) -> Result<(), WalkError> {
+        let have = self.tail_len;
+        match self.tail.get_mut(have..have + bytes.len()) {
+            Some(room) => {
+                room.copy_from_slice(bytes);
+                self.tail_len += bytes.len();
+                Ok(())
+            }
+            None => Err(WalkError::AfterDeflateStream {
+                end,
+                extra: (have + bytes.len()) as u64,
+            }),
+        }
     }
 
     /// Inflates what it can of `input` into the buffer and walks it; returns the inflater's
@@ -561,17 +605,6 @@ impl Inflating {
         }
         Ok((status, (deflated - before_in) as usize, made))
     }
-}
-
-/// Bytes at deflated offset `at` and on, after a deflate stream that ended at `end`: only one
-/// NULL padding byte may stand there (PS3.5 A.5).
-fn after_end(end: u64, at: u64, bytes: &[u8]) -> Result<(), WalkError> {
-    for (pos, &byte) in (at..).zip(bytes) {
-        if pos > end || byte != 0 {
-            return Err(WalkError::AfterDeflateStream { end, at: pos, byte });
-        }
-    }
-    Ok(())
 }
 
 enum VrKind {
@@ -1116,7 +1149,7 @@ mod tests {
         enc.finish().unwrap()
     }
 
-    /// `deflate`, then the NULL byte that makes an odd stream even, as pydicom and dcm4che write it.
+    /// `deflate`, then the NULL byte that makes an odd stream even (pydicom and dcm4che add it).
     fn deflate_padded(data: &[u8]) -> Vec<u8> {
         let mut out = deflate(data);
         if out.len() % 2 == 1 {
@@ -1264,27 +1297,57 @@ mod tests {
         let mut zlib = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
         std::io::Write::write_all(&mut zlib, data).unwrap();
         assert!(walk_deflated(&zlib.finish().unwrap(), 100).is_err());
-        // After the end: one NULL byte of padding, nothing else.
-        for (extra, at) in [
-            (&[0u8, 0][..], 1),
-            (&[1], 0),
-            (&[0x20], 0),
-            (&[0, 0, 0, 0], 1),
+        // After the end: a NULL byte of padding, a gzip trailer of the inflated bytes (CRC-32,
+        // length), or both; nothing else. The trailer is told by its length, not its CRC.
+        let mut crc = flate2::Crc::new();
+        crc.update(data);
+        let trailer = [crc.sum().to_le_bytes(), crc.amount().to_le_bytes()].concat();
+        let (mut other_crc, mut bad_len) = (trailer.clone(), trailer.clone());
+        other_crc[0] ^= 1;
+        bad_len[4] ^= 1;
+        let padded_trailer = [trailer.clone(), vec![0]].concat();
+        for (extra, whole) in [
+            (vec![], true),
+            (vec![0], true),
+            (trailer.clone(), true),
+            (padded_trailer.clone(), true),
+            (other_crc, true),
+            (vec![0, 0], false),
+            (vec![1], false),
+            (vec![0x20], false),
+            (vec![0; 8], false),
+            (bad_len, false),
+            (trailer[..7].to_vec(), false),
+            ([vec![0], trailer.clone()].concat(), false),
+            ([padded_trailer, vec![0]].concat(), false),
         ] {
-            let bytes = [stream.as_slice(), extra].concat();
+            let bytes = [stream.as_slice(), &extra].concat();
             for chunk in [1, 7, usize::MAX] {
-                let e = walk_deflated(&bytes, chunk).unwrap_err();
+                let r = walk_deflated(&bytes, chunk);
+                if whole {
+                    assert_eq!(r, Ok(()), "{extra:?} chunk {chunk}");
+                    continue;
+                }
                 assert!(
-                    matches!(e, WalkError::AfterDeflateStream { end, at: a, .. }
-                        if end == stream.len() as u64 && a == end + at),
-                    "{extra:?} chunk {chunk}: {e:?}"
+                    matches!(r, Err(WalkError::AfterDeflateStream { end, extra: n })
+                        if end == stream.len() as u64 && n == extra.len() as u64),
+                    "{extra:?} chunk {chunk}: {r:?}"
                 );
             }
         }
-        // Another data set after the first: garbage too.
+        let e = walk_deflated(&[stream.as_slice(), &[1]].concat(), 100).unwrap_err();
+        assert!(e.to_string().contains("sent a corrupt file"), "{e}");
+        // A gzip member with its 10-byte header cut off, as pydicom's real-world `image_dfl.dcm`
+        // is deflated.
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut gz, data).unwrap();
+        let gz = gz.finish().unwrap();
+        assert_eq!(walk_deflated(&gz[10..], 7), Ok(()));
+        // Another data set after the first: garbage too, refused as it arrives.
         let twice = [stream.clone(), stream].concat();
+        let mut w = Walk::new(Encoding::Deflated);
         assert!(matches!(
-            walk_deflated(&twice, 4096),
+            w.feed(&twice),
             Err(WalkError::AfterDeflateStream { .. })
         ));
     }
