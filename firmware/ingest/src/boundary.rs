@@ -424,11 +424,22 @@ impl Walk {
         }
     }
 
-    /// The data set has ended: `Ok` only if it is whole.
+    /// The data set has ended: `Ok` only if it is whole (as far as it was checked, see
+    /// [`Walk::unchecked_beyond`]).
     pub(crate) fn finish(&mut self) -> Result<(), WalkError> {
         match self {
             Walk::Plain(walker) => walker.finish(),
             Walk::Deflated(inflating) => inflating.finish(),
+        }
+    }
+
+    /// For a deflated data set that inflates further than [`inflation_limit`] allows: the inflated
+    /// bytes walked before the check stopped. The rest was neither inflated nor walked, and
+    /// `finish` could not tell whether it is whole.
+    pub(crate) fn unchecked_beyond(&self) -> Option<u64> {
+        match self {
+            Walk::Plain(_) => None,
+            Walk::Deflated(inflating) => inflating.unchecked_beyond,
         }
     }
 }
@@ -447,8 +458,10 @@ const INFLATION_FLOOR: u64 = 256 << 20;
 /// bound near 1000 would stop nothing: zlib deflates 64 MiB of 8-byte elements 687 to 1, and
 /// walking them costs about 2 s of CPU per MB received (a run of zeros: 0.15 s). Real data sets
 /// stay far below 250: pydicom's sample files deflate at most 61 to 1 (`image_dfl.dcm`, a real
-/// deflated file), most 3 to 20. Refused by it is only an instance over 256 MiB that is nearly all
-/// one value. It bounds one instance's work; many small bombs still cost what the floor allows.
+/// deflated file), most 3 to 20. Past the bound the check stops and the instance is taken
+/// unchecked (with a WARN), not refused: a real instance over 256 MiB that is nearly all one value
+/// (a large sparse segmentation) must still reach the PACS; a decompression bomb then costs what
+/// the bound allows, and no more. Many small bombs still cost what the floor allows each.
 const INFLATION_RATIO: u64 = 250;
 
 /// The most a deflate stream of `deflated` bytes may inflate to.
@@ -477,6 +490,9 @@ pub(crate) struct Inflating {
     /// The bytes after the end, checked in `finish`.
     tail: [u8; MAX_TAIL],
     tail_len: usize,
+    /// Set once the stream inflated beyond [`inflation_limit`]: the inflated bytes walked by then.
+    /// Nothing more is inflated or checked.
+    unchecked_beyond: Option<u64>,
 }
 
 impl std::fmt::Debug for Inflating {
@@ -500,16 +516,23 @@ impl Inflating {
             end: None,
             tail: [0; MAX_TAIL],
             tail_len: 0,
+            unchecked_beyond: None,
         }
     }
 
     fn feed(&mut self, mut bytes: &[u8]) -> Result<(), WalkError> {
         self.received += bytes.len() as u64;
+        if self.unchecked_beyond.is_some() {
+            return Ok(());
+        }
         if let Some(end) = self.end {
             return self.after_end(end, bytes);
         }
         while !bytes.is_empty() {
             let (status, used, made) = self.inflate(bytes, FlushDecompress::None)?;
+            if self.unchecked_beyond.is_some() {
+                return Ok(());
+            }
             bytes = bytes.get(used..).unwrap_or_default();
             if status == Status::StreamEnd {
                 let end = self.inflater.total_in();
@@ -533,7 +556,13 @@ impl Inflating {
         // No more input: the inflater is told so, and decodes its last bits (it may keep them
         // back while more input could follow).
         while self.end.is_none() {
+            if self.unchecked_beyond.is_some() {
+                return Ok(());
+            }
             let (status, _, made) = self.inflate(&[], FlushDecompress::Finish)?;
+            if self.unchecked_beyond.is_some() {
+                return Ok(());
+            }
             if status == Status::StreamEnd {
                 self.end = Some(self.inflater.total_in());
             } else if made == 0 {
@@ -598,10 +627,7 @@ impl Inflating {
         let made = (inflated - before_out) as usize;
         self.walker.feed(self.out.get(..made).unwrap_or_default())?;
         if inflated > inflation_limit(deflated) {
-            return Err(WalkError::InflatesTooFar {
-                deflated,
-                limit: inflation_limit(deflated),
-            });
+            self.unchecked_beyond = Some(inflated);
         }
         Ok((status, (deflated - before_in) as usize, made))
     }
@@ -1380,28 +1406,36 @@ mod tests {
     }
 
     #[test]
-    fn a_blank_image_passes_but_a_decompression_bomb_is_refused() {
-        // 8 MiB of zeros from about 8 KB: more than 1000 to 1, within the floor.
+    fn a_blank_image_is_checked_but_a_decompression_bomb_only_up_to_its_bound() {
+        // 8 MiB of zeros from about 8 KB: more than 1000 to 1, within the floor, checked whole.
         let blank = zeros_deflated(8);
         assert!(blank.len() < 10_000, "{}", blank.len());
         assert_eq!(walk_deflated(&blank, 16_384), Ok(()));
-        // 400 MiB from about 400 KB: over 256 MiB + 250 times the deflated bytes.
+        let mut w = Walk::new(Encoding::Deflated);
+        blank.chunks(16_384).try_for_each(|c| w.feed(c)).unwrap();
+        w.finish().unwrap();
+        assert_eq!(w.unchecked_beyond(), None);
+        // 400 MiB from about 400 KB: over 256 MiB + 250 times the deflated bytes. Inflating stops
+        // at the bound, whole or cut: taken unchecked (it may be a real sparse instance), not
+        // refused, and not inflated further.
         let bomb = zeros_deflated(400);
-        for chunk in [16_384, usize::MAX] {
-            let mut w = Walk::new(Encoding::Deflated);
-            let e = bomb.chunks(chunk).try_for_each(|c| w.feed(c)).unwrap_err();
-            let WalkError::InflatesTooFar { deflated, limit } = e else {
-                panic!("{e:?}");
-            };
-            assert_eq!(limit, inflation_limit(deflated));
-            assert!(deflated < bomb.len() as u64, "refused before the end");
-            let Walk::Deflated(inflating) = &w else {
-                panic!("not inflating");
-            };
-            // Refused within one buffer of the limit.
-            assert!(inflating.inflater.total_out() <= limit + INFLATE_BUFFER as u64);
+        for bytes in [&bomb[..], &bomb[..bomb.len() * 9 / 10]] {
+            for chunk in [16_384, usize::MAX] {
+                let mut w = Walk::new(Encoding::Deflated);
+                bytes.chunks(chunk).try_for_each(|c| w.feed(c)).unwrap();
+                w.finish().unwrap();
+                let Some(walked) = w.unchecked_beyond() else {
+                    panic!("checked to the end");
+                };
+                let Walk::Deflated(inflating) = &w else {
+                    panic!("not inflating");
+                };
+                let deflated = inflating.inflater.total_in();
+                assert!(deflated < bytes.len() as u64, "stopped before the end");
+                let limit = inflation_limit(deflated);
+                assert!(walked > limit && walked <= limit + INFLATE_BUFFER as u64);
+                assert_eq!(inflating.inflater.total_out(), walked);
+            }
         }
-        let e = walk_deflated(&bomb, 16_384).unwrap_err();
-        assert!(e.to_string().contains("decompression bomb"), "{e}");
     }
 }

@@ -215,9 +215,6 @@ pub enum WalkError {
 
     #[error("does not decode: {extra} bytes follow the end of its deflate stream at deflated byte {end}, where only a NULL byte of padding or a gzip trailer of the inflated bytes (their CRC-32 and length) may be: {CORRUPT}")]
     AfterDeflateStream { end: u64, extra: u64 },
-
-    #[error("inflates to more than {limit} bytes from its first {deflated} deflated bytes, as only a decompression bomb or a very large data set of nearly one value does; it is refused so that checking it stays cheap, and the modality should send it uncompressed or in another transfer syntax")]
-    InflatesTooFar { deflated: u64, limit: u64 },
 }
 
 const TRUNCATED: &str = "the modality marked its last fragment too early or sent a truncated file";

@@ -132,6 +132,12 @@ pub(crate) fn receive(
     // A data set cut short is refused before anything else is checked: dropping `incoming` removes
     // the file.
     walk.finish().map_err(decode_err)?;
+    if let Some(inflated) = walk.unchecked_beyond() {
+        log::warn!(
+            "A deflated data set inflates further than its completeness is checked (to keep that check cheap, as against a decompression bomb): it was walked over its first {inflated} inflated bytes only, and is stored and forwarded as received. If the PACS finds it incomplete, have the modality send it in another transfer syntax. sop_instance_uid={uid} raw_bytes={}",
+            incoming.raw_len()
+        );
+    }
     let mut written = incoming.finish_with(digest).map_err(write_err)?;
     // Found as the bytes streamed in (the file is read back only for leading elements over 1 MiB).
     let leading =

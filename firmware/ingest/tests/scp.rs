@@ -1311,8 +1311,12 @@ async fn a_deflated_data_set_cut_short_is_refused_and_a_whole_one_is_stored_as_s
     assert!(split_part10(&got[0].1).1 == &padded[..], "stored as sent");
 }
 
-/// Log lines that mention `FORGED`, from every thread of this test binary.
+/// Log lines that mention `FORGED` or a `sop_instance_uid` of [`MARKED_UIDS`], from every thread of
+/// this test binary (its one logger, installed by [`capture_log`]).
 static FORGED_LINES: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Instances whose log lines the tests look at.
+const MARKED_UIDS: [&str; 1] = ["1.2.3.951"];
 
 struct CaptureForged;
 
@@ -1322,7 +1326,10 @@ impl log::Log for CaptureForged {
     }
     fn log(&self, record: &log::Record) {
         let line = record.args().to_string();
-        if line.contains("FORGED") {
+        let marked = MARKED_UIDS
+            .iter()
+            .any(|uid| line.contains(&format!("sop_instance_uid={uid} ")));
+        if line.contains("FORGED") || marked {
             FORGED_LINES.lock().unwrap().push(line);
         }
     }
@@ -1331,11 +1338,60 @@ impl log::Log for CaptureForged {
 
 static CAPTURE_FORGED: CaptureForged = CaptureForged;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_forged_abstract_syntax_reaches_log_lines_without_its_newline_and_cut_short() {
-    // The only logger of this test binary; it keeps only lines that mention FORGED.
+fn capture_log() {
     let _ = log::set_logger(&CAPTURE_FORGED);
     log::set_max_level(log::LevelFilter::Debug);
+}
+
+/// A deflated data set that inflates beyond what the boundary walk checks (400 MiB of zero pixels
+/// from about 400 KB): a decompression bomb, or a real sparse instance. Its check stops at the
+/// bound: it is stored as sent, with a WARN that says it was checked only that far.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deflated_data_set_inflating_past_the_checks_bound_is_stored_unchecked_with_a_warning() {
+    capture_log();
+    let scp = start(dicom_cfg(), 1).await;
+    let addr = scp.addr;
+    let uid = MARKED_UIDS[0];
+    let mut plain = dataset(ELE, CT, uid, 0);
+    plain.truncate(plain.len() - 12);
+    let pixels: u32 = 400 << 20;
+    plain.extend([0xE0, 0x7F, 0x10, 0x00, b'O', b'B', 0, 0]);
+    plain.extend(pixels.to_le_bytes());
+    let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+    enc.write_all(&plain).unwrap();
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..400 {
+        enc.write_all(&zeros).unwrap();
+    }
+    let mut deflated = enc.finish().unwrap();
+    if deflated.len() % 2 == 1 {
+        deflated.push(0);
+    }
+    assert!(deflated.len() < 1 << 20, "{} bytes", deflated.len());
+    let sent = deflated.clone();
+    blocking(move || {
+        let mut a = associate(addr, "CT1", AE, &[(CT, &[DEFLATED])]).unwrap();
+        let (pc, _) = pc_for(&a, CT);
+        let rsp = store_marked_last(&mut a, pc, 1, uid, &sent);
+        assert_eq!(u16_of(&rsp, tags::STATUS), 0x0000);
+        a.release().unwrap();
+    })
+    .await;
+    let got = spooled(&scp.spool);
+    assert_eq!(got.len(), 1);
+    assert!(split_part10(&got[0].1).1 == &deflated[..], "stored as sent");
+    let lines = FORGED_LINES.lock().unwrap().clone();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("inflates further than its completeness is checked")),
+        "{lines:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_abstract_syntax_reaches_log_lines_without_its_newline_and_cut_short() {
+    capture_log();
     let scp = start(dicom_cfg(), 1).await;
     let addr = scp.addr;
     // A storage abstract syntax as far as negotiation goes (it extends the storage arc).
