@@ -12,6 +12,7 @@ from harness import send
 from harness.checks import wait_for_instances
 from harness.data import Study
 from harness.gateway import passerelled_bin
+from harness.part10 import file_dataset_bytes
 from harness.pki import make_client_cert
 from harness.util import run, wait_until
 
@@ -98,6 +99,35 @@ def test_a_dataset_cut_short_is_refused_and_nothing_of_it_is_forwarded(
 
     # The whole file, sent next on a new association, is stored and forwarded: nothing of the cut
     # copy was queued, and it did not count as a duplicate of the whole one.
+    assert send.pynetdicom_send(gw.port, [whole], called_ae=gw.ae_title) == [0x0000]
+    status = wait_until(lambda: (s := gw.status())["sent"] == 1 and s, 60, "the whole instance to be sent")
+    assert status["queued"] + status["uploading"] + status["failed"] == 0, status
+    assert orthanc.count_instances() == 1
+    gw.stop_ok()
+
+
+def test_a_deflated_data_set_cut_short_is_refused_and_the_whole_one_is_forwarded(
+    orthanc, make_gateway, real_files, tmp_path: Path
+) -> None:
+    """The same for a deflated data set (pydicom's real-world image_dfl.dcm): its deflate stream cut in
+    the middle never ends, and the gateway, which inflates it as it arrives only to check it, answers
+    0xC000; the whole file is stored and forwarded bit for bit."""
+    whole = next(i for i in real_files if i.name == "image_dfl.dcm")
+    assert whole.transfer_syntax_uid == "1.2.840.10008.1.2.1.99"
+    dataset = file_dataset_bytes(whole.path)
+    data = whole.path.read_bytes()
+    cut = tmp_path / "cut_dfl.dcm"
+    # Half of the deflated data set, even: the file meta before it is whole.
+    cut.write_bytes(data[: len(data) - len(dataset) + len(dataset) // 2 // 2 * 2])
+    truncated = dataclasses.replace(whole, path=cut, name="cut_dfl.dcm")
+    gw = make_gateway(orthanc)
+    gw.start()
+
+    statuses = send.pynetdicom_send(gw.port, [truncated], called_ae=gw.ae_title, check=False)
+    assert statuses == [0xC000], [hex(s) for s in statuses]
+    log = gw.log_path.read_text(errors="replace")
+    assert "deflate stream" in log, gw.log_excerpt()
+
     assert send.pynetdicom_send(gw.port, [whole], called_ae=gw.ae_title) == [0x0000]
     status = wait_until(lambda: (s := gw.status())["sent"] == 1 and s, 60, "the whole instance to be sent")
     assert status["queued"] + status["uploading"] + status["failed"] == 0, status
