@@ -23,7 +23,8 @@
 //! deflate stream ends and the walker is then at a top-level element boundary. After the stream
 //! may come the NULL byte A.5 pads an odd stream with, and a gzip trailer (the CRC-32 and length
 //! of the inflated bytes), which a real-world file carries; nothing else. A stream that inflates
-//! to more than [`inflation_limit`] allows for its size is refused as a decompression bomb.
+//! to more than [`inflation_limit`] allows for its size (a decompression bomb, or a large sparse
+//! instance) is checked that far only ([`Walk::unchecked_beyond`]), not refused.
 
 use dicom_encoding::transfer_syntax::{Codec, TransferSyntaxIndex};
 use dicom_transfer_syntax_registry::TransferSyntaxRegistry;

@@ -40,9 +40,10 @@
 //!   boundary at the top level: a modality that marked its last fragment too early or sent a
 //!   truncated file must not hear success. A deflated data set is inflated for this walk as it
 //!   arrives, through a 32 KiB buffer allocated once (what is stored is the deflated bytes, as
-//!   received); its deflate stream must end too (a NULL pad or a gzip trailer may follow), and
-//!   one that inflates to more than 250 times its size beyond 256 MiB is refused as a
-//!   decompression bomb. The response goes out after the commit. If the task fails early, the
+//!   received); its deflate stream must end too (a NULL pad or a gzip trailer may follow). One
+//!   that inflates to more than 250 times its size beyond 256 MiB (a decompression bomb, or a
+//!   large sparse instance) is checked that far only and stored with a WARN, not refused. The
+//!   response goes out after the commit. If the task fails early, the
 //!   rest of the data set is read and discarded and the association stays usable.
 //! - A C-STORE whose command UIDs are not 1 to 64 digits and dots is refused without touching the
 //!   spool: 0x0117 (Invalid SOP Instance) for the SOP Instance UID, 0xC000 for the SOP Class UID.
