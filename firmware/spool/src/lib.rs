@@ -229,6 +229,38 @@ pub struct Requeued {
 /// again and again meanwhile (the uplink never sends two versions of one UID at once).
 const NOT_BEHIND_ANOTHER_VERSION: &str = "NOT EXISTS (SELECT 1 FROM instances AS other WHERE other.sop_instance_uid = instances.sop_instance_uid AND other.id != instances.id AND (other.state = 'uploading' OR (other.state = 'queued' AND other.id < instances.id)))";
 
+/// A batch shortened to its even share of the end of a backlog still carries this much when it has
+/// it: a smaller request spends about as long on its round trip and the PACS's answer as on its
+/// bytes, and a few small instances (reports, key images) gain nothing from going one by one.
+pub const MIN_SHARE_BYTES: u64 = 1 << 20;
+
+/// A batch's even share of what is due when that is less than `workers` full batches: what is due,
+/// divided among the workers (rounded up); else `max_count`. Counts at most `workers` full batches.
+fn even_share(
+    tx: &rusqlite::Transaction<'_>,
+    now: i64,
+    max_count: usize,
+    workers: usize,
+) -> Result<usize> {
+    let cap = max_count.saturating_mul(workers);
+    let due: i64 = tx
+        .prepare_cached(&format!(
+            "SELECT count(*) FROM (SELECT 1 FROM instances WHERE state = 'queued' AND next_attempt_at <= ?1 AND {NOT_BEHIND_ANOTHER_VERSION} LIMIT ?2)"
+        ))
+        .and_then(|mut s| {
+            s.query_row(params![now, i64::try_from(cap).unwrap_or(i64::MAX)], |r| {
+                r.get(0)
+            })
+        })
+        .ctx("count the due instances")?;
+    let due = usize::try_from(due).unwrap_or(0);
+    Ok(if due < cap {
+        due.div_ceil(workers)
+    } else {
+        max_count
+    })
+}
+
 /// What an upload did for one instance, for [`Spool::record_outcomes`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -282,6 +314,12 @@ pub struct Linger {
     pub quiet: Duration,
     /// ...but never once its oldest instance was received this long ago.
     pub max_wait: Duration,
+    /// The uplink's workers that send at once. When all that is due would fit in fewer than one
+    /// full batch each and the batch's study is quiet (the end of a backlog), a batch takes only its
+    /// even share of what is due, so that the workers finish together instead of the last request
+    /// going alone (guided self-scheduling); a shortened batch still carries at least
+    /// `MIN_SHARE_BYTES` when it has them. 1: batches are never shortened.
+    pub workers: usize,
 }
 
 /// How the uplink is doing, persisted so that `passerelled status` (another process) can show it.
@@ -1218,6 +1256,31 @@ impl Spool {
                 if !full && fresh && !clock_went_back && quiet_until > now && wait_until > now {
                     // Nothing was updated: dropping the transaction rolls it back.
                     return Ok(Claim::Wait(from_ms(quiet_until.min(wait_until))));
+                }
+                if linger.workers > 1 && batch.len() > 1 && quiet_until <= now {
+                    let share = even_share(&tx, now, max_count, linger.workers)?;
+                    let study_newest: Option<i64> = tx
+                        .prepare_cached(
+                            "SELECT max(received_at) FROM instances WHERE study_instance_uid = ?1",
+                        )
+                        .and_then(|mut s| s.query_row([&study], |r| r.get(0)))
+                        .ctx("find when the study last received an instance")?;
+                    // Not while the study is still arriving: what is due is not its end.
+                    let share = match study_newest {
+                        Some(at) if at.saturating_add(duration_ms(linger.quiet)) > now => {
+                            batch.len()
+                        }
+                        _ => share,
+                    };
+                    let (mut keep, mut bytes) = (0, 0u64);
+                    for inst in &batch {
+                        if keep >= share && bytes >= MIN_SHARE_BYTES {
+                            break;
+                        }
+                        keep += 1;
+                        bytes = bytes.saturating_add(inst.raw_size);
+                    }
+                    batch.truncate(keep);
                 }
             }
             let mut update = tx

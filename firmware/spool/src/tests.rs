@@ -2406,6 +2406,7 @@ fn lingering_claim_waits_for_a_study_still_arriving_but_never_for_full_batches_o
     let quiet = Linger {
         quiet: Duration::from_millis(150),
         max_wait: Duration::from_secs(1),
+        workers: 1,
     };
     let claim = |max_count, now, linger| {
         spool
@@ -2433,6 +2434,7 @@ fn lingering_claim_waits_for_a_study_still_arriving_but_never_for_full_batches_o
     let trickle = Linger {
         quiet: Duration::from_secs(3600),
         max_wait: Duration::from_secs(1),
+        workers: 1,
     };
     match claim(10, newest, Some(trickle)) {
         Claim::Wait(at) => assert_eq!(at, oldest + trickle.max_wait),
@@ -2454,6 +2456,79 @@ fn lingering_claim_waits_for_a_study_still_arriving_but_never_for_full_batches_o
         spool.release(*id).unwrap();
     }
     assert_eq!(spool.claim_batch(10, u64::MAX, newest).unwrap().len(), 3);
+}
+
+#[test]
+fn the_end_of_a_quiet_backlog_is_split_evenly_among_the_workers() {
+    let fx = Fixture::new();
+    let spool = fx.spool();
+    // 600 KB each: two make a request of at least MIN_SHARE_BYTES, one does not.
+    let layout: Vec<(&str, usize)> = (0..12).map(|_| ("1.9.2", 600_000)).collect();
+    let ids = store_studies(&spool, &layout);
+    let newest = from_ms(
+        row_str(&spool, ids[11], "received_at")
+            .unwrap()
+            .parse()
+            .unwrap(),
+    );
+    let quiet_at = newest + Duration::from_secs(1);
+    let linger = |workers| Linger {
+        quiet: Duration::from_millis(150),
+        max_wait: Duration::from_secs(1),
+        workers,
+    };
+    let claim = |now, workers| match spool
+        .claim_batch_lingering(10, u64::MAX, now, Some(linger(workers)))
+        .unwrap()
+    {
+        Claim::Batch(b) => b.iter().map(|q| q.id).collect::<Vec<_>>(),
+        other => panic!("expected a batch, got {other:?}"),
+    };
+    let release = |batch: &[InstanceId]| {
+        for id in batch {
+            spool.release(*id).unwrap();
+        }
+    };
+    let sizes = |workers| {
+        let (mut sizes, mut claimed) = (Vec::new(), Vec::new());
+        while claimed.len() < ids.len() {
+            let batch = claim(quiet_at, workers);
+            sizes.push(batch.len());
+            claimed.extend(batch);
+        }
+        assert_eq!(claimed, ids, "oldest first, each once");
+        release(&claimed);
+        sizes
+    };
+
+    // One worker: full batches.
+    assert_eq!(sizes(1), [10, 2]);
+    // A full batch of a study still arriving is not shortened: more of it is on its way.
+    assert_eq!(claim(newest, 4), ids[..10]);
+    release(&ids[..10]);
+    // Twelve due for four workers: 3 each (12 / 4, then 9 / 4), then 6 / 4 = 2; below that, two
+    // still go together (MIN_SHARE_BYTES), not one request each.
+    assert_eq!(sizes(4), [3, 3, 2, 2, 2]);
+
+    // Due instances of other studies count too: with enough of them, this study's batch is whole.
+    let others: Vec<(&str, usize)> = (0..40).map(|_| ("1.9.3", 100)).collect();
+    let others = store_studies(&spool, &others);
+    assert_eq!(claim(quiet_at + Duration::from_secs(60), 4), ids[..10]);
+    release(&ids[..10]);
+    for id in &ids {
+        let batch = spool.claim_batch(1, u64::MAX, far_future()).unwrap();
+        assert_eq!(batch[0].id, *id);
+        spool.mark_sent(*id, false).unwrap();
+    }
+    // Small instances are never split: the last ten of them go in one request.
+    for id in &others[..30] {
+        assert_eq!(
+            spool.claim_batch(1, u64::MAX, far_future()).unwrap()[0].id,
+            *id
+        );
+        spool.mark_sent(*id, false).unwrap();
+    }
+    assert_eq!(claim(quiet_at + Duration::from_secs(120), 4), others[30..]);
 }
 
 #[test]
@@ -2560,6 +2635,7 @@ fn a_clock_that_went_back_while_running_neither_stalls_retries_nor_holds_a_batch
     let linger = Linger {
         quiet: Duration::from_secs(2),
         max_wait: Duration::from_secs(10),
+        workers: 1,
     };
     // The retry, due "a month and two hours" from the corrected clock, is due now...
     let first = match spool

@@ -29,6 +29,9 @@
 //!   or two instances in the first second, while the link could have carried 25 MB). The default
 //!   batch is 10 instances: the requests of a large study then fall out of step, one waiting for
 //!   the PACS to store its batch while the others send, and the last request alone is short.
+//!   Once fewer instances are due than one full batch per worker and the study is quiet, a batch
+//!   takes its even share of them (`Linger::workers`, at least 1 MiB), so the workers finish
+//!   together.
 //! - Several workers keep the link busy while the PACS stores a batch: one streams its body while
 //!   another waits for its answer, and a worker that claimed a batch wakes an idle one to claim the
 //!   next. Measured on the benchmark's CT study (tests/bench, then with 50-instance batches of 26 MB into
@@ -170,9 +173,11 @@ use crate::outcome::{Action, Answer, Decision, Exchange, TransportFailure};
 /// A short batch of a study that is still arriving waits until no instance of it arrived for
 /// `quiet`, or until its oldest instance arrived `max_wait` ago: on a slow link, a burst then goes
 /// out in full requests instead of one small request per instance on every connection.
+/// The end of a backlog is then split evenly among the workers that send (`Linger::workers`).
 const LINGER: Linger = Linger {
     quiet: Duration::from_millis(150),
     max_wait: Duration::from_secs(1),
+    workers: 1,
 };
 /// With nothing due, look at the queue at least this often (another process may re-queue rows).
 const POLL_INTERVAL: Duration = Duration::from_secs(2);
@@ -702,9 +707,14 @@ impl Worker {
                 .batch_max_instances
                 .min(passerelle_config::MAX_BATCH_INSTANCES);
             let max_bytes = link.cfg.batch_max_bytes();
+            // Until the upstream took a request the first worker sends alone (above).
+            let linger = Linger {
+                workers: if proven { link.cfg.connections } else { 1 },
+                ..LINGER
+            };
             let batch = match link
                 .spool_call("claim a batch", move |s| {
-                    s.claim_batch_lingering(max_count, max_bytes, now, Some(LINGER))
+                    s.claim_batch_lingering(max_count, max_bytes, now, Some(linger))
                 })
                 .await
             {
