@@ -1259,9 +1259,11 @@ impl Spool {
                 }
                 if linger.workers > 1 && batch.len() > 1 && quiet_until <= now {
                     let share = even_share(&tx, now, max_count, linger.workers)?;
+                    // Among the study's rows still to send (a range of `instances_study`): one
+                    // received within `quiet` is almost always among them.
                     let study_newest: Option<i64> = tx
                         .prepare_cached(
-                            "SELECT max(received_at) FROM instances WHERE study_instance_uid = ?1",
+                            "SELECT max(received_at) FROM instances WHERE study_instance_uid = ?1 AND state IN ('queued', 'uploading')",
                         )
                         .and_then(|mut s| s.query_row([&study], |r| r.get(0)))
                         .ctx("find when the study last received an instance")?;
