@@ -25,8 +25,9 @@ trap cleanup EXIT
 # gcc/libc6-dev: C code in Rust dependencies (SQLite bundled by rusqlite, ring).
 # strace: the acknowledgement-order (power-cut precondition) test in test_crash_campaign.py.
 # qemu-system-x86, busybox-static, sqlite3 (read in the guest): the power-cut test's VM (tests/vm/build.py).
+# libfaketime: the daemon's wall clock set back while it runs, and only its clock (tests/system/test_clock.py).
 packages=(dcmtk orthanc orthanc-dicomweb nginx openssl curl ca-certificates python3-pip gcc libc6-dev strace
-          qemu-system-x86 busybox-static sqlite3)
+          qemu-system-x86 busybox-static sqlite3 libfaketime)
 missing=()
 for p in "${packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
