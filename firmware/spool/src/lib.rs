@@ -1258,22 +1258,23 @@ impl Spool {
                     return Ok(Claim::Wait(from_ms(quiet_until.min(wait_until))));
                 }
                 if linger.workers > 1 && batch.len() > 1 && quiet_until <= now {
-                    let share = even_share(&tx, now, max_count, linger.workers)?;
-                    // Among the study's rows still to send (a range of `instances_study`): one
-                    // received within `quiet` is almost always among them.
-                    let study_newest: Option<i64> = tx
-                        .prepare_cached(
-                            "SELECT max(received_at) FROM instances WHERE study_instance_uid = ?1 AND state IN ('queued', 'uploading')",
-                        )
-                        .and_then(|mut s| s.query_row([&study], |r| r.get(0)))
-                        .ctx("find when the study last received an instance")?;
-                    // Not while the study is still arriving: what is due is not its end.
-                    let share = match study_newest {
-                        Some(at) if at.saturating_add(duration_ms(linger.quiet)) > now => {
-                            batch.len()
+                    let mut share = even_share(&tx, now, max_count, linger.workers)?;
+                    if share < batch.len() {
+                        // Among the study's rows still to send (a range of `instances_study`):
+                        // one received within `quiet` is almost always among them.
+                        let study_newest: Option<i64> = tx
+                            .prepare_cached(
+                                "SELECT max(received_at) FROM instances WHERE study_instance_uid = ?1 AND state IN ('queued', 'uploading')",
+                            )
+                            .and_then(|mut s| s.query_row([&study], |r| r.get(0)))
+                            .ctx("find when the study last received an instance")?;
+                        // Not while the study is still arriving: what is due is not its end.
+                        if study_newest
+                            .is_some_and(|at| at.saturating_add(duration_ms(linger.quiet)) > now)
+                        {
+                            share = batch.len();
                         }
-                        _ => share,
-                    };
+                    }
                     let (mut keep, mut bytes) = (0, 0u64);
                     for inst in &batch {
                         if keep >= share && bytes >= MIN_SHARE_BYTES {
