@@ -232,7 +232,7 @@ const NOT_BEHIND_ANOTHER_VERSION: &str = "NOT EXISTS (SELECT 1 FROM instances AS
 /// A batch shortened to its even share of the end of a backlog still carries this much when it has
 /// it: a smaller request spends about as long on its round trip and the PACS's answer as on its
 /// bytes, and a few small instances (reports, key images) gain nothing from going one by one.
-pub const MIN_SHARE_BYTES: u64 = 1 << 20;
+const MIN_SHARE_BYTES: u64 = 1 << 20;
 
 /// A batch's even share of what is due when that is less than `workers` full batches: what is due,
 /// divided among the workers (rounded up); else `max_count`. Counts at most `workers` full batches.
@@ -1175,7 +1175,8 @@ impl Spool {
     /// when the batch would be short of `max_count` and `max_bytes`, none of its instances was tried
     /// before, its newest instance was received less than `linger.quiet` before `now` and its oldest
     /// less than `linger.max_wait` before `now`, nothing is claimed and [`Claim::Wait`] says when to
-    /// look again. Retries are never held back.
+    /// look again. Retries are never held back. With `linger.workers` above 1, the end of a quiet
+    /// backlog is split evenly among them ([`Linger::workers`]).
     pub fn claim_batch_lingering(
         &self,
         max_count: usize,
